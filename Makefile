@@ -1,0 +1,59 @@
+# backupninja-kvm. Run as root on Debian 12:
+#   make demo     install, then back up a throwaway VM through the real backupninja
+#   make test     install what the tests need, then run every test
+#   make install  install for real use (handler, helper on the PATH, example)
+
+PYTHON      ?= /usr/bin/python3
+VENV        ?= .venv
+PREFIX      ?= /usr/local
+LIBDIR      ?= /opt/backupninja-kvm
+HANDLERDIR  ?= /usr/share/backupninja
+DOCDIR      ?= /usr/share/doc/backupninja-kvm
+PYTEST_ARGS ?=
+
+.PHONY: all host venv install uninstall demo test lint unit example bench clean
+
+all: venv
+
+host:
+	bash scripts/setup-host
+
+# The venv sees Debian's python3-libvirt (matching the installed libvirt).
+$(VENV)/.done: setup.cfg pyproject.toml
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]' ruff mypy
+	touch $@
+
+venv: host $(VENV)/.done
+
+install: host
+	$(PYTHON) -m venv --system-site-packages $(LIBDIR)
+	$(LIBDIR)/bin/pip install --quiet --disable-pip-version-check --upgrade .
+	ln -sf $(LIBDIR)/bin/backupninja-kvm $(PREFIX)/bin/backupninja-kvm
+	install -D -m 644 handlers/kvm $(HANDLERDIR)/kvm
+	install -D -m 644 examples/example.kvm $(DOCDIR)/example.kvm
+	@echo "installed: $(PREFIX)/bin/backupninja-kvm, $(HANDLERDIR)/kvm, $(DOCDIR)/example.kvm"
+
+uninstall:
+	rm -f $(PREFIX)/bin/backupninja-kvm $(HANDLERDIR)/kvm
+	rm -rf $(LIBDIR) $(DOCDIR)
+
+demo: install
+	bash scripts/demo
+
+lint: venv
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(VENV)/bin/python -m pytest -q tests/unit
+
+test: venv lint
+	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests
+
+example: venv
+	$(VENV)/bin/backupninja-kvm example-config > examples/example.kvm
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from backupninja_kvm.cli import main
+
+raise SystemExit(main())

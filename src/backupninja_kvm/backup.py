@@ -1,0 +1,436 @@
+"""The backup cycle of one domain: plan, freeze, ship, merge, verify, clean.
+
+The hypervisor is reached only through ``hypervisor.Domain``; everything here
+works on names, paths and XML text.
+
+Between the freeze and the merge, only the copy runs. Whatever happens during
+the copy, the merge still runs; checksums, the manifest and pruning come after.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+from backupninja_kvm import destination
+from backupninja_kvm.config import Settings
+from backupninja_kvm.disks import (
+    Disk,
+    SkippedDisk,
+    is_our_overlay,
+    overlay_path,
+    parse_disks,
+    referenced_paths,
+    select_disks,
+    snapshot_xml,
+)
+from backupninja_kvm.errors import (
+    DomainError,
+    HypervisorError,
+    OverlayLeftError,
+    TransferError,
+)
+from backupninja_kvm.hypervisor import ERR_BLOCK_COPY_ACTIVE, Domain, wait_until
+from backupninja_kvm.report import human_bytes, log, seconds
+from backupninja_kvm.transfer import copy_sparse
+
+# Called after the copy, while the domain still runs on its overlays, with the
+# domain and {target: overlay path}. Tests use it to write into the guest
+# during the backup window.
+WindowHook = Callable[[Domain, dict[str, str]], None]
+
+
+@dataclass
+class Plan:
+    """What a backup of one domain will do."""
+
+    name: str
+    active: bool
+    disks: list[Disk]
+    skipped: list[SkippedDisk]
+
+    def describe(self) -> str:
+        state = "running" if self.active else "shut off"
+        parts = [f"{d.target} ({d.path}, {d.format})" for d in self.disks]
+        text = f"{self.name} ({state}): "
+        text += ("back up " + ", ".join(parts)) if parts else "no disk to back up"
+        if self.skipped:
+            text += "; skip " + ", ".join(f"{s.disk.target} ({s.reason})" for s in self.skipped)
+        return text
+
+
+@dataclass
+class Outcome:
+    """What a backup of one domain did, for the summary line."""
+
+    name: str
+    disks: list[str] = field(default_factory=list)
+    bytes_copied: int = 0
+    overlay_seconds: float = 0.0
+    merge: str = ""
+    merge_seconds: float = 0.0
+    set_path: str = ""
+    live: bool = True
+
+    def summary(self) -> str:
+        disks = ", ".join(self.disks) or "no disk"
+        text = f"{self.name}: backed up {disks}, {human_bytes(self.bytes_copied)} copied"
+        if self.live:
+            text += (
+                f", {seconds(self.overlay_seconds)} on the overlay"
+                f", {self.merge} merge in {seconds(self.merge_seconds)}"
+            )
+        else:
+            text += " (shut off, copied without snapshot)"
+        return text + f", set {self.set_path}"
+
+
+def make_plan(domain: Domain) -> Plan:
+    """Read the domain's live XML and choose its disks."""
+    active = domain.is_active()
+    disks = parse_disks(domain.xml())
+    chosen, skipped = select_disks(disks)
+    return Plan(domain.name, active, chosen, skipped)
+
+
+def backup_file_name(disk: Disk) -> str:
+    """Name of a disk's image in the set: target plus the image's own name."""
+    assert disk.path
+    return f"{disk.target}-{os.path.basename(disk.path)}"
+
+
+def back_up_domain(
+    domain: Domain,
+    settings: Settings,
+    stamp: str,
+    window_hook: WindowHook | None = None,
+) -> Outcome:
+    """Back up one domain into a new set under ``settings.directory``.
+
+    Returns the outcome. Raises DomainError when the backup failed but the
+    domain runs on its own images, OverlayLeftError when it does not.
+    """
+    plan = make_plan(domain)
+    name = plan.name
+    for skipped in plan.skipped:
+        log.info("%s: skipping disk %s: %s", name, skipped.disk.target, skipped.reason)
+    _refuse_unsafe_chains(plan)
+    for disk in plan.disks:
+        if disk.backing:
+            log.info(
+                "%s: %s has a backing file %s; the set holds %s's own layer and needs "
+                "that file to be restored",
+                name,
+                disk.target,
+                disk.backing,
+                disk.target,
+            )
+
+    domain_dir = os.path.join(settings.directory, name)
+    backup_set = destination.BackupSet(domain_dir, stamp)
+    try:
+        partial = backup_set.begin()
+        _write_definition(domain, partial)
+    except OSError as error:
+        backup_set.discard()
+        raise DomainError(f"{name}: cannot write to {domain_dir}: {error.strerror}") from None
+
+    outcome = Outcome(name, disks=[d.target for d in plan.disks], merge=settings.merge)
+    if plan.active:
+        _back_up_running(domain, plan, settings, stamp, backup_set, outcome, window_hook)
+    else:
+        outcome.live = False
+        _back_up_shut_off(domain, plan, backup_set, outcome)
+
+    try:
+        outcome.set_path = backup_set.complete()
+    except OSError as error:
+        backup_set.discard()
+        raise DomainError(
+            f"{name}: cannot complete the set in {domain_dir}: {error.strerror}; "
+            f"the domain runs on its own images"
+        ) from None
+    removed = destination.prune(domain_dir, settings.keep)
+    for old in destination.stale_partials(domain_dir, stamp):
+        log.warning("%s: removing the incomplete set %s left by an earlier run", name, old)
+        destination.BackupSet(domain_dir, old[: -len(destination.PARTIAL)]).discard()
+    if removed:
+        log.info("%s: removed %d old set(s) beyond keep = %d", name, len(removed), settings.keep)
+    return outcome
+
+
+def _refuse_unsafe_chains(plan: Plan) -> None:
+    for disk in plan.disks:
+        if disk.mirror:
+            raise DomainError(
+                f"{plan.name}: disk {disk.target} has a block job running "
+                f"(see `virsh blockjob {plan.name} {disk.target}`); domain skipped"
+            )
+        if disk.path and is_our_overlay(disk.path) and disk.backing:
+            raise DomainError(
+                f"{plan.name}: disk {disk.target} is on {disk.path}, an overlay left by an "
+                f"earlier run; merge it (running domain: `virsh blockcommit {plan.name} "
+                f"{disk.target} --active --shallow --pivot --wait`; shut off: `qemu-img commit` "
+                f"and `virsh edit`), then delete the file; domain skipped"
+            )
+
+
+def _write_definition(domain: Domain, folder: str) -> None:
+    xml = domain.xml(inactive=True) if domain.is_persistent() else domain.xml()
+    with open(os.path.join(folder, "domain.xml"), "w") as handle:
+        handle.write(xml)
+
+
+def _copy_disks(plan: Plan, folder: str, outcome: Outcome) -> None:
+    for disk in plan.disks:
+        assert disk.path
+        started = time.monotonic()
+        copied = copy_sparse(disk.path, os.path.join(folder, backup_file_name(disk)))
+        outcome.bytes_copied += copied
+        log.debug(
+            "%s: %s: copied %s of data from %s in %s",
+            plan.name,
+            disk.target,
+            human_bytes(copied),
+            disk.path,
+            seconds(time.monotonic() - started),
+        )
+
+
+def _back_up_shut_off(
+    domain: Domain, plan: Plan, backup_set: destination.BackupSet, outcome: Outcome
+) -> None:
+    """Copy the images of a shut-off domain: nothing writes them, unless it starts."""
+    before = {d.target: _signature(d.path) for d in plan.disks}
+    try:
+        _copy_disks(plan, backup_set.partial_path, outcome)
+    except TransferError as error:
+        backup_set.discard()
+        raise DomainError(f"{plan.name}: {error}") from None
+    changed = [d.target for d in plan.disks if _signature(d.path) != before[d.target]]
+    if domain.is_active() or changed:
+        backup_set.discard()
+        raise DomainError(
+            f"{plan.name}: the domain started during the copy of its images "
+            f"(changed: {', '.join(changed) or 'none yet'}); the copy was discarded"
+        )
+
+
+def _signature(path: str | None) -> tuple[int, int]:
+    assert path
+    status = os.stat(path)
+    return status.st_mtime_ns, status.st_size
+
+
+def _back_up_running(
+    domain: Domain,
+    plan: Plan,
+    settings: Settings,
+    stamp: str,
+    backup_set: destination.BackupSet,
+    outcome: Outcome,
+    window_hook: WindowHook | None,
+) -> None:
+    name = plan.name
+    if not plan.disks:
+        return
+    overlays = {d.target: overlay_path(d, stamp, settings.overlaydir, name) for d in plan.disks}
+    for target, path in overlays.items():
+        if os.path.lexists(path):
+            backup_set.discard()
+            raise DomainError(f"{name}: {target}: overlay {path} already exists; domain skipped")
+
+    all_disks = parse_disks(domain.xml())
+    frozen_at = time.monotonic()
+    try:
+        domain.create_overlays(snapshot_xml(all_disks, overlays))
+    except HypervisorError as error:
+        backup_set.discard()
+        raise DomainError(f"{name}: could not freeze the disks: {error}") from None
+    log.info(
+        "%s: froze %s in %s",
+        name,
+        ", ".join(overlays),
+        seconds(time.monotonic() - frozen_at),
+    )
+
+    copy_error: Exception | None = None
+    try:
+        _copy_disks(plan, backup_set.partial_path, outcome)
+        if window_hook:
+            window_hook(domain, overlays)
+    except (TransferError, OSError) as error:
+        copy_error = error
+    finally:
+        # The merge runs whatever happened during the copy, even on an
+        # unexpected exception or KeyboardInterrupt.
+        merge_started = time.monotonic()
+        merge(domain, plan.disks, overlays, settings)
+        outcome.merge_seconds = time.monotonic() - merge_started
+        outcome.overlay_seconds = time.monotonic() - frozen_at
+        log.info(
+            "%s: merged %s by %s in %s",
+            name,
+            ", ".join(overlays),
+            settings.merge,
+            seconds(outcome.merge_seconds),
+        )
+    if copy_error is not None:
+        backup_set.discard()
+        raise DomainError(
+            f"{name}: copy failed, no backup made: {copy_error}; the domain runs on its own images"
+        )
+
+
+def merge(domain: Domain, disks: list[Disk], overlays: dict[str, str], settings: Settings) -> None:
+    """Bring every overlay back into its disk, verify, delete the overlays (commit).
+
+    Raises OverlayLeftError, naming the state and the repair, when a disk
+    could not be brought back.
+    """
+    try:
+        if settings.merge == "pull":
+            _merge_by_pull(domain, disks, overlays, settings)
+        else:
+            _merge_by_commit(domain, disks, overlays, settings)
+    except HypervisorError as error:
+        raise OverlayLeftError(
+            f"{domain.name}: the merge of {', '.join(overlays)} failed ({error}); the domain "
+            f"may still use the overlays {', '.join(overlays.values())}: check "
+            f"`virsh domblklist {domain.name}`; nothing is lost, but do not delete them"
+        ) from None
+
+
+def _left_on_overlay(domain: Domain, target: str, overlay: str, why: str) -> OverlayLeftError:
+    return OverlayLeftError(
+        f"{domain.name}: disk {target} is still running on the overlay {overlay} ({why}); "
+        f"nothing is lost, but the overlay grows until merged: run "
+        f"`virsh blockcommit {domain.name} {target} --active --shallow --pivot --wait`, "
+        f"check `virsh domblklist {domain.name}`, then delete {overlay}"
+    )
+
+
+def _merge_by_commit(
+    domain: Domain, disks: list[Disk], overlays: dict[str, str], settings: Settings
+) -> None:
+    bases = {d.target: d.path for d in disks}
+    for target in overlays:
+        _start_commit(domain, target, overlays[target], settings)
+    for target, overlay in overlays.items():
+        _wait_ready_and_pivot(domain, target, overlay, settings)
+    _verify_tops(domain, bases, overlays)
+    _delete_overlays(domain, overlays)
+
+
+def _start_commit(domain: Domain, target: str, overlay: str, settings: Settings) -> None:
+    try:
+        domain.start_commit(target, settings.bandwidth)
+    except HypervisorError as error:
+        raise _left_on_overlay(domain, target, overlay, f"commit refused: {error}") from None
+
+
+def _wait_ready_and_pivot(domain: Domain, target: str, overlay: str, settings: Settings) -> None:
+    for attempt in (1, 2):
+        ready = wait_until(partial(domain.mirror_ready, target), settings.merge_timeout)
+        if not ready:
+            log.warning(
+                "%s: %s: commit not ready after %d s (attempt %d)",
+                domain.name,
+                target,
+                settings.merge_timeout,
+                attempt,
+            )
+            try:
+                domain.abort_job(target)
+                wait_until(partial(domain.job_finished, target), 30)
+                if attempt == 1:
+                    domain.start_commit(target, settings.bandwidth)
+                    continue
+            except HypervisorError as error:
+                raise _left_on_overlay(domain, target, overlay, str(error)) from None
+            raise _left_on_overlay(
+                domain, target, overlay, f"commit not ready within {settings.merge_timeout} s"
+            )
+        try:
+            domain.pivot(target)
+        except HypervisorError as error:
+            if error.code == ERR_BLOCK_COPY_ACTIVE and attempt == 1:
+                continue  # not ready after all: wait again
+            raise _left_on_overlay(domain, target, overlay, f"pivot failed: {error}") from None
+        if not wait_until(partial(domain.job_finished, target), 30):
+            raise _left_on_overlay(domain, target, overlay, "job still present after pivot")
+        return
+
+
+def _merge_by_pull(
+    domain: Domain, disks: list[Disk], overlays: dict[str, str], settings: Settings
+) -> None:
+    # One disk after the other: QEMU 7.2 was seen to crash with two pulls at once.
+    for disk in disks:
+        overlay = overlays[disk.target]
+        try:
+            # Pull only the layer we froze; a template below it stays shared.
+            domain.start_pull(disk.target, disk.backing, settings.bandwidth)
+        except HypervisorError as error:
+            raise _left_on_overlay(domain, disk.target, overlay, f"pull refused: {error}") from None
+        if not wait_until(partial(domain.job_finished, disk.target), settings.merge_timeout):
+            raise _left_on_overlay(
+                domain, disk.target, overlay, f"pull not done within {settings.merge_timeout} s"
+            )
+    # After a pull the overlay *is* the disk; the frozen image is unused.
+    for disk in disks:
+        live = domain.xml()
+        if disk.path in referenced_paths(live):
+            raise _left_on_overlay(
+                domain, disk.target, overlays[disk.target], "the pull did not detach the image"
+            )
+        log.info(
+            "%s: %s now runs on %s (merge = pull); %s is no longer used",
+            domain.name,
+            disk.target,
+            overlays[disk.target],
+            disk.path,
+        )
+
+
+def _verify_tops(domain: Domain, bases: dict[str, str | None], overlays: dict[str, str]) -> None:
+    """The live and the persistent XML show each original image on top, no mirror."""
+    views = [("live", domain.xml())]
+    if domain.is_persistent():
+        views.append(("persistent", domain.xml(inactive=True)))
+    for view, xml in views:
+        by_target = {d.target: d for d in parse_disks(xml)}
+        for target, base in bases.items():
+            disk = by_target.get(target)
+            if disk is None or disk.path != base or disk.mirror:
+                shown = disk.path if disk else "nothing"
+                raise _left_on_overlay(
+                    domain,
+                    target,
+                    overlays[target],
+                    f"the {view} XML shows {shown} on top instead of {base}",
+                )
+
+
+def _delete_overlays(domain: Domain, overlays: dict[str, str]) -> None:
+    referenced = referenced_paths(domain.xml())
+    if domain.is_persistent():
+        referenced |= referenced_paths(domain.xml(inactive=True))
+    for target, overlay in overlays.items():
+        if overlay in referenced:
+            raise _left_on_overlay(domain, target, overlay, "a chain still references it")
+        try:
+            os.unlink(overlay)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            log.warning(
+                "%s: %s: merged, but the overlay %s could not be deleted: %s",
+                domain.name,
+                target,
+                overlay,
+                error.strerror,
+            )

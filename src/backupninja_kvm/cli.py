@@ -1,0 +1,180 @@
+"""Command line: one function per subcommand.
+
+Exit status of ``run``: 0 every domain backed up; 4 some domain failed and
+Error lines say which (each failed domain runs on its own images); 2 a Fatal
+line was printed (bad configuration, no hypervisor, or a VM left on an
+overlay). Anything else is a crash, which the backupninja handler reports as
+Fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+from backupninja_kvm import __version__, config, report
+from backupninja_kvm.backup import back_up_domain, make_plan
+from backupninja_kvm.errors import (
+    BackupNinjaKvmError,
+    ConfigError,
+    DomainError,
+    HypervisorError,
+    OverlayLeftError,
+)
+from backupninja_kvm.report import log
+
+EXIT_OK = 0
+EXIT_FATAL = 2
+EXIT_DOMAIN_ERRORS = 4
+
+DESCRIPTION = """\
+Live backups of libvirt/KVM virtual machines, as a backupninja handler.
+
+For each selected domain: one atomic disk-only external snapshot (the VM keeps
+running on fresh qcow2 overlays), a copy of the frozen images and the domain's
+XML to DIRECTORY/DOMAIN/TIMESTAMP/, then the overlays are merged back (active
+block commit + pivot, or blockpull) and deleted.
+"""
+
+EPILOG = """\
+Action file keys (see `backupninja-kvm example-config` for help and defaults):
+  [general] stage, merge, merge_timeout, bandwidth
+  [source]  uri, domains, exclude, overlaydir
+  [dest]    dest, directory, keep
+
+Exit status of run: 0 success; 4 some domains failed (Error lines); 2 Fatal.
+"""
+
+
+def _selected(settings: config.Settings, known: list[str]) -> list[str]:
+    names = list(settings.domains) if settings.domains else known
+    return [n for n in names if not settings.is_excluded(n)]
+
+
+def run(args: argparse.Namespace) -> int:
+    """``run ACTION``: back up the domains an action file selects."""
+    try:
+        settings = config.load(args.action)
+    except ConfigError as error:
+        for problem in error.problems:
+            log.critical("%s", problem)
+        log.critical("%s: invalid configuration, nothing was backed up", error.path)
+        return EXIT_FATAL
+
+    from backupninja_kvm.hypervisor import Hypervisor
+
+    try:
+        hypervisor = Hypervisor(settings.uri)
+    except HypervisorError as error:
+        log.critical("%s: %s", settings.where("source", "uri"), error)
+        return EXIT_FATAL
+    try:
+        known = [d.name for d in hypervisor.list_domains()]
+        problems = config.check_domains(settings, known)
+        if problems:
+            for problem in problems:
+                log.critical("%s", problem)
+            log.critical("%s: invalid configuration, nothing was backed up", settings.path)
+            return EXIT_FATAL
+        names = _selected(settings, known)
+        if not names:
+            log.warning("%s: no domain selected, nothing to back up", settings.path)
+            return EXIT_OK
+        if args.test:
+            return _dry_run(hypervisor, names)
+        return _back_up_all(hypervisor, settings, names)
+    except HypervisorError as error:
+        log.critical("%s", error)
+        return EXIT_FATAL
+    finally:
+        hypervisor.close()
+
+
+def _dry_run(hypervisor, names: list[str]) -> int:
+    for name in names:
+        plan = make_plan(hypervisor.domain(name))
+        log.info("test run, would %s", plan.describe())
+    return EXIT_OK
+
+
+def _back_up_all(hypervisor, settings: config.Settings, names: list[str]) -> int:
+    failed, fatal = [], []
+    for name in names:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        try:
+            domain = hypervisor.domain(name)
+            outcome = back_up_domain(domain, settings, stamp)
+        except OverlayLeftError as error:
+            log.critical("%s", error)
+            fatal.append(name)
+        except (DomainError, HypervisorError) as error:
+            log.error("%s", error)
+            failed.append(name)
+        else:
+            log.info("%s", outcome.summary())
+    if fatal:
+        return EXIT_FATAL
+    if failed:
+        log.error("%d of %d domain(s) failed: %s", len(failed), len(names), ", ".join(failed))
+        return EXIT_DOMAIN_ERRORS
+    return EXIT_OK
+
+
+def example_config(_args: argparse.Namespace) -> int:
+    """``example-config``: print the documented example action file."""
+    sys.stdout.write(config.render_example())
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backupninja-kvm",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run_parser = commands.add_parser(
+        "run", help="back up the domains selected by a .kvm action file"
+    )
+    run_parser.add_argument("action", metavar="ACTION", help="path of the .kvm action file")
+    run_parser.add_argument(
+        "-t",
+        "--test",
+        action="store_true",
+        help="dry run: check the file and print the plan, change nothing",
+    )
+    run_parser.add_argument("-q", "--quiet", action="store_true", help="leave out Debug lines")
+    run_parser.set_defaults(function=run)
+
+    example_parser = commands.add_parser(
+        "example-config", help="print an example action file with every key documented"
+    )
+    example_parser.set_defaults(function=example_config)
+    return parser
+
+
+def _terminate(signum, _frame):
+    # Turn SIGTERM/SIGHUP into KeyboardInterrupt so that every `finally`
+    # (the merge above all) runs before we exit.
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    report.setup(debug=not getattr(args, "quiet", False))
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
+    try:
+        return args.function(args)
+    except KeyboardInterrupt as interrupt:
+        log.critical("interrupted (%s); the backup was stopped", interrupt or "SIGINT")
+        return EXIT_FATAL
+    except BackupNinjaKvmError as error:
+        log.critical("%s", error)
+        return EXIT_FATAL

@@ -1,0 +1,132 @@
+"""Backup sets at the destination.
+
+Layout, per domain::
+
+    DIRECTORY/DOMAIN/20261127T010000/          a complete set
+        domain.xml                              the inactive domain definition
+        vda-IMAGE.qcow2, vdb-IMAGE.img ...       the frozen images, sparse
+        SHA256SUMS                              manifest, `sha256sum -c` format
+    DIRECTORY/DOMAIN/20261127T010000.partial/  a set being written: never a backup
+    DIRECTORY/DOMAIN/latest -> 20261127T010000 the newest complete set
+
+A set counts only once it has its manifest and its final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass
+
+from backupninja_kvm.transfer import sync_file
+
+MANIFEST = "SHA256SUMS"
+PARTIAL = ".partial"
+LATEST = "latest"
+STAMP_FORMAT = "%Y%m%dT%H%M%S"
+_STAMP = re.compile(r"^\d{8}T\d{6}$")
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+@dataclass
+class BackupSet:
+    """One set being written for one domain."""
+
+    domain_dir: str
+    stamp: str
+
+    @property
+    def partial_path(self) -> str:
+        return os.path.join(self.domain_dir, self.stamp + PARTIAL)
+
+    @property
+    def final_path(self) -> str:
+        return os.path.join(self.domain_dir, self.stamp)
+
+    def begin(self) -> str:
+        """Create the ``.partial`` folder; returns its path."""
+        os.makedirs(self.domain_dir, mode=0o700, exist_ok=True)
+        os.mkdir(self.partial_path, 0o700)
+        return self.partial_path
+
+    def discard(self) -> None:
+        shutil.rmtree(self.partial_path, ignore_errors=True)
+
+    def complete(self) -> str:
+        """Checksum and sync every file, write the manifest, take the final name,
+        point ``latest`` at it. Returns the final path."""
+        names = sorted(n for n in os.listdir(self.partial_path) if n != MANIFEST)
+        lines = []
+        for name in names:
+            path = os.path.join(self.partial_path, name)
+            sync_file(path)
+            lines.append(f"{file_sha256(path)}  {name}\n")
+        manifest = os.path.join(self.partial_path, MANIFEST)
+        with open(manifest, "w") as handle:
+            handle.writelines(lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(self.partial_path, self.final_path)
+        _sync_directory(self.domain_dir)
+        point_latest(self.domain_dir, self.stamp)
+        return self.final_path
+
+
+def point_latest(domain_dir: str, stamp: str) -> None:
+    """Atomically make ``latest`` a relative link to *stamp*."""
+    link = os.path.join(domain_dir, LATEST)
+    temporary = link + ".new"
+    if os.path.lexists(temporary):
+        os.unlink(temporary)
+    os.symlink(stamp, temporary)
+    os.replace(temporary, link)
+    _sync_directory(domain_dir)
+
+
+def complete_sets(domain_dir: str) -> list[str]:
+    """Stamps of the complete sets of a domain, oldest first."""
+    if not os.path.isdir(domain_dir):
+        return []
+    return sorted(
+        name
+        for name in os.listdir(domain_dir)
+        if _STAMP.match(name) and os.path.isfile(os.path.join(domain_dir, name, MANIFEST))
+    )
+
+
+def prune(domain_dir: str, keep: int) -> list[str]:
+    """Remove complete sets beyond the newest *keep*, and stale ``.partial``
+    folders of earlier runs. Returns the names removed."""
+    removed = []
+    stamps = complete_sets(domain_dir)
+    for stamp in stamps[: max(0, len(stamps) - keep)]:
+        shutil.rmtree(os.path.join(domain_dir, stamp))
+        removed.append(stamp)
+    return removed
+
+
+def stale_partials(domain_dir: str, current: str) -> list[str]:
+    """``.partial`` folders left by earlier, interrupted runs."""
+    if not os.path.isdir(domain_dir):
+        return []
+    return sorted(
+        name
+        for name in os.listdir(domain_dir)
+        if name.endswith(PARTIAL)
+        and _STAMP.match(name[: -len(PARTIAL)])
+        and name != current + PARTIAL
+    )
+
+
+def _sync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,38 @@
+"""The project's user-facing error types.
+
+Each is raised where the problem is understood, with the domain, disk, file or
+key concerned and what to do next, and reported once at the top.
+"""
+
+
+class BackupNinjaKvmError(Exception):
+    """Base class: a problem to report on one line, never with a traceback."""
+
+
+class ConfigError(BackupNinjaKvmError):
+    """The action file is invalid; carries every problem found."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(f"{path}: " + "; ".join(problems))
+
+
+class HypervisorError(BackupNinjaKvmError):
+    """libvirt refused or failed; ``code`` is libvirt's error code when known."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class DomainError(BackupNinjaKvmError):
+    """This domain's backup failed, and the domain runs on its own images."""
+
+
+class OverlayLeftError(BackupNinjaKvmError):
+    """This domain still runs on one of our overlays: report as Fatal."""
+
+
+class TransferError(BackupNinjaKvmError):
+    """Copying an image to the destination failed."""

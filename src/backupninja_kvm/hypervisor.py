@@ -1,0 +1,205 @@
+"""The hypervisor boundary: the only module that imports libvirt.
+
+Everything else gets plain data (XML text, names, job states). libvirt's own
+error printing is silenced; every ``libvirtError`` becomes a HypervisorError
+with libvirt's message and code, where it happens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import libvirt
+
+from backupninja_kvm.disks import parse_disks
+from backupninja_kvm.errors import HypervisorError
+
+libvirt.registerErrorHandler(lambda _context, _error: None, None)
+
+ERR_NO_DOMAIN = libvirt.VIR_ERR_NO_DOMAIN
+ERR_OPERATION_INVALID = libvirt.VIR_ERR_OPERATION_INVALID
+ERR_BLOCK_COPY_ACTIVE = getattr(libvirt, "VIR_ERR_BLOCK_COPY_ACTIVE", 83)
+
+
+def _translate(error: libvirt.libvirtError, what: str) -> HypervisorError:
+    message = error.get_error_message() or str(error)
+    return HypervisorError(f"{what}: {message}", error.get_error_code())
+
+
+@dataclass(frozen=True)
+class DomainSummary:
+    name: str
+    uuid: str
+    active: bool
+    persistent: bool
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """State of a block job on one disk."""
+
+    kind: str  # commit, active-commit, pull, copy, unknown
+    current: int
+    end: int
+
+
+_JOB_KINDS = {
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "pull",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "copy",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active-commit",
+}
+
+
+class Hypervisor:
+    """A libvirt connection."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        try:
+            self._connection = libvirt.open(uri)
+        except libvirt.libvirtError as error:
+            raise _translate(error, f"cannot connect to libvirt at {uri}") from None
+
+    def close(self) -> None:
+        try:
+            self._connection.close()
+        except libvirt.libvirtError:
+            pass
+
+    def list_domains(self) -> list[DomainSummary]:
+        try:
+            domains = self._connection.listAllDomains(0)
+            return sorted(
+                (
+                    DomainSummary(
+                        d.name(), d.UUIDString(), bool(d.isActive()), bool(d.isPersistent())
+                    )
+                    for d in domains
+                ),
+                key=lambda d: d.name,
+            )
+        except libvirt.libvirtError as error:
+            raise _translate(error, "cannot list domains") from None
+
+    def domain(self, name: str) -> Domain:
+        try:
+            return Domain(self._connection.lookupByName(name))
+        except libvirt.libvirtError as error:
+            raise _translate(error, f"domain {name}") from None
+
+
+class Domain:
+    """One libvirt domain; disks are named by their target (vda...)."""
+
+    def __init__(self, handle: libvirt.virDomain) -> None:
+        self._handle = handle
+        self.name: str = handle.name()
+        self.uuid: str = handle.UUIDString()
+
+    def _call(self, what: str, function: Callable, *args):
+        try:
+            return function(*args)
+        except libvirt.libvirtError as error:
+            raise _translate(error, f"{self.name}: {what}") from None
+
+    def is_active(self) -> bool:
+        return bool(self._call("state", self._handle.isActive))
+
+    def is_persistent(self) -> bool:
+        return bool(self._call("state", self._handle.isPersistent))
+
+    def is_paused(self) -> bool:
+        state, _reason = self._call("state", self._handle.state)
+        return state == libvirt.VIR_DOMAIN_PAUSED
+
+    def resume(self) -> None:
+        self._call("resume", self._handle.resume)
+
+    def id(self) -> int:
+        return int(self._call("id", self._handle.ID))
+
+    def xml(self, inactive: bool = False) -> str:
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        return self._call("read XML", self._handle.XMLDesc, flags)
+
+    def create_overlays(self, snapshot_xml: str) -> None:
+        """One atomic, disk-only, external snapshot without libvirt metadata."""
+        flags = (
+            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+        )
+        self._call("create snapshot", self._handle.snapshotCreateXML, snapshot_xml, flags)
+
+    def start_commit(self, target: str, bandwidth_mib: int = 0) -> None:
+        """Active, shallow commit of the top layer into the layer below it.
+
+        SHALLOW matters: without it libvirt commits into the *bottom* of the
+        chain, rewriting a template image that other VMs may share.
+        """
+        flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
+        self._call(
+            f"block commit of {target}",
+            self._handle.blockCommit,
+            target,
+            None,
+            None,
+            bandwidth_mib,
+            flags,
+        )
+
+    def start_pull(self, target: str, base: str | None, bandwidth_mib: int = 0) -> None:
+        """Pull the layers above *base* (everything when None) into the top image."""
+        if base is None:
+            self._call(f"block pull of {target}", self._handle.blockPull, target, bandwidth_mib, 0)
+        else:
+            self._call(
+                f"block pull of {target}",
+                self._handle.blockRebase,
+                target,
+                base,
+                bandwidth_mib,
+                0,
+            )
+
+    def block_job(self, target: str) -> BlockJob | None:
+        info = self._call(f"block job of {target}", self._handle.blockJobInfo, target, 0)
+        if not info:
+            return None
+        return BlockJob(_JOB_KINDS.get(info.get("type"), "unknown"), info["cur"], info["end"])
+
+    def job_finished(self, target: str) -> bool:
+        return self.block_job(target) is None
+
+    def mirror_ready(self, target: str) -> bool:
+        """True when the live XML shows the job on *target* ready to pivot."""
+        return any(d.target == target and d.mirror_ready for d in parse_disks(self.xml()))
+
+    def pivot(self, target: str) -> None:
+        self._call(
+            f"pivot of {target}",
+            self._handle.blockJobAbort,
+            target,
+            libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT,
+        )
+
+    def abort_job(self, target: str) -> None:
+        self._call(f"abort block job of {target}", self._handle.blockJobAbort, target, 0)
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout: float, first: float = 0.005, longest: float = 0.25
+) -> bool:
+    """Poll *condition* with growing intervals until true or *timeout* seconds pass."""
+    deadline = time.monotonic() + timeout
+    interval = first
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+        interval = min(interval * 2, longest)

@@ -1,0 +1,84 @@
+"""Messages for backupninja's report.
+
+backupninja counts the lines its handlers print by their prefix (``Info:``,
+``Warning:``, ``Error:``, ``Fatal:``), so every message goes through Python
+logging with a formatter that writes exactly those prefixes, one line each.
+
+Levels, as the nightly report reads them:
+
+- Debug: details for ``backupninja --debug``.
+- Info: one line per step, and one summary line per domain.
+- Warning: the backup is valid but something was degraded or repaired.
+- Error: this domain failed, but it runs on its own images again.
+- Fatal (``logging.CRITICAL``): bad configuration, no hypervisor, or a VM
+  left running on an overlay.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+log = logging.getLogger("backupninja_kvm")
+
+PREFIXES = {
+    logging.DEBUG: "Debug",
+    logging.INFO: "Info",
+    logging.WARNING: "Warning",
+    logging.ERROR: "Error",
+    logging.CRITICAL: "Fatal",
+}
+
+
+class PrefixFormatter(logging.Formatter):
+    """Formats a record as ``Prefix: message``, one line per record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = PREFIXES.get(record.levelno, "Info")
+        text = record.getMessage().replace("\n", " ")
+        return f"{prefix}: {text}"
+
+
+class CountingHandler(logging.StreamHandler):
+    """A stream handler that remembers the worst level it has written."""
+
+    def __init__(self, stream=None) -> None:
+        super().__init__(stream if stream is not None else sys.stdout)
+        self.counts: dict[int, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counts[record.levelno] = self.counts.get(record.levelno, 0) + 1
+        super().emit(record)
+        self.flush()
+
+    def count(self, level: int) -> int:
+        return sum(n for lvl, n in self.counts.items() if lvl >= level)
+
+
+def setup(stream=None, debug: bool = True) -> CountingHandler:
+    """Route the package's log records to *stream* with backupninja prefixes."""
+    handler = CountingHandler(stream)
+    handler.setFormatter(PrefixFormatter())
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+    return handler
+
+
+def human_bytes(count: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``: sizes as the report shows them."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def seconds(duration: float) -> str:
+    """A duration for the report: ``0.04 s``, ``12.3 s``, ``4 min 05 s``."""
+    if duration < 1:
+        return f"{duration:.2f} s"
+    if duration < 60:
+        return f"{duration:.1f} s"
+    minutes, rest = divmod(int(round(duration)), 60)
+    return f"{minutes} min {rest:02d} s"

@@ -1,0 +1,65 @@
+"""Shared fixtures: the real system libvirtd, throwaway VMs, scratch folders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def connection():
+    """A connection to the system libvirtd, started by scripts/setup-host if needed."""
+    if os.geteuid() != 0:
+        pytest.fail("the libvirt and backupninja layers run as root (make test)")
+    subprocess.run(
+        ["bash", os.path.join(ROOT, "scripts", "setup-host")], check=True, capture_output=True
+    )
+    import libvirt
+
+    from tests.support import vms
+
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    conn = libvirt.open(vms.URI)
+    vms.remove_leftover_vms(conn)
+    yield conn
+    vms.remove_leftover_vms(conn)
+    conn.close()
+
+
+@pytest.fixture
+def new_vm(connection):
+    """Factory: new_vm([DiskSpec...], start=True) -> TestVM, removed afterwards."""
+    from tests.support import vms
+
+    made = []
+
+    def factory(specs, start=True):
+        vm = vms.make_vm(connection, specs, start=start)
+        made.append(vm)
+        return vm
+
+    yield factory
+    for vm in made:
+        vm.remove()
+
+
+@pytest.fixture
+def scratch():
+    """A root-only scratch folder outside /tmp's pytest tree, removed afterwards."""
+    path = tempfile.mkdtemp(prefix="bnkvm-test-", dir="/var/tmp")
+    os.chmod(path, 0o700)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def write_action(path: str, text: str) -> str:
+    with open(path, "w") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)
+    return path

@@ -1,0 +1,267 @@
+"""The live cycle against the real libvirtd and QEMU: freeze, ship, merge.
+
+Each test writes into the guest's disks before the freeze, during the backup
+window (from the window hook, while the VM runs on its overlays) and after
+the merge, then checks the guest-visible bytes of the backup set and of the
+live disks against reference images built with the same writes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from backupninja_kvm import config, destination
+from backupninja_kvm.backup import back_up_domain
+from backupninja_kvm.errors import DomainError
+from backupninja_kvm.hypervisor import Hypervisor
+from tests.conftest import write_action
+from tests.support.vms import (
+    URI,
+    DiskSpec,
+    MiB,
+    Write,
+    reference_image,
+    same_content,
+    sha256,
+    write_offline,
+)
+
+TWO_DISKS = [
+    DiskSpec("vda", "qcow2", 64 * MiB),
+    DiskSpec("vdb", "raw", 32 * MiB),
+    DiskSpec("hdc", device="cdrom"),
+]
+
+BEFORE = {"vda": [Write(0x11, 0, MiB)], "vdb": [Write(0x21, MiB, MiB)]}
+DURING = {
+    "vda": [Write(0x12, 0, MiB // 2), Write(0x13, 4 * MiB, MiB)],
+    "vdb": [Write(0x22, 3 * MiB, MiB)],
+}
+AFTER = {"vda": [Write(0x14, 6 * MiB, MiB)], "vdb": [Write(0x23, 5 * MiB, MiB)]}
+
+
+def settings_for(scratch: str, merge: str = "commit", **extra: str) -> config.Settings:
+    backups = os.path.join(scratch, "backups")
+    os.makedirs(backups, exist_ok=True)
+    lines = [
+        "when = everyday at 01:00",
+        "[general]",
+        f"merge = {merge}",
+        "merge_timeout = 60",
+        "[dest]",
+        f"directory = {backups}",
+    ]
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    return config.load(write_action(os.path.join(scratch, "vm.kvm"), "\n".join(lines) + "\n"))
+
+
+class Window:
+    """The window hook: records what the VM ran on, and writes into it."""
+
+    def __init__(self, vm, writes):
+        self.vm, self.writes, self.tops, self.calls = vm, writes, {}, 0
+
+    def __call__(self, _domain, overlays):
+        self.calls += 1
+        self.tops = self.vm.tops()
+        self.overlays = dict(overlays)
+        for target, writes in self.writes.items():
+            self.vm.write(target, *writes)
+
+
+def back_up(vm, settings, window=None, stamp="20261127T010000"):
+    hypervisor = Hypervisor(URI)
+    try:
+        return back_up_domain(hypervisor.domain(vm.name), settings, stamp, window)
+    finally:
+        hypervisor.close()
+
+
+def set_file(set_path: str, target: str, vm) -> str:
+    return os.path.join(set_path, f"{target}-{os.path.basename(vm.paths[target])}")
+
+
+def check_manifest(set_path: str) -> None:
+    subprocess.run(["sha256sum", "--quiet", "-c", destination.MANIFEST], cwd=set_path, check=True)
+
+
+@pytest.mark.libvirt
+def test_commit_backs_up_the_freeze_instant_and_keeps_every_write(new_vm, scratch):
+    vm = new_vm(TWO_DISKS)
+    for target, writes in BEFORE.items():
+        vm.write(target, *writes)
+    window = Window(vm, DURING)
+
+    outcome = back_up(vm, settings_for(scratch), window)
+    for target, writes in AFTER.items():
+        vm.write(target, *writes)
+
+    # The window really ran on the overlays.
+    assert window.calls == 1
+    assert window.tops["vda"] == window.overlays["vda"] != vm.paths["vda"]
+    assert window.tops["vdb"] == window.overlays["vdb"] != vm.paths["vdb"]
+
+    # The set: complete, with the manifest, the definition and both disks, no cdrom.
+    set_path = outcome.set_path
+    assert set_path == os.path.join(scratch, "backups", vm.name, "20261127T010000")
+    assert sorted(os.listdir(set_path)) == sorted(
+        ["SHA256SUMS", "domain.xml", "vda-vda.qcow2", "vdb-vdb.raw"]
+    )
+    check_manifest(set_path)
+    assert os.readlink(os.path.join(scratch, "backups", vm.name, "latest")) == "20261127T010000"
+    assert not any(n.endswith(".partial") for n in os.listdir(os.path.dirname(set_path)))
+    assert f"<name>{vm.name}</name>" in open(os.path.join(set_path, "domain.xml")).read()
+
+    # The set holds exactly the disks as of the freeze.
+    for spec in TWO_DISKS[:2]:
+        expected = reference_image(scratch, f"frozen-{spec.target}", spec, BEFORE[spec.target])
+        assert same_content(expected, spec.format, set_file(set_path, spec.target, vm), spec.format)
+    frozen_raw = reference_image(scratch, "frozen-raw-vdb", TWO_DISKS[1], BEFORE["vdb"])
+    assert sha256(set_file(set_path, "vdb", vm)) == sha256(frozen_raw)
+
+    # The VM runs on its own images again, live and persistent, no overlay left.
+    assert vm.is_running()
+    assert vm.tops() == vm.paths
+    assert vm.tops(inactive=True) == vm.paths
+    assert not vm.has_mirror()
+    assert vm.tagged_files() == []
+    assert outcome.merge == "commit" and outcome.disks == ["vda", "vdb"]
+
+    # Every write is on the live disks: before, during and after the backup.
+    vm.stop()
+    for spec in TWO_DISKS[:2]:
+        writes = BEFORE[spec.target] + DURING[spec.target] + AFTER[spec.target]
+        expected = reference_image(scratch, f"live-{spec.target}", spec, writes)
+        assert same_content(expected, spec.format, vm.paths[spec.target], spec.format)
+
+
+@pytest.mark.libvirt
+def test_pull_moves_the_disks_onto_the_overlays_and_keeps_every_write(new_vm, scratch):
+    vm = new_vm(TWO_DISKS)
+    for target, writes in BEFORE.items():
+        vm.write(target, *writes)
+    window = Window(vm, DURING)
+
+    outcome = back_up(vm, settings_for(scratch, merge="pull"), window)
+    for target, writes in AFTER.items():
+        vm.write(target, *writes)
+
+    for spec in TWO_DISKS[:2]:
+        expected = reference_image(scratch, f"frozen-{spec.target}", spec, BEFORE[spec.target])
+        backup = set_file(outcome.set_path, spec.target, vm)
+        assert same_content(expected, spec.format, backup, spec.format)
+    check_manifest(outcome.set_path)
+
+    # The documented consequence: each disk now runs on the former overlay, a
+    # standalone qcow2 image next to the original; the original is unused.
+    assert vm.is_running()
+    new_tops = {t: p for t, p in vm.tops().items() if t != "hdc"}
+    assert new_tops == window.overlays
+    assert vm.tops(inactive=True)["vda"] == window.overlays["vda"]
+    for path in new_tops.values():
+        info = subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", path], capture_output=True, text=True
+        ).stdout
+        assert '"backing-filename"' not in info
+    vm.stop()
+    for spec in TWO_DISKS[:2]:
+        writes = BEFORE[spec.target] + DURING[spec.target] + AFTER[spec.target]
+        expected = reference_image(scratch, f"live-{spec.target}", spec, writes)
+        assert same_content(expected, spec.format, new_tops[spec.target], "qcow2")
+        # The former image holds the freeze instant, like the backup.
+        frozen = reference_image(scratch, f"old-{spec.target}", spec, BEFORE[spec.target])
+        assert same_content(frozen, spec.format, vm.paths[spec.target], spec.format)
+
+
+@pytest.mark.libvirt
+@pytest.mark.parametrize("merge", ["commit", "pull"])
+def test_template_backing_file_is_left_untouched(new_vm, scratch, merge, connection):
+    template_dir = os.path.join(scratch, "template")
+    os.makedirs(template_dir)
+    os.chmod(scratch, 0o755)
+    template = os.path.join(template_dir, "template.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", template, str(64 * MiB)], check=True)
+    write_offline(template, "qcow2", [Write(0x77, 0, 8 * MiB)])
+    os.chmod(template, 0o644)
+    template_sum = sha256(template)
+
+    vm = new_vm([DiskSpec("vda", "qcow2", 64 * MiB, backing=template)])
+    vm.write("vda", Write(0x11, MiB, MiB))
+    outcome = back_up(
+        vm, settings_for(scratch, merge=merge), Window(vm, {"vda": [Write(0x12, 2 * MiB, MiB)]})
+    )
+    vm.write("vda", Write(0x13, 3 * MiB, MiB))
+
+    assert sha256(template) == template_sum
+    # The set holds the VM's own layer, which still refers to the template.
+    backup = set_file(outcome.set_path, "vda", vm)
+    expected_frozen = [Write(0x77, 0, 8 * MiB), Write(0x11, MiB, MiB)]
+    reference = reference_image(scratch, "frozen", DiskSpec("vda"), expected_frozen)
+    assert same_content(reference, "qcow2", backup, "qcow2")
+
+    top = vm.tops()["vda"]
+    vm.stop()
+    assert sha256(template) == template_sum
+    # The guest's writes are in its own image, on top of the template.
+    info = subprocess.run(
+        ["qemu-img", "info", "--output=json", top], capture_output=True, text=True
+    )
+    assert template in info.stdout
+    everything = expected_frozen + [Write(0x12, 2 * MiB, MiB), Write(0x13, 3 * MiB, MiB)]
+    reference = reference_image(scratch, "live", DiskSpec("vda"), everything)
+    assert same_content(reference, "qcow2", top, "qcow2")
+
+
+@pytest.mark.libvirt
+def test_shut_off_domain_is_copied_without_snapshot(new_vm, scratch):
+    vm = new_vm(TWO_DISKS, start=False)
+    write_offline(vm.paths["vda"], "qcow2", [Write(0x31, 0, MiB)])
+    outcome = back_up(vm, settings_for(scratch))
+    assert not outcome.live
+    reference = reference_image(scratch, "ref", TWO_DISKS[0], [Write(0x31, 0, MiB)])
+    assert same_content(reference, "qcow2", set_file(outcome.set_path, "vda", vm), "qcow2")
+    check_manifest(outcome.set_path)
+    assert not vm.domain.isActive()
+    assert vm.tagged_files() == []
+
+
+@pytest.mark.libvirt
+def test_full_destination_fails_the_domain_but_merges_and_loses_nothing(new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 64 * MiB)])
+    vm.write("vda", Write(0x11, 0, 8 * MiB))
+    small = os.path.join(scratch, "small")
+    os.makedirs(small)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", small], check=True)
+    try:
+        settings = config.load(
+            write_action(os.path.join(scratch, "full.kvm"), f"[dest]\ndirectory = {small}\n")
+        )
+        window = Window(vm, {"vda": [Write(0x12, 16 * MiB, MiB)]})
+        with pytest.raises(DomainError, match="copy failed, no backup made"):
+            back_up(vm, settings, window)
+        domain_dir = os.path.join(small, vm.name)
+        assert destination.complete_sets(domain_dir) == []
+        assert os.listdir(domain_dir) == []  # the partial set is gone
+    finally:
+        subprocess.run(["umount", small], check=True)
+    assert vm.is_running()
+    assert vm.tops()["vda"] == vm.paths["vda"]
+    assert vm.tagged_files() == []
+    vm.stop()
+    reference = reference_image(scratch, "ref", DiskSpec("vda"), [Write(0x11, 0, 8 * MiB)])
+    assert same_content(reference, "qcow2", vm.paths["vda"], "qcow2")
+
+
+@pytest.mark.libvirt
+def test_sets_beyond_keep_are_pruned_and_latest_follows(new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
+    settings = settings_for(scratch, keep="2")
+    stamps = ["20261127T010000", "20261128T010000", "20261129T010000"]
+    for stamp in stamps:
+        back_up(vm, settings, stamp=stamp)
+    domain_dir = os.path.join(settings.directory, vm.name)
+    assert destination.complete_sets(domain_dir) == stamps[1:]
+    assert os.readlink(os.path.join(domain_dir, "latest")) == stamps[-1]

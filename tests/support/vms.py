@@ -1,0 +1,223 @@
+"""Throwaway QEMU VMs on the real system libvirtd, and image helpers.
+
+VMs have no OS: SeaBIOS finds nothing to boot and idles, which is all the
+disk paths need. Guest writes are simulated from the host through the
+device, with QEMU's HMP ``qemu-io`` command, so they land in the active layer
+exactly as a guest's would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+import libvirt
+import libvirt_qemu
+
+URI = "qemu:///system"
+PREFIX = "bnkvm-t-"
+IMAGE_ROOT = "/var/lib/libvirt/images/bnkvm-tests"
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Write:
+    pattern: int
+    offset: int
+    length: int
+
+    def qemu_io(self) -> str:
+        return f"write -P {self.pattern:#x} {self.offset} {self.length}"
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    target: str
+    format: str = "qcow2"  # qcow2, raw
+    size: int = 64 * MiB
+    device: str = "disk"  # disk, cdrom
+    backing: str | None = None  # backing file (qcow2 only)
+
+
+def run(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+def create_image(path: str, spec: DiskSpec) -> None:
+    if spec.device == "cdrom":
+        with open(path, "wb") as handle:
+            handle.truncate(MiB)
+        return
+    argv = ["qemu-img", "create", "-q", "-f", spec.format]
+    if spec.backing:
+        argv += ["-b", spec.backing, "-F", "qcow2"]
+    argv += [path, str(spec.size)]
+    run(*argv)
+
+
+def write_offline(path: str, fmt: str, writes: list[Write]) -> None:
+    """Apply writes to an image that no VM uses (to build references)."""
+    if writes:
+        argv = ["qemu-io", "-f", fmt]
+        for write in writes:
+            argv += ["-c", write.qemu_io()]
+        run(*argv, path)
+
+
+def same_content(first: str, first_format: str, second: str, second_format: str) -> bool:
+    """True when two images show the same guest-visible bytes."""
+    result = subprocess.run(
+        ["qemu-img", "compare", "-U", "-f", first_format, "-F", second_format, first, second],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode not in (0, 1):
+        raise RuntimeError(result.stderr)
+    return result.returncode == 0
+
+
+def sha256(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def reference_image(directory: str, name: str, spec: DiskSpec, writes: list[Write]) -> str:
+    """A fresh image of the same size and format with *writes* applied."""
+    path = os.path.join(directory, f"{name}.{spec.format}")
+    create_image(path, DiskSpec(spec.target, spec.format, spec.size))
+    write_offline(path, spec.format, writes)
+    return path
+
+
+def domain_xml(name: str, disks: list[tuple[DiskSpec, str]]) -> str:
+    lines = [
+        "<domain type='qemu'>",
+        f"  <name>{name}</name>",
+        "  <memory unit='MiB'>64</memory>",
+        "  <vcpu>1</vcpu>",
+        "  <os><type arch='x86_64' machine='pc'>hvm</type></os>",
+        "  <on_crash>destroy</on_crash>",
+        "  <devices>",
+    ]
+    for spec, path in disks:
+        if spec.device == "cdrom":
+            lines.append(
+                f"    <disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
+                f"<source file='{path}'/><target dev='{spec.target}' bus='ide'/>"
+                f"<readonly/></disk>"
+            )
+        else:
+            lines.append(
+                f"    <disk type='file' device='disk'><driver name='qemu' type='{spec.format}'/>"
+                f"<source file='{path}'/><target dev='{spec.target}' bus='virtio'/></disk>"
+            )
+    lines += ["    <graphics type='vnc' autoport='yes' listen='127.0.0.1'/>", "  </devices>"]
+    lines.append("</domain>")
+    return "\n".join(lines)
+
+
+@dataclass
+class TestVM:
+    connection: libvirt.virConnect
+    name: str
+    directory: str
+    specs: list[DiskSpec]
+    paths: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def domain(self) -> libvirt.virDomain:
+        return self.connection.lookupByName(self.name)
+
+    def start(self) -> None:
+        self.domain.create()
+
+    def write(self, target: str, *writes: Write) -> None:
+        """Write into the running guest's disk *target*, through the device."""
+        alias = self._alias(target)
+        for write in writes:
+            command = f'qemu-io -d /machine/peripheral/{alias}/virtio-backend "{write.qemu_io()}"'
+            output = libvirt_qemu.qemuMonitorCommand(
+                self.domain, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+            )
+            assert "error" not in output.lower(), output
+
+    def _alias(self, target: str) -> str:
+        root = ET.fromstring(self.domain.XMLDesc(0))
+        for disk in root.findall("./devices/disk"):
+            if disk.find("target").get("dev") == target:
+                return disk.find("alias").get("name")
+        raise KeyError(target)
+
+    def tops(self, inactive: bool = False) -> dict[str, str]:
+        """target -> top image path, from the live or the persistent XML."""
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        root = ET.fromstring(self.domain.XMLDesc(flags))
+        return {
+            disk.find("target").get("dev"): disk.find("source").get("file")
+            for disk in root.findall("./devices/disk")
+        }
+
+    def has_mirror(self) -> bool:
+        return "<mirror" in self.domain.XMLDesc(0)
+
+    def is_running(self) -> bool:
+        return self.domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+
+    def stop(self) -> None:
+        """Graceful destroy: QEMU flushes its images before exiting."""
+        domain = self.domain
+        if domain.isActive():
+            domain.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
+        for _ in range(100):
+            if not domain.isActive():
+                return
+            time.sleep(0.05)
+
+    def tagged_files(self) -> list[str]:
+        return sorted(n for n in os.listdir(self.directory) if ".bnkvm-" in n)
+
+    def remove(self) -> None:
+        try:
+            domain = self.domain
+            if domain.isActive():
+                domain.destroy()
+            domain.undefine()
+        except libvirt.libvirtError:
+            pass
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def make_vm(connection: libvirt.virConnect, specs: list[DiskSpec], start: bool = True) -> TestVM:
+    name = PREFIX + uuid.uuid4().hex[:8]
+    directory = os.path.join(IMAGE_ROOT, name)
+    os.makedirs(directory, mode=0o755)
+    os.chmod(IMAGE_ROOT, 0o755)
+    vm = TestVM(connection, name, directory, specs)
+    disks = []
+    for spec in specs:
+        extension = "iso" if spec.device == "cdrom" else spec.format
+        path = os.path.join(directory, f"{spec.target}.{extension}")
+        create_image(path, spec)
+        vm.paths[spec.target] = path
+        disks.append((spec, path))
+    connection.defineXML(domain_xml(name, disks))
+    if start:
+        vm.start()
+    return vm
+
+
+def remove_leftover_vms(connection: libvirt.virConnect) -> None:
+    """Remove test VMs that an interrupted earlier run left behind."""
+    for domain in connection.listAllDomains(0):
+        if domain.name().startswith(PREFIX):
+            if domain.isActive():
+                domain.destroy()
+            domain.undefine()
+    shutil.rmtree(IMAGE_ROOT, ignore_errors=True)
