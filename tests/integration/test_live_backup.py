@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -113,7 +114,8 @@ def test_commit_backs_up_the_freeze_instant_and_keeps_every_write(new_vm, scratc
     check_manifest(set_path)
     assert os.readlink(os.path.join(scratch, "backups", vm.name, "latest")) == "20261127T010000"
     assert not any(n.endswith(".partial") for n in os.listdir(os.path.dirname(set_path)))
-    assert f"<name>{vm.name}</name>" in open(os.path.join(set_path, "domain.xml")).read()
+    definition = Path(set_path, "domain.xml").read_text()
+    assert f"<name>{vm.name}</name>" in definition
 
     # The set holds exactly the disks as of the freeze.
     for spec in TWO_DISKS[:2]:
