@@ -53,10 +53,20 @@ def _selected(settings: config.Settings, known: list[str]) -> list[str]:
     return [n for n in names if not settings.is_excluded(n)]
 
 
+def _domain_names(uri: str) -> list[str]:
+    from backupninja_kvm.hypervisor import Hypervisor
+
+    hypervisor = Hypervisor(uri)
+    try:
+        return [d.name for d in hypervisor.list_domains()]
+    finally:
+        hypervisor.close()
+
+
 def run(args: argparse.Namespace) -> int:
     """``run ACTION``: back up the domains an action file selects."""
     try:
-        settings = config.load(args.action)
+        settings = config.load(args.action, list_domains=_domain_names)
     except ConfigError as error:
         for problem in error.problems:
             log.critical("%s", problem)
@@ -71,14 +81,7 @@ def run(args: argparse.Namespace) -> int:
         log.critical("%s: %s", settings.where("source", "uri"), error)
         return EXIT_FATAL
     try:
-        known = [d.name for d in hypervisor.list_domains()]
-        problems = config.check_domains(settings, known)
-        if problems:
-            for problem in problems:
-                log.critical("%s", problem)
-            log.critical("%s: invalid configuration, nothing was backed up", settings.path)
-            return EXIT_FATAL
-        names = _selected(settings, known)
+        names = _selected(settings, [d.name for d in hypervisor.list_domains()])
         if not names:
             log.warning("%s: no domain selected, nothing to back up", settings.path)
             return EXIT_OK

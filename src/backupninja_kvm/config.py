@@ -16,13 +16,14 @@ import difflib
 import fnmatch
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 from validate import Validator
 
-from backupninja_kvm.errors import ConfigError
+from backupninja_kvm.errors import BackupNinjaKvmError, ConfigError
 
 CONFIGSPEC = """\
 # Lines starting with "when" belong to backupninja: they say when the action
@@ -124,12 +125,15 @@ def _clean_list(values) -> tuple[str, ...]:
     return tuple(v.strip() for v in values if v and v.strip())
 
 
-def load(path: str | os.PathLike) -> Settings:
+def load(
+    path: str | os.PathLike, list_domains: Callable[[str], list[str]] | None = None
+) -> Settings:
     """Read and validate an action file.
 
     Raises ConfigError listing every problem, each with its line and key.
-    Checks that need the filesystem (directories) are done here; checks that
-    need libvirt (domain names) are done by the caller, see ``check_domains``.
+    With *list_domains* (uri -> names of the domains libvirt knows, raising
+    BackupNinjaKvmError when it cannot tell), the domain names are checked
+    too, in the same pass.
     """
     path = str(path)
     try:
@@ -179,6 +183,10 @@ def load(path: str | os.PathLike) -> Settings:
                 line = index.get((section, key), 0)
                 for problem in _check_directory(path, index, section, key, value):
                     problems.append((line, problem))
+    if list_domains and not invalid & {("source", "uri"), ("source", "domains")}:
+        problems += _check_domain_names(
+            path, index, str(config["source"]["uri"]), config["source"]["domains"], list_domains
+        )
     if problems:
         raise ConfigError(path, [text for _, text in sorted(problems, key=lambda p: p[0])])
 
@@ -232,10 +240,23 @@ def _check_directory(
     return []
 
 
-def check_domains(settings: Settings, known: list[str]) -> list[str]:
-    """Problems with the ``domains`` list, given the names libvirt knows."""
-    place = settings.where("source", "domains")
-    return [f"{place}: unknown domain {name!r}" for name in settings.domains if name not in known]
+def _check_domain_names(
+    path: str,
+    index: dict[tuple[str, str], int],
+    uri: str,
+    domains: list[str],
+    list_domains: Callable[[str], list[str]],
+) -> list[tuple[int, str]]:
+    names = [n for n in _clean_list(domains) if n != "all"]
+    try:
+        known = list_domains(uri)
+    except BackupNinjaKvmError as error:
+        return [
+            (index.get(("source", "uri"), 0), f"{where(path, index, 'source', 'uri')}: {error}")
+        ]
+    place = where(path, index, "source", "domains")
+    line = index.get(("source", "domains"), 0)
+    return [(line, f"{place}: unknown domain {name!r}") for name in names if name not in known]
 
 
 def render_example() -> str:

@@ -1,0 +1,147 @@
+"""End to end: the real backupninja runs a .kvm action through handlers/kvm.
+
+As backupninja's own tests do: a scratch backupninja.conf, then
+``backupninja -f CONF --now --run FILE``, then the log's lines are read.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from backupninja_kvm import destination
+from tests.support.ninja import Ninja
+from tests.support.vms import DiskSpec, MiB, Write
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.backupninja]
+
+
+@pytest.fixture
+def ninja(scratch):
+    return Ninja(scratch)
+
+
+def action_text(backups: str, domains: str, merge: str = "commit") -> str:
+    return (
+        "when = everyday at 01:00\n"
+        "when = sunday at 03:00\n"
+        "\n"
+        "[general]\n"
+        f"merge = {merge}\n"
+        "\n"
+        "[source]\n"
+        f"domains = {domains}\n"
+        "\n"
+        "[dest]\n"
+        f"directory = {backups}\n"
+        "keep = 3\n"
+    )
+
+
+def backups_dir(scratch: str) -> str:
+    path = os.path.join(scratch, "backups")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def test_action_backs_up_running_vm_and_reports_success(ninja, new_vm, scratch):
+    vm = new_vm(
+        [
+            DiskSpec("vda", "qcow2", 32 * MiB),
+            DiskSpec("vdb", "raw", 16 * MiB),
+            DiskSpec("hdc", device="cdrom"),
+        ]
+    )
+    vm.write("vda", Write(0x11, 0, MiB))
+    backups = backups_dir(scratch)
+    action = ninja.action("20-vms.kvm", action_text(backups, vm.name))
+
+    result = ninja.run(action)
+
+    assert result.returncode == 0, result.output
+    assert any("finished action" in line and "SUCCESS" in line for line in result.lines("Info"))
+    assert result.lines("Error") == [] and result.lines("Fatal") == []
+    assert any(f"{vm.name}: skipping disk hdc: cdrom" in line for line in result.lines("Info"))
+    summary = [line for line in result.lines("Info") if f"{vm.name}: backed up vda, vdb" in line]
+    assert len(summary) == 1
+    assert "on the overlay" in summary[0] and "commit merge in" in summary[0]
+    assert os.path.join(backups, vm.name) in summary[0]
+
+    domain_dir = os.path.join(backups, vm.name)
+    assert len(destination.complete_sets(domain_dir)) == 1
+    assert vm.tops() == vm.paths and vm.is_running() and vm.tagged_files() == []
+
+
+def test_broken_config_is_fatal_names_lines_and_keys_and_freezes_nothing(ninja, new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
+    backups = backups_dir(scratch)
+    text = action_text(backups, f"{vm.name}, no-such-vm").replace("merge = commit", "merge = comit")
+    text = text.replace("keep = 3", "keep = 3\nkep = 4")
+    action = ninja.action("20-broken.kvm", text)
+
+    result = ninja.run(action)
+
+    fatals = result.lines("Fatal")
+    assert any(f"{action} line 5: [general] merge" in line for line in fatals), fatals
+    assert any(
+        f"{action} line 8: [source] domains: unknown domain 'no-such-vm'" in line for line in fatals
+    )
+    assert any(
+        f"{action} line 13: [dest] kep: unknown key (did you mean keep?)" in line for line in fatals
+    )
+    assert any("finished action" in line and "FAILED" in line for line in fatals)
+    assert "Traceback" not in result.log
+    # Nothing was frozen, nothing written.
+    assert vm.tops() == vm.paths and vm.tagged_files() == []
+    assert os.listdir(backups) == []
+
+
+def test_test_mode_prints_the_plan_and_changes_nothing(ninja, new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB), DiskSpec("hdc", device="cdrom")])
+    backups = backups_dir(scratch)
+    action = ninja.action("20-vms.kvm", action_text(backups, vm.name))
+
+    result = ninja.run(action, "--test")
+
+    plan = [line for line in result.lines("Info") if "test run, would" in line]
+    assert len(plan) == 1
+    assert f"{vm.name} (running): back up vda ({vm.paths['vda']}, qcow2)" in plan[0]
+    assert "skip hdc (cdrom)" in plan[0]
+    assert os.listdir(backups) == [] and vm.tagged_files() == []
+
+
+def test_helper_crash_fails_the_action(ninja, new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)], start=False)
+    action = ninja.action("20-vms.kvm", action_text(backups_dir(scratch), vm.name))
+    crashing = os.path.join(scratch, "crashing-helper")
+    with open(crashing, "w") as handle:
+        handle.write("#!/bin/sh\necho 'Info: starting'\nkill -KILL $$\n")
+    os.chmod(crashing, stat.S_IRWXU)
+
+    result = ninja.run(action, helper=crashing)
+
+    fatals = result.lines("Fatal")
+    assert any("backupninja-kvm crashed (exit status 137)" in line for line in fatals), result.log
+    assert any("finished action" in line and "FAILED" in line for line in fatals)
+
+
+def test_failed_domain_is_an_error_and_the_next_domain_still_runs(ninja, new_vm, scratch):
+    broken = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
+    healthy = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
+    backups = backups_dir(scratch)
+    # The first domain's folder is a file: its set cannot be created there.
+    blocker = os.path.join(backups, broken.name)
+    with open(blocker, "w") as handle:
+        handle.write("not a folder")
+    action = ninja.action("20-vms.kvm", action_text(backups, f"{broken.name}, {healthy.name}"))
+
+    result = ninja.run(action)
+
+    errors = result.lines("Error")
+    assert any(f"{broken.name}: cannot write to {blocker}" in line for line in errors), result.log
+    assert any("finished action" in line and "ERROR" in line for line in errors)
+    assert result.lines("Fatal") == []
+    assert any(f"{healthy.name}: backed up vda" in line for line in result.lines("Info"))
+    assert broken.tops() == broken.paths and broken.tagged_files() == []
