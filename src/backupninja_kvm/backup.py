@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from backupninja_kvm import destination
+from backupninja_kvm import destination, preflight
 from backupninja_kvm.config import Settings
 from backupninja_kvm.disks import (
     Disk,
@@ -34,12 +34,13 @@ from backupninja_kvm.errors import (
     TransferError,
 )
 from backupninja_kvm.hypervisor import ERR_BLOCK_COPY_ACTIVE, Domain, wait_until
+from backupninja_kvm.lock import domain_lock
 from backupninja_kvm.report import human_bytes, log, seconds
 from backupninja_kvm.transfer import copy_sparse
 
-# Called after the copy, while the domain still runs on its overlays, with the
-# domain and {target: overlay path}. Tests use it to write into the guest
-# during the backup window.
+# Called right after the freeze, before the copy, while the domain runs on its
+# overlays, with the domain and {target: overlay path}. Tests use it to write
+# into the guest during the backup window.
 WindowHook = Callable[[Domain, dict[str, str]], None]
 
 
@@ -113,6 +114,13 @@ def back_up_domain(
     Returns the outcome. Raises DomainError when the backup failed but the
     domain runs on its own images, OverlayLeftError when it does not.
     """
+    with domain_lock(domain.name, domain.uuid):
+        return _back_up_locked(domain, settings, stamp, window_hook)
+
+
+def _back_up_locked(
+    domain: Domain, settings: Settings, stamp: str, window_hook: WindowHook | None
+) -> Outcome:
     plan = make_plan(domain)
     name = plan.name
     for skipped in plan.skipped:
@@ -129,6 +137,9 @@ def back_up_domain(
                 disk.target,
             )
 
+    overlays = {d.target: overlay_path(d, stamp, settings.overlaydir, name) for d in plan.disks}
+    _check_space(plan, settings, overlays)
+
     domain_dir = os.path.join(settings.directory, name)
     backup_set = destination.BackupSet(domain_dir, stamp)
     try:
@@ -140,7 +151,7 @@ def back_up_domain(
 
     outcome = Outcome(name, disks=[d.target for d in plan.disks], merge=settings.merge)
     if plan.active:
-        _back_up_running(domain, plan, settings, stamp, backup_set, outcome, window_hook)
+        _back_up_running(domain, plan, settings, overlays, backup_set, outcome, window_hook)
     else:
         outcome.live = False
         _back_up_shut_off(domain, plan, backup_set, outcome)
@@ -160,6 +171,17 @@ def back_up_domain(
     if removed:
         log.info("%s: removed %d old set(s) beyond keep = %d", name, len(removed), settings.keep)
     return outcome
+
+
+def _check_space(plan: Plan, settings: Settings, overlays: dict[str, str]) -> None:
+    """Refuse, before anything is frozen, a backup that would fill a disk."""
+    images = [d.path for d in plan.disks if d.path]
+    needs = [preflight.destination_need(settings.directory, images)]
+    if plan.active:
+        needs += preflight.overlay_needs(list(overlays.values()), settings.overlay_reserve)
+    problems = preflight.shortfalls(needs)
+    if problems:
+        raise DomainError(f"{plan.name}: " + "; ".join(problems) + "; nothing was frozen")
 
 
 def _refuse_unsafe_chains(plan: Plan) -> None:
@@ -229,7 +251,7 @@ def _back_up_running(
     domain: Domain,
     plan: Plan,
     settings: Settings,
-    stamp: str,
+    overlays: dict[str, str],
     backup_set: destination.BackupSet,
     outcome: Outcome,
     window_hook: WindowHook | None,
@@ -237,7 +259,6 @@ def _back_up_running(
     name = plan.name
     if not plan.disks:
         return
-    overlays = {d.target: overlay_path(d, stamp, settings.overlaydir, name) for d in plan.disks}
     for target, path in overlays.items():
         if os.path.lexists(path):
             backup_set.discard()
@@ -259,9 +280,9 @@ def _back_up_running(
 
     copy_error: Exception | None = None
     try:
-        _copy_disks(plan, backup_set.partial_path, outcome)
         if window_hook:
             window_hook(domain, overlays)
+        _copy_disks(plan, backup_set.partial_path, outcome)
     except (TransferError, OSError) as error:
         copy_error = error
     finally:

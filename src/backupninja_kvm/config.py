@@ -55,6 +55,9 @@ exclude = force_list(default=list())
 # Directory for the temporary overlays; empty means next to each image, which
 # is the safest choice (same filesystem, same AppArmor rules).
 overlaydir = string(default='')
+# Free space (MiB) required where the overlays go before a domain is frozen:
+# the guest's writes during the backup must fit, or QEMU pauses it. 0 = no check.
+overlay_reserve = integer(min=0, default=1024)
 
 [dest]
 # Where the backup sets go. "local": a directory on this host.
@@ -84,6 +87,7 @@ class Settings:
     domains: tuple[str, ...]  # empty tuple means "all"
     exclude: tuple[str, ...]
     overlaydir: str
+    overlay_reserve: int
     dest: str
     directory: str
     keep: int
@@ -202,6 +206,7 @@ def load(
         domains=() if domains in ((), ("all",)) else domains,
         exclude=_clean_list(source["exclude"]),
         overlaydir=source["overlaydir"].strip(),
+        overlay_reserve=source["overlay_reserve"],
         dest=dest["dest"],
         directory=dest["directory"].strip(),
         keep=dest["keep"],

@@ -9,7 +9,9 @@ live disks against reference images built with the same writes.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -231,30 +233,100 @@ def test_shut_off_domain_is_copied_without_snapshot(new_vm, scratch):
 
 
 @pytest.mark.libvirt
-def test_full_destination_fails_the_domain_but_merges_and_loses_nothing(new_vm, scratch):
+def test_failed_copy_still_merges_reports_error_and_loses_nothing(new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 64 * MiB)])
+    before, during = [Write(0x11, 0, 8 * MiB)], [Write(0x12, 16 * MiB, MiB)]
+    vm.write("vda", *before)
+    settings = settings_for(scratch)
+    # A file size limit makes the copy fail for real (EFBIG) halfway through
+    # the 8 MiB image; Python ignores SIGXFSZ, so the write just fails.
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4 * MiB, limits[1]))
+    try:
+        with pytest.raises(DomainError, match="copy failed, no backup made"):
+            back_up(vm, settings, Window(vm, {"vda": during}))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    domain_dir = os.path.join(settings.directory, vm.name)
+    assert os.listdir(domain_dir) == []  # no set, not even a partial one
+    assert vm.is_running()
+    assert vm.tops() == vm.paths and vm.tops(inactive=True) == vm.paths
+    assert vm.tagged_files() == []
+    vm.stop()
+    reference = reference_image(scratch, "ref", DiskSpec("vda"), before + during)
+    assert same_content(reference, "qcow2", vm.paths["vda"], "qcow2")
+
+
+@pytest.mark.libvirt
+def test_destination_without_room_is_refused_before_the_freeze(new_vm, scratch):
     vm = new_vm([DiskSpec("vda", "qcow2", 64 * MiB)])
     vm.write("vda", Write(0x11, 0, 8 * MiB))
     small = os.path.join(scratch, "small")
     os.makedirs(small)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", small], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", small], check=True)
     try:
         settings = config.load(
             write_action(os.path.join(scratch, "full.kvm"), f"[dest]\ndirectory = {small}\n")
         )
-        window = Window(vm, {"vda": [Write(0x12, 16 * MiB, MiB)]})
-        with pytest.raises(DomainError, match="copy failed, no backup made"):
+        window = Window(vm, {})
+        with pytest.raises(DomainError, match="not enough free space for the backup set"):
             back_up(vm, settings, window)
-        domain_dir = os.path.join(small, vm.name)
-        assert destination.complete_sets(domain_dir) == []
-        assert os.listdir(domain_dir) == []  # the partial set is gone
+        assert window.calls == 0  # never frozen
+        assert os.listdir(small) == []
     finally:
         subprocess.run(["umount", small], check=True)
-    assert vm.is_running()
-    assert vm.tops()["vda"] == vm.paths["vda"]
-    assert vm.tagged_files() == []
-    vm.stop()
-    reference = reference_image(scratch, "ref", DiskSpec("vda"), [Write(0x11, 0, 8 * MiB)])
-    assert same_content(reference, "qcow2", vm.paths["vda"], "qcow2")
+    assert vm.tops() == vm.paths and vm.tagged_files() == []
+
+
+@pytest.mark.libvirt
+def test_overlay_reserve_is_checked_before_the_freeze(new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
+    overlays = os.path.join(scratch, "overlays")
+    os.makedirs(overlays)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", overlays], check=True)
+    try:
+        lines = f"[source]\noverlaydir = {overlays}\noverlay_reserve = 64\n"
+        backups = os.path.join(scratch, "backups")
+        os.makedirs(backups)
+        lines += f"[dest]\ndirectory = {backups}\n"
+        settings = config.load(write_action(os.path.join(scratch, "r.kvm"), lines))
+        with pytest.raises(DomainError, match=r"the overlays \(overlay_reserve\)"):
+            back_up(vm, settings, Window(vm, {}))
+    finally:
+        subprocess.run(["umount", overlays], check=True)
+    assert vm.tops() == vm.paths
+
+
+@pytest.mark.libvirt
+def test_a_held_domain_lock_skips_the_domain_and_names_the_holder(new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
+    settings = settings_for(scratch)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, vm.name, vm.domain.UUIDString()],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(
+            DomainError, match=rf"another backup holds this domain's lock \(pid {holder.pid}"
+        ):
+            back_up(vm, settings, Window(vm, {}))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert vm.tops() == vm.paths and vm.tagged_files() == []
+    # Once the holder is gone (even killed), the lock is free again.
+    assert back_up(vm, settings).set_path
+
+
+HOLD_LOCK = """
+import sys, time
+from backupninja_kvm.lock import domain_lock
+with domain_lock(sys.argv[1], sys.argv[2]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
 
 
 @pytest.mark.libvirt
