@@ -21,7 +21,7 @@ from backupninja_kvm.disks import (
     Disk,
     SkippedDisk,
     is_our_overlay,
-    overlay_path,
+    overlay_paths,
     parse_disks,
     referenced_paths,
     select_disks,
@@ -137,7 +137,7 @@ def _back_up_locked(
                 disk.target,
             )
 
-    overlays = {d.target: overlay_path(d, stamp, settings.overlaydir, name) for d in plan.disks}
+    overlays = overlay_paths(plan.disks, stamp, settings.overlaydir, name)
     _check_space(plan, settings, overlays)
 
     domain_dir = os.path.join(settings.directory, name)

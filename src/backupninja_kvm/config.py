@@ -104,7 +104,7 @@ class Settings:
 def where(path: str, lines: dict[tuple[str, str], int], section: str, key: str) -> str:
     line = lines.get((section, key))
     at = f" line {line}" if line else ""
-    return f"{path}{at}: [{section}] {key}"
+    return f"{path}{at}: [{section}] {key}" if section else f"{path}{at}: {key}"
 
 
 def _index_lines(text_lines: list[str]) -> dict[tuple[str, str], int]:
@@ -180,14 +180,15 @@ def load(
             line = index.get((section, name), 0)
             problems.append((line, f"{where(path, index, section, name)}: unknown key{hint}"))
 
+    sections_ok = all(isinstance(config.get(name), dict) for name in ("source", "dest"))
     for section, key in (("dest", "directory"), ("source", "overlaydir")):
-        if (section, key) not in invalid:
+        if sections_ok and (section, key) not in invalid:
             value = str(config[section][key]).strip()
             if value or key == "directory":
                 line = index.get((section, key), 0)
                 for problem in _check_directory(path, index, section, key, value):
                     problems.append((line, problem))
-    if list_domains and not invalid & {("source", "uri"), ("source", "domains")}:
+    if sections_ok and list_domains and not invalid & {("source", "uri"), ("source", "domains")}:
         problems += _check_domain_names(
             path, index, str(config["source"]["uri"]), config["source"]["domains"], list_domains
         )
@@ -223,6 +224,8 @@ def _describe_parse_error(path: str, error: Exception) -> str:
 
 def _allowed_values(section: str, key: str) -> str:
     check = _spec()[section][key] if section else _spec()[key]
+    if not isinstance(check, str):
+        return ""
     name, args, _, _ = Validator()._parse_with_caching(check)
     return f" (one of: {', '.join(args)})" if name == "option" else ""
 
@@ -261,6 +264,8 @@ def _check_domain_names(
         ]
     place = where(path, index, "source", "domains")
     line = index.get(("source", "domains"), 0)
+    if names and len(names) != len(_clean_list(domains)):
+        return [(line, f"{place}: use either all or a list of names, not both")]
     return [(line, f"{place}: unknown domain {name!r}") for name in names if name not in known]
 
 

@@ -116,16 +116,30 @@ def is_our_overlay(path: str) -> bool:
 def overlay_path(disk: Disk, stamp: str, overlaydir: str = "", domain: str = "") -> str:
     """Where the overlay for *disk* goes: next to the image, or in *overlaydir*.
 
-    The name carries our tag and the run's timestamp; a tag left by an earlier
-    ``merge = pull`` is replaced rather than stacked.
+    The name is the image's name (less a ``.qcow2`` extension) plus our tag and
+    the run's timestamp; a tag left by an earlier ``merge = pull`` is replaced
+    rather than stacked.
     """
     assert disk.path
     base = _OUR_SUFFIX.sub("", os.path.basename(disk.path))
-    stem = os.path.splitext(base)[0] if base.endswith((".qcow2", ".img", ".raw")) else base
+    stem = base.removesuffix(".qcow2")
     name = f"{stem}.{TAG}-{stamp}.qcow2"
     if overlaydir:
         return os.path.join(overlaydir, f"{domain}-{disk.target}-{name}")
     return os.path.join(os.path.dirname(disk.path), name)
+
+
+def overlay_paths(
+    disks: list[Disk], stamp: str, overlaydir: str = "", domain: str = ""
+) -> dict[str, str]:
+    """target -> overlay path for each disk, distinct even when two images
+    differ only by a ``.qcow2`` extension (``disk`` and ``disk.qcow2``)."""
+    paths = {d.target: overlay_path(d, stamp, overlaydir, domain) for d in disks}
+    if len(set(paths.values())) < len(paths):
+        paths = {
+            target: path.replace(f".{TAG}-", f".{target}.{TAG}-") for target, path in paths.items()
+        }
+    return paths
 
 
 def snapshot_xml(all_disks: list[Disk], overlays: dict[str, str]) -> str:

@@ -67,18 +67,20 @@ def setup(stream=None, debug: bool = True) -> CountingHandler:
 
 def human_bytes(count: float) -> str:
     """``1536`` -> ``'1.5 KiB'``: sizes as the report shows them."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+    if abs(count) < 1024:
+        return f"{count:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         count /= 1024
+        if abs(round(count, 1)) < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}"
     raise AssertionError("unreachable")
 
 
 def seconds(duration: float) -> str:
     """A duration for the report: ``0.04 s``, ``12.3 s``, ``4 min 05 s``."""
-    if duration < 1:
+    if round(duration, 2) < 1:
         return f"{duration:.2f} s"
-    if duration < 60:
+    if round(duration, 1) < 60:
         return f"{duration:.1f} s"
     minutes, rest = divmod(int(round(duration)), 60)
     return f"{minutes} min {rest:02d} s"

@@ -1,0 +1,232 @@
+"""Backup sets at the destination: partial folders, manifest, latest link, pruning."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from backupninja_kvm import destination
+from backupninja_kvm.destination import MANIFEST, BackupSet
+
+STAMPS = [
+    "20260101T010000",
+    "20260102T010000",
+    "20260103T010000",
+    "20260104T010000",
+    "20260105T010000",
+]
+
+
+def make_set(domain_dir: Path, stamp: str, files: dict[str, bytes] | None = None) -> Path:
+    """Write a complete set the way a run does."""
+    backup_set = BackupSet(str(domain_dir), stamp)
+    partial = Path(backup_set.begin())
+    if files is None:
+        files = {"domain.xml": b"<domain/>"}
+    for name, data in files.items():
+        (partial / name).write_bytes(data)
+    return Path(backup_set.complete())
+
+
+def test_a_set_is_written_in_a_partial_folder_first(tmp_path):
+    domain_dir = tmp_path / "web1"
+    backup_set = BackupSet(str(domain_dir), STAMPS[0])
+
+    partial = backup_set.begin()
+
+    assert partial == str(domain_dir / f"{STAMPS[0]}.partial")
+    assert os.path.isdir(partial)
+    assert stat.S_IMODE(os.stat(partial).st_mode) == 0o700
+    assert destination.complete_sets(str(domain_dir)) == []
+    assert not os.path.lexists(domain_dir / "latest")
+
+
+def test_a_completed_set_has_its_final_name_a_manifest_and_no_partial(tmp_path):
+    domain_dir = tmp_path / "web1"
+    files = {
+        "domain.xml": b"<domain><name>web1</name></domain>",
+        "vda-web1.qcow2": b"QFI\xfb" + bytes(4096),
+        "vdb-web1 data.img": b"data with a space in the name",
+    }
+
+    final = make_set(domain_dir, STAMPS[0], files)
+
+    assert final == domain_dir / STAMPS[0]
+    assert not (domain_dir / f"{STAMPS[0]}.partial").exists()
+    assert sorted(p.name for p in final.iterdir()) == sorted([*files, MANIFEST])
+    listed = [line.split("  ", 1)[1] for line in (final / MANIFEST).read_text().splitlines()]
+    assert listed == sorted(files)
+    assert destination.complete_sets(str(domain_dir)) == [STAMPS[0]]
+
+
+def test_sha256sum_accepts_the_manifest(tmp_path):
+    files = {
+        "domain.xml": b"<domain/>",
+        "vda-web1.qcow2": b"x" * 70000,
+        "vdb-odd name\\with backslash.img": b"",
+    }
+    final = make_set(tmp_path / "web1", STAMPS[0], files)
+
+    check = subprocess.run(
+        ["sha256sum", "--check", "--strict", MANIFEST],
+        cwd=final,
+        capture_output=True,
+        text=True,
+    )
+
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.count(": OK") == 3
+
+
+def test_sha256sum_detects_a_damaged_image(tmp_path):
+    final = make_set(tmp_path / "web1", STAMPS[0], {"vda-web1.qcow2": b"x" * 70000})
+    with open(final / "vda-web1.qcow2", "r+b") as image:
+        image.seek(1234)
+        image.write(b"y")
+
+    check = subprocess.run(["sha256sum", "--check", MANIFEST], cwd=final, capture_output=True)
+
+    assert check.returncode != 0
+
+
+def test_latest_is_a_relative_link_to_the_newest_set(tmp_path):
+    domain_dir = tmp_path / "web1"
+
+    make_set(domain_dir, STAMPS[0])
+    assert os.readlink(domain_dir / "latest") == STAMPS[0]
+
+    make_set(domain_dir, STAMPS[1])
+    assert os.readlink(domain_dir / "latest") == STAMPS[1]
+    assert (domain_dir / "latest" / MANIFEST).is_file()
+    assert not os.path.lexists(domain_dir / "latest.new")
+
+
+def test_latest_still_points_at_its_set_when_the_destination_moves(tmp_path):
+    make_set(tmp_path / "old" / "web1", STAMPS[0])
+    os.rename(tmp_path / "old", tmp_path / "new")
+
+    assert (tmp_path / "new" / "web1" / "latest" / "domain.xml").read_bytes() == b"<domain/>"
+
+
+def test_an_empty_set_still_gets_a_manifest(tmp_path):
+    final = make_set(tmp_path / "web1", STAMPS[0], {})
+
+    assert (final / MANIFEST).read_text() == ""
+    assert destination.complete_sets(str(tmp_path / "web1")) == [STAMPS[0]]
+
+
+def test_a_set_cannot_begin_twice(tmp_path):
+    BackupSet(str(tmp_path / "web1"), STAMPS[0]).begin()
+
+    with pytest.raises(FileExistsError):
+        BackupSet(str(tmp_path / "web1"), STAMPS[0]).begin()
+
+
+def test_discard_removes_the_partial_folder_and_its_files(tmp_path):
+    domain_dir = tmp_path / "web1"
+    make_set(domain_dir, STAMPS[0])
+    backup_set = BackupSet(str(domain_dir), STAMPS[1])
+    partial = Path(backup_set.begin())
+    (partial / "vda-web1.qcow2").write_bytes(b"half a copy")
+
+    backup_set.discard()
+
+    assert not partial.exists()
+    assert destination.complete_sets(str(domain_dir)) == [STAMPS[0]]
+    assert os.readlink(domain_dir / "latest") == STAMPS[0]
+
+
+def test_discard_of_a_set_never_begun_is_harmless(tmp_path):
+    BackupSet(str(tmp_path / "web1"), STAMPS[0]).discard()
+
+    assert not (tmp_path / "web1").exists()
+
+
+def test_only_complete_sets_count(tmp_path):
+    domain_dir = tmp_path / "web1"
+    make_set(domain_dir, STAMPS[3])
+    make_set(domain_dir, STAMPS[0])
+    interrupted = domain_dir / f"{STAMPS[4]}.partial"
+    interrupted.mkdir()
+    (interrupted / MANIFEST).write_text("")  # even with a manifest, a partial is no set
+    (domain_dir / STAMPS[1]).mkdir()  # renamed but without manifest
+    (domain_dir / STAMPS[2]).write_text("a file, not a folder")
+    for name in ("notes", "2026-01-03", "20260103T0100", "20260103T010000.old"):
+        (domain_dir / name).mkdir()
+        (domain_dir / name / MANIFEST).write_text("")
+
+    assert destination.complete_sets(str(domain_dir)) == [STAMPS[0], STAMPS[3]]
+
+
+def test_a_domain_without_backups_has_no_sets(tmp_path):
+    assert destination.complete_sets(str(tmp_path / "never")) == []
+    assert destination.stale_partials(str(tmp_path / "never"), STAMPS[0]) == []
+    assert destination.prune(str(tmp_path / "never"), 1) == []
+
+
+@pytest.mark.parametrize(("keep", "kept"), [(1, 1), (2, 2), (4, 4), (5, 5), (7, 5)])
+def test_prune_keeps_the_newest_sets(tmp_path, keep, kept):
+    domain_dir = tmp_path / "web1"
+    for stamp in STAMPS:
+        make_set(domain_dir, stamp)
+
+    removed = destination.prune(str(domain_dir), keep)
+
+    assert removed == STAMPS[: len(STAMPS) - kept]
+    assert destination.complete_sets(str(domain_dir)) == STAMPS[len(STAMPS) - kept :]
+    assert all(not (domain_dir / stamp).exists() for stamp in removed)
+    assert os.readlink(domain_dir / "latest") == STAMPS[-1]
+    assert (domain_dir / "latest").is_dir()
+
+
+def test_prune_leaves_partial_and_foreign_folders_alone(tmp_path):
+    domain_dir = tmp_path / "web1"
+    for stamp in STAMPS[:3]:
+        make_set(domain_dir, stamp)
+    (domain_dir / f"{STAMPS[3]}.partial").mkdir()
+    (domain_dir / "notes").mkdir()
+
+    destination.prune(str(domain_dir), 1)
+
+    assert sorted(p.name for p in domain_dir.iterdir()) == sorted(
+        [STAMPS[2], f"{STAMPS[3]}.partial", "notes", "latest"]
+    )
+
+
+def test_stale_partials_are_those_of_other_runs(tmp_path):
+    domain_dir = tmp_path / "web1"
+    make_set(domain_dir, STAMPS[0])
+    for stamp in (STAMPS[1], STAMPS[2], STAMPS[4]):
+        BackupSet(str(domain_dir), stamp).begin()
+    (domain_dir / "notes.partial").mkdir()
+    (domain_dir / "20260103.partial").mkdir()
+
+    stale = destination.stale_partials(str(domain_dir), STAMPS[4])
+
+    assert stale == [f"{STAMPS[1]}.partial", f"{STAMPS[2]}.partial"]
+
+
+def test_a_stale_partial_can_be_discarded_by_its_stamp(tmp_path):
+    domain_dir = tmp_path / "web1"
+    BackupSet(str(domain_dir), STAMPS[0]).begin()
+    BackupSet(str(domain_dir), STAMPS[1]).begin()
+
+    for name in destination.stale_partials(str(domain_dir), STAMPS[1]):
+        BackupSet(str(domain_dir), name[: -len(destination.PARTIAL)]).discard()
+
+    assert sorted(p.name for p in domain_dir.iterdir()) == [f"{STAMPS[1]}.partial"]
+
+
+def test_point_latest_replaces_a_dangling_link(tmp_path):
+    domain_dir = tmp_path / "web1"
+    make_set(domain_dir, STAMPS[0])
+    os.symlink("gone", domain_dir / "latest.new")  # left by an interrupted run
+
+    destination.point_latest(str(domain_dir), STAMPS[0])
+
+    assert os.readlink(domain_dir / "latest") == STAMPS[0]
+    assert not os.path.lexists(domain_dir / "latest.new")
