@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from backupninja_kvm import destination, preflight
+from backupninja_kvm import destination, faults, interrupts, preflight, recovery
+from backupninja_kvm import journal as journals
 from backupninja_kvm.config import Settings
 from backupninja_kvm.disks import (
     Disk,
@@ -33,7 +34,7 @@ from backupninja_kvm.errors import (
     OverlayLeftError,
     TransferError,
 )
-from backupninja_kvm.hypervisor import ERR_BLOCK_COPY_ACTIVE, Domain, wait_until
+from backupninja_kvm.hypervisor import Domain, wait_until
 from backupninja_kvm.lock import domain_lock
 from backupninja_kvm.report import human_bytes, log, seconds
 from backupninja_kvm.transfer import copy_sparse
@@ -121,6 +122,7 @@ def back_up_domain(
 def _back_up_locked(
     domain: Domain, settings: Settings, stamp: str, window_hook: WindowHook | None
 ) -> Outcome:
+    _recover_first(domain, settings)
     plan = make_plan(domain)
     name = plan.name
     for skipped in plan.skipped:
@@ -207,7 +209,9 @@ def _write_definition(domain: Domain, folder: str) -> None:
 
 
 def _copy_disks(plan: Plan, folder: str, outcome: Outcome) -> None:
-    for disk in plan.disks:
+    for number, disk in enumerate(plan.disks):
+        if number:
+            faults.checkpoint("mid-copy")
         assert disk.path
         started = time.monotonic()
         copied = copy_sparse(disk.path, os.path.join(folder, backup_file_name(disk)))
@@ -247,6 +251,20 @@ def _signature(path: str | None) -> tuple[int, int]:
     return status.st_mtime_ns, status.st_size
 
 
+def _recover_first(domain: Domain, settings: Settings) -> None:
+    """Repair what an interrupted earlier run left, before anything else."""
+    try:
+        repaired = recovery.recover_domain(domain, settings.merge_timeout, settings.bandwidth)
+    except journals.JournalError as error:
+        raise DomainError(
+            f"{domain.name}: {error}; remove it once checked; domain skipped"
+        ) from None
+    if repaired:
+        log.warning(
+            "%s: repaired what an interrupted backup left: %s", domain.name, "; ".join(repaired)
+        )
+
+
 def _back_up_running(
     domain: Domain,
     plan: Plan,
@@ -264,126 +282,138 @@ def _back_up_running(
             backup_set.discard()
             raise DomainError(f"{name}: {target}: overlay {path} already exists; domain skipped")
 
+    journal = journals.Journal(
+        name,
+        domain.uuid,
+        journals.FROZEN,
+        settings.merge,
+        tuple(
+            journals.DiskEntry(d.target, d.path or "", d.format or "raw", overlays[d.target])
+            for d in plan.disks
+        ),
+    )
+    journals.write(journal)
+    faults.checkpoint("after-journal")
     all_disks = parse_disks(domain.xml())
     frozen_at = time.monotonic()
-    try:
-        domain.create_overlays(snapshot_xml(all_disks, overlays))
-    except HypervisorError as error:
-        backup_set.discard()
-        raise DomainError(f"{name}: could not freeze the disks: {error}") from None
-    log.info(
-        "%s: froze %s in %s",
-        name,
-        ", ".join(overlays),
-        seconds(time.monotonic() - frozen_at),
-    )
-
+    frozen = copied = False
     copy_error: Exception | None = None
     try:
+        try:
+            domain.create_overlays(snapshot_xml(all_disks, overlays))
+        except HypervisorError as error:
+            raise DomainError(f"{name}: could not freeze the disks: {error}") from None
+        frozen = True
+        log.info(
+            "%s: froze %s in %s", name, ", ".join(overlays), seconds(time.monotonic() - frozen_at)
+        )
+        faults.checkpoint("after-freeze")
         if window_hook:
             window_hook(domain, overlays)
         _copy_disks(plan, backup_set.partial_path, outcome)
+        copied = True
+        faults.checkpoint("after-copy")
     except (TransferError, OSError) as error:
         copy_error = error
     finally:
-        # The merge runs whatever happened during the copy, even on an
-        # unexpected exception or KeyboardInterrupt.
-        merge_started = time.monotonic()
-        merge(domain, plan.disks, overlays, settings)
-        outcome.merge_seconds = time.monotonic() - merge_started
-        outcome.overlay_seconds = time.monotonic() - frozen_at
-        log.info(
-            "%s: merged %s by %s in %s",
-            name,
-            ", ".join(overlays),
-            settings.merge,
-            seconds(outcome.merge_seconds),
-        )
+        # Whatever happened since the journal was written (a failed copy, a
+        # signal, a bug), the domain goes back onto its images before we go on.
+        frozen = frozen or _runs_on_any(domain, overlays)
+        if frozen:
+            merge_started = time.monotonic()
+            merge(domain, plan.disks, overlays, settings, journal)
+            outcome.merge_seconds = time.monotonic() - merge_started
+            outcome.overlay_seconds = time.monotonic() - frozen_at
+        else:
+            journals.remove(domain.uuid)
+        if not copied:
+            backup_set.discard()
     if copy_error is not None:
-        backup_set.discard()
         raise DomainError(
             f"{name}: copy failed, no backup made: {copy_error}; the domain runs on its own images"
         )
 
 
-def merge(domain: Domain, disks: list[Disk], overlays: dict[str, str], settings: Settings) -> None:
-    """Bring every overlay back into its disk, verify, delete the overlays (commit).
-
-    Raises OverlayLeftError, naming the state and the repair, when a disk
-    could not be brought back.
-    """
+def _runs_on_any(domain: Domain, overlays: dict[str, str]) -> bool:
     try:
-        if settings.merge == "pull":
-            _merge_by_pull(domain, disks, overlays, settings)
-        else:
-            _merge_by_commit(domain, disks, overlays, settings)
-    except HypervisorError as error:
-        raise OverlayLeftError(
-            f"{domain.name}: the merge of {', '.join(overlays)} failed ({error}); the domain "
-            f"may still use the overlays {', '.join(overlays.values())}: check "
-            f"`virsh domblklist {domain.name}`; nothing is lost, but do not delete them"
-        ) from None
+        xml = domain.xml() if domain.is_active() else domain.xml(inactive=True)
+    except HypervisorError:
+        return True  # cannot tell: let the merge look closer
+    return bool(referenced_paths(xml) & set(overlays.values()))
 
 
-def _left_on_overlay(domain: Domain, target: str, overlay: str, why: str) -> OverlayLeftError:
-    return OverlayLeftError(
-        f"{domain.name}: disk {target} is still running on the overlay {overlay} ({why}); "
-        f"nothing is lost, but the overlay grows until merged: run "
-        f"`virsh blockcommit {domain.name} {target} --active --shallow --pivot --wait`, "
-        f"check `virsh domblklist {domain.name}`, then delete {overlay}"
+def merge(
+    domain: Domain,
+    disks: list[Disk],
+    overlays: dict[str, str],
+    settings: Settings,
+    journal: journals.Journal,
+) -> None:
+    """Bring every overlay back into its disk, verify, delete the overlays.
+
+    Runs as a critical section: a SIGTERM arriving meanwhile is acted on
+    once the domain is back on its images. Raises OverlayLeftError, naming
+    the state and the repair, when a disk could not be brought back.
+    """
+    with interrupts.critical():
+        journals.write(journal.at(journals.MERGING))
+        try:
+            if not domain.is_active():
+                _merge_offline(domain, journal)
+            elif settings.merge == "pull":
+                _merge_by_pull(domain, disks, overlays, settings)
+            else:
+                _merge_by_commit(domain, disks, overlays, settings, journal)
+        except HypervisorError as error:
+            raise OverlayLeftError(
+                f"{domain.name}: the merge of {', '.join(overlays)} failed ({error}); the "
+                f"domain may still use the overlays {', '.join(overlays.values())}; nothing is "
+                f"lost, do not delete them: run `backupninja-kvm recover {domain.name}` "
+                f"(journal {journals.journal_path(domain.uuid)})"
+            ) from None
+        journals.remove(domain.uuid)
+    log.info("%s: merged %s by %s", domain.name, ", ".join(overlays), settings.merge)
+
+
+def _merge_offline(domain: Domain, journal: journals.Journal) -> None:
+    """The domain was shut down during the backup: merge with qemu-img."""
+    log.warning(
+        "%s: the domain was shut down during the backup; merging its overlays offline",
+        domain.name,
     )
+    done = recovery.recover_domain(domain)
+    log.info("%s: %s", domain.name, "; ".join(done))
 
 
 def _merge_by_commit(
-    domain: Domain, disks: list[Disk], overlays: dict[str, str], settings: Settings
+    domain: Domain,
+    disks: list[Disk],
+    overlays: dict[str, str],
+    settings: Settings,
+    journal: journals.Journal,
 ) -> None:
-    bases = {d.target: d.path for d in disks}
-    for target in overlays:
-        _start_commit(domain, target, overlays[target], settings)
     for target, overlay in overlays.items():
-        _wait_ready_and_pivot(domain, target, overlay, settings)
-    _verify_tops(domain, bases, overlays)
-    _delete_overlays(domain, overlays)
-
-
-def _start_commit(domain: Domain, target: str, overlay: str, settings: Settings) -> None:
-    try:
-        domain.start_commit(target, settings.bandwidth)
-    except HypervisorError as error:
-        raise _left_on_overlay(domain, target, overlay, f"commit refused: {error}") from None
-
-
-def _wait_ready_and_pivot(domain: Domain, target: str, overlay: str, settings: Settings) -> None:
-    for attempt in (1, 2):
-        ready = wait_until(partial(domain.mirror_ready, target), settings.merge_timeout)
-        if not ready:
+        recovery.start_commit(domain, target, overlay, settings.bandwidth)
+    faults.checkpoint("mid-merge")
+    for target, overlay in overlays.items():
+        recovery.wait_ready_and_pivot(
+            domain, target, overlay, settings.merge_timeout, settings.bandwidth
+        )
+    faults.checkpoint("after-pivot")
+    _verify_tops(domain, {d.target: d.path for d in disks}, overlays)
+    journals.write(journal.at(journals.MERGED))
+    faults.checkpoint("before-delete")
+    for target, overlay in overlays.items():
+        try:
+            recovery.delete_overlay(domain, target, overlay)
+        except OSError as error:
             log.warning(
-                "%s: %s: commit not ready after %d s (attempt %d)",
+                "%s: %s: merged, but the overlay %s could not be deleted: %s",
                 domain.name,
                 target,
-                settings.merge_timeout,
-                attempt,
+                overlay,
+                error.strerror,
             )
-            try:
-                domain.abort_job(target)
-                wait_until(partial(domain.job_finished, target), 30)
-                if attempt == 1:
-                    domain.start_commit(target, settings.bandwidth)
-                    continue
-            except HypervisorError as error:
-                raise _left_on_overlay(domain, target, overlay, str(error)) from None
-            raise _left_on_overlay(
-                domain, target, overlay, f"commit not ready within {settings.merge_timeout} s"
-            )
-        try:
-            domain.pivot(target)
-        except HypervisorError as error:
-            if error.code == ERR_BLOCK_COPY_ACTIVE and attempt == 1:
-                continue  # not ready after all: wait again
-            raise _left_on_overlay(domain, target, overlay, f"pivot failed: {error}") from None
-        if not wait_until(partial(domain.job_finished, target), 30):
-            raise _left_on_overlay(domain, target, overlay, "job still present after pivot")
-        return
 
 
 def _merge_by_pull(
@@ -396,16 +426,20 @@ def _merge_by_pull(
             # Pull only the layer we froze; a template below it stays shared.
             domain.start_pull(disk.target, disk.backing, settings.bandwidth)
         except HypervisorError as error:
-            raise _left_on_overlay(domain, disk.target, overlay, f"pull refused: {error}") from None
+            raise recovery.left_on_overlay(
+                domain, disk.target, overlay, f"pull refused: {error}"
+            ) from None
+        faults.checkpoint("mid-merge")
         if not wait_until(partial(domain.job_finished, disk.target), settings.merge_timeout):
-            raise _left_on_overlay(
+            raise recovery.left_on_overlay(
                 domain, disk.target, overlay, f"pull not done within {settings.merge_timeout} s"
             )
+    faults.checkpoint("after-pivot")
     # After a pull the overlay *is* the disk; the frozen image is unused.
+    live = domain.xml()
     for disk in disks:
-        live = domain.xml()
         if disk.path in referenced_paths(live):
-            raise _left_on_overlay(
+            raise recovery.left_on_overlay(
                 domain, disk.target, overlays[disk.target], "the pull did not detach the image"
             )
         log.info(
@@ -415,6 +449,7 @@ def _merge_by_pull(
             overlays[disk.target],
             disk.path,
         )
+    faults.checkpoint("before-delete")
 
 
 def _verify_tops(domain: Domain, bases: dict[str, str | None], overlays: dict[str, str]) -> None:
@@ -428,30 +463,9 @@ def _verify_tops(domain: Domain, bases: dict[str, str | None], overlays: dict[st
             disk = by_target.get(target)
             if disk is None or disk.path != base or disk.mirror:
                 shown = disk.path if disk else "nothing"
-                raise _left_on_overlay(
+                raise recovery.left_on_overlay(
                     domain,
                     target,
                     overlays[target],
                     f"the {view} XML shows {shown} on top instead of {base}",
                 )
-
-
-def _delete_overlays(domain: Domain, overlays: dict[str, str]) -> None:
-    referenced = referenced_paths(domain.xml())
-    if domain.is_persistent():
-        referenced |= referenced_paths(domain.xml(inactive=True))
-    for target, overlay in overlays.items():
-        if overlay in referenced:
-            raise _left_on_overlay(domain, target, overlay, "a chain still references it")
-        try:
-            os.unlink(overlay)
-        except FileNotFoundError:
-            pass
-        except OSError as error:
-            log.warning(
-                "%s: %s: merged, but the overlay %s could not be deleted: %s",
-                domain.name,
-                target,
-                overlay,
-                error.strerror,
-            )

@@ -10,11 +10,11 @@ Fatal.
 from __future__ import annotations
 
 import argparse
-import signal
+import os
 import sys
 import time
 
-from backupninja_kvm import __version__, config, report
+from backupninja_kvm import __version__, config, interrupts, report
 from backupninja_kvm.backup import back_up_domain, make_plan
 from backupninja_kvm.errors import (
     BackupNinjaKvmError,
@@ -23,7 +23,8 @@ from backupninja_kvm.errors import (
     HypervisorError,
     OverlayLeftError,
 )
-from backupninja_kvm.report import log
+from backupninja_kvm.interrupts import Interrupted
+from backupninja_kvm.report import human_bytes, log
 
 EXIT_OK = 0
 EXIT_FATAL = 2
@@ -44,7 +45,12 @@ Action file keys (see `backupninja-kvm example-config` for help and defaults):
   [source]  uri, domains, exclude, overlaydir
   [dest]    dest, directory, keep
 
-Exit status of run: 0 success; 4 some domains failed (Error lines); 2 Fatal.
+Exit status of run and recover: 0 success; 4 some domains failed (Error lines);
+2 Fatal (bad configuration, no libvirt, or a domain left on an overlay).
+
+After a crash or a kill, the next run repairs each domain before backing it
+up; `backupninja-kvm status` shows domains still on an overlay, and
+`backupninja-kvm recover [DOMAIN...]` repairs them at once.
 """
 
 
@@ -104,11 +110,21 @@ def _dry_run(hypervisor, names: list[str]) -> int:
 
 def _back_up_all(hypervisor, settings: config.Settings, names: list[str]) -> int:
     failed, fatal = [], []
-    for name in names:
+    for position, name in enumerate(names):
         stamp = time.strftime("%Y%m%dT%H%M%S")
         try:
             domain = hypervisor.domain(name)
             outcome = back_up_domain(domain, settings, stamp)
+        except Interrupted as interrupt:
+            left = ", ".join(names[position + 1 :]) or "none"
+            log.critical(
+                "interrupted by %s during the backup of %s: it runs on its own images again, "
+                "no set was made for it; domains not backed up: %s",
+                interrupt.signame,
+                name,
+                left,
+            )
+            return EXIT_FATAL
         except OverlayLeftError as error:
             log.critical("%s", error)
             fatal.append(name)
@@ -123,6 +139,87 @@ def _back_up_all(hypervisor, settings: config.Settings, names: list[str]) -> int
         log.error("%d of %d domain(s) failed: %s", len(failed), len(names), ", ".join(failed))
         return EXIT_DOMAIN_ERRORS
     return EXIT_OK
+
+
+def _hypervisor_or_fatal(uri: str):
+    from backupninja_kvm.hypervisor import Hypervisor
+
+    try:
+        return Hypervisor(uri)
+    except HypervisorError as error:
+        log.critical("%s", error)
+        return None
+
+
+def recover(args: argparse.Namespace) -> int:
+    """``recover [DOMAIN...]``: bring domains back onto their own images."""
+    from backupninja_kvm import journal, recovery
+    from backupninja_kvm.lock import domain_lock
+
+    hypervisor = _hypervisor_or_fatal(args.uri)
+    if hypervisor is None:
+        return EXIT_FATAL
+    try:
+        known = hypervisor.list_domains()
+        names = args.domains or [d.name for d in known]
+        unknown = sorted(set(names) - {d.name for d in known})
+        if unknown:
+            log.critical("unknown domain(s): %s", ", ".join(unknown))
+            return EXIT_FATAL
+        status = EXIT_OK
+        for name in names:
+            domain = hypervisor.domain(name)
+            try:
+                with domain_lock(name, domain.uuid):
+                    done = recovery.recover_domain(domain)
+            except OverlayLeftError as error:
+                log.critical("%s", error)
+                status = EXIT_FATAL
+            except (DomainError, HypervisorError, journal.JournalError) as error:
+                log.error("%s", error)
+                status = max(status, EXIT_DOMAIN_ERRORS)
+            else:
+                if done:
+                    log.warning("%s: repaired: %s", name, "; ".join(done))
+                elif args.domains:
+                    log.info("%s: nothing to repair", name)
+        return status
+    finally:
+        hypervisor.close()
+
+
+def status(args: argparse.Namespace) -> int:
+    """``status``: domains running on an overlay of ours, and pending journals."""
+    from backupninja_kvm import journal
+    from backupninja_kvm.disks import is_our_overlay, parse_disks
+    from backupninja_kvm.preflight import allocated_bytes
+
+    hypervisor = _hypervisor_or_fatal(args.uri)
+    if hypervisor is None:
+        return EXIT_FATAL
+    try:
+        found = 0
+        for summary in hypervisor.list_domains():
+            domain = hypervisor.domain(summary.name)
+            xml = domain.xml() if summary.active else domain.xml(inactive=True)
+            pending = journal.journal_path(summary.uuid) if journal.read(summary.uuid) else ""
+            for disk in parse_disks(xml):
+                if disk.path and is_our_overlay(disk.path) and disk.backing:
+                    found += 1
+                    since = time.strftime(
+                        "%Y-%m-%d %H:%M:%S", time.localtime(os.stat(disk.path).st_mtime)
+                    )
+                    state = "running" if summary.active else "shut off"
+                    print(
+                        f"{summary.name} ({state}): {disk.target} on overlay {disk.path} "
+                        f"since {since}, {human_bytes(allocated_bytes(disk.path))}"
+                        + (f", journal {pending}" if pending else "")
+                    )
+        if not found:
+            print("no domain runs on an overlay of backupninja-kvm")
+        return EXIT_OK if not found else EXIT_DOMAIN_ERRORS
+    finally:
+        hypervisor.close()
 
 
 def example_config(_args: argparse.Namespace) -> int:
@@ -154,6 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("-q", "--quiet", action="store_true", help="leave out Debug lines")
     run_parser.set_defaults(function=run)
 
+    recover_parser = commands.add_parser(
+        "recover",
+        help="merge back and clean up what an interrupted backup left (all domains by default)",
+    )
+    recover_parser.add_argument("domains", nargs="*", metavar="DOMAIN")
+    recover_parser.add_argument("-c", "--connect", dest="uri", default="qemu:///system")
+    recover_parser.set_defaults(function=recover)
+
+    status_parser = commands.add_parser(
+        "status", help="list domains running on an overlay of ours (exit 4 when any)"
+    )
+    status_parser.add_argument("-c", "--connect", dest="uri", default="qemu:///system")
+    status_parser.set_defaults(function=status)
+
     example_parser = commands.add_parser(
         "example-config", help="print an example action file with every key documented"
     )
@@ -161,22 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum, _frame):
-    # Turn SIGTERM/SIGHUP into KeyboardInterrupt so that every `finally`
-    # (the merge above all) runs before we exit.
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     report.setup(debug=not getattr(args, "quiet", False))
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _terminate)
+    interrupts.install()
     try:
         return args.function(args)
-    except KeyboardInterrupt as interrupt:
-        log.critical("interrupted (%s); the backup was stopped", interrupt or "SIGINT")
+    except Interrupted as interrupt:
+        log.critical("interrupted by %s", interrupt.signame)
         return EXIT_FATAL
     except BackupNinjaKvmError as error:
         log.critical("%s", error)

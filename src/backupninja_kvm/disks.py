@@ -178,3 +178,25 @@ def referenced_paths(domain_xml: str) -> set[str]:
         for source in disk.iter("source")
         if (file := source.get("file"))
     }
+
+
+def with_disk_source(domain_xml: str, target: str, path: str, image_format: str) -> str:
+    """The domain XML with disk *target* pointing at *path* (format
+    *image_format*), any backing chain description dropped."""
+    root = ET.fromstring(domain_xml)
+    for disk in root.findall("./devices/disk"):
+        dev = disk.find("target")
+        if dev is None or dev.get("dev") != target:
+            continue
+        source = disk.find("source")
+        if source is None:
+            source = ET.SubElement(disk, "source")
+        source.attrib.clear()
+        source.set("file", path)
+        driver = disk.find("driver")
+        if driver is not None:
+            driver.set("type", image_format)
+        for backing in disk.findall("backingStore"):
+            disk.remove(backing)
+        return ET.tostring(root, encoding="unicode")
+    raise KeyError(f"no disk {target} in the domain XML")

@@ -15,6 +15,7 @@ import libvirt
 
 from backupninja_kvm.disks import parse_disks
 from backupninja_kvm.errors import HypervisorError
+from backupninja_kvm.report import log
 
 libvirt.registerErrorHandler(lambda _context, _error: None, None)
 
@@ -54,7 +55,7 @@ _JOB_KINDS = {
 
 
 class Hypervisor:
-    """A libvirt connection."""
+    """A libvirt connection, reopened when libvirtd restarts under us."""
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
@@ -68,6 +69,24 @@ class Hypervisor:
             self._connection.close()
         except libvirt.libvirtError:
             pass
+
+    def alive(self) -> bool:
+        try:
+            return bool(self._connection.isAlive())
+        except libvirt.libvirtError:
+            return False
+
+    def reconnect(self, timeout: float = 120) -> None:
+        """Open the connection again, waiting up to *timeout* s for libvirtd."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._connection = libvirt.open(self.uri)
+                return
+            except libvirt.libvirtError as error:
+                if time.monotonic() > deadline:
+                    raise _translate(error, f"cannot reconnect to libvirt at {self.uri}") from None
+                time.sleep(0.5)
 
     def list_domains(self) -> list[DomainSummary]:
         try:
@@ -86,44 +105,66 @@ class Hypervisor:
 
     def domain(self, name: str) -> Domain:
         try:
-            return Domain(self._connection.lookupByName(name))
+            return Domain(self, self._connection.lookupByName(name))
         except libvirt.libvirtError as error:
             raise _translate(error, f"domain {name}") from None
 
+    def _lookup_uuid(self, uuid: str) -> libvirt.virDomain:
+        return self._connection.lookupByUUIDString(uuid)
+
 
 class Domain:
-    """One libvirt domain; disks are named by their target (vda...)."""
+    """One libvirt domain; disks are named by their target (vda...).
 
-    def __init__(self, handle: libvirt.virDomain) -> None:
+    A call that fails because libvirtd went away is retried once on a new
+    connection: a restart of libvirtd does not stop the VM or its block jobs.
+    """
+
+    def __init__(self, hypervisor: Hypervisor, handle: libvirt.virDomain) -> None:
+        self._hypervisor = hypervisor
         self._handle = handle
         self.name: str = handle.name()
         self.uuid: str = handle.UUIDString()
 
-    def _call(self, what: str, function: Callable, *args):
-        try:
-            return function(*args)
-        except libvirt.libvirtError as error:
-            raise _translate(error, f"{self.name}: {what}") from None
+    def _call(self, what: str, method: str, *args):
+        for attempt in (1, 2):
+            try:
+                return getattr(self._handle, method)(*args)
+            except libvirt.libvirtError as error:
+                if attempt == 2 or self._hypervisor.alive():
+                    raise _translate(error, f"{self.name}: {what}") from None
+                log.warning(
+                    "%s: lost the connection to libvirt during %s (%s); reconnecting",
+                    self.name,
+                    what,
+                    error.get_error_message(),
+                )
+                self._hypervisor.reconnect()
+                try:
+                    self._handle = self._hypervisor._lookup_uuid(self.uuid)
+                except libvirt.libvirtError as lookup_error:
+                    raise _translate(lookup_error, f"{self.name}: {what}") from None
+        raise AssertionError("unreachable")
 
     def is_active(self) -> bool:
-        return bool(self._call("state", self._handle.isActive))
+        return bool(self._call("state", "isActive"))
 
     def is_persistent(self) -> bool:
-        return bool(self._call("state", self._handle.isPersistent))
+        return bool(self._call("state", "isPersistent"))
 
     def is_paused(self) -> bool:
-        state, _reason = self._call("state", self._handle.state)
+        state, _reason = self._call("state", "state")
         return state == libvirt.VIR_DOMAIN_PAUSED
 
     def resume(self) -> None:
-        self._call("resume", self._handle.resume)
+        self._call("resume", "resume")
 
     def id(self) -> int:
-        return int(self._call("id", self._handle.ID))
+        return int(self._call("id", "ID"))
 
     def xml(self, inactive: bool = False) -> str:
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
-        return self._call("read XML", self._handle.XMLDesc, flags)
+        return self._call("read XML", "XMLDesc", flags)
 
     def create_overlays(self, snapshot_xml: str) -> None:
         """One atomic, disk-only, external snapshot without libvirt metadata."""
@@ -132,7 +173,7 @@ class Domain:
             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
         )
-        self._call("create snapshot", self._handle.snapshotCreateXML, snapshot_xml, flags)
+        self._call("create snapshot", "snapshotCreateXML", snapshot_xml, flags)
 
     def start_commit(self, target: str, bandwidth_mib: int = 0) -> None:
         """Active, shallow commit of the top layer into the layer below it.
@@ -143,7 +184,7 @@ class Domain:
         flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
         self._call(
             f"block commit of {target}",
-            self._handle.blockCommit,
+            "blockCommit",
             target,
             None,
             None,
@@ -154,11 +195,11 @@ class Domain:
     def start_pull(self, target: str, base: str | None, bandwidth_mib: int = 0) -> None:
         """Pull the layers above *base* (everything when None) into the top image."""
         if base is None:
-            self._call(f"block pull of {target}", self._handle.blockPull, target, bandwidth_mib, 0)
+            self._call(f"block pull of {target}", "blockPull", target, bandwidth_mib, 0)
         else:
             self._call(
                 f"block pull of {target}",
-                self._handle.blockRebase,
+                "blockRebase",
                 target,
                 base,
                 bandwidth_mib,
@@ -166,7 +207,7 @@ class Domain:
             )
 
     def block_job(self, target: str) -> BlockJob | None:
-        info = self._call(f"block job of {target}", self._handle.blockJobInfo, target, 0)
+        info = self._call(f"block job of {target}", "blockJobInfo", target, 0)
         if not info:
             return None
         return BlockJob(_JOB_KINDS.get(info.get("type"), "unknown"), info["cur"], info["end"])
@@ -178,16 +219,23 @@ class Domain:
         """True when the live XML shows the job on *target* ready to pivot."""
         return any(d.target == target and d.mirror_ready for d in parse_disks(self.xml()))
 
+    def redefine(self, xml: str) -> None:
+        """Replace the persistent definition (the domain must keep its name and UUID)."""
+        try:
+            self._hypervisor._connection.defineXML(xml)
+        except libvirt.libvirtError as error:
+            raise _translate(error, f"{self.name}: define") from None
+
     def pivot(self, target: str) -> None:
         self._call(
             f"pivot of {target}",
-            self._handle.blockJobAbort,
+            "blockJobAbort",
             target,
             libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT,
         )
 
     def abort_job(self, target: str) -> None:
-        self._call(f"abort block job of {target}", self._handle.blockJobAbort, target, 0)
+        self._call(f"abort block job of {target}", "blockJobAbort", target, 0)
 
 
 def wait_until(

@@ -1,0 +1,32 @@
+"""Fault injection points for the test suite.
+
+``checkpoint(NAME)`` does nothing unless the environment variable
+``BACKUPNINJA_KVM_FAULT`` equals NAME: then the process sends itself
+``BACKUPNINJA_KVM_FAULT_SIGNAL`` (default KILL), as a crash or an operator's
+kill would at that boundary of the cycle. The names, in the cycle's order:
+
+after-journal, after-freeze, mid-copy, after-copy, mid-merge, after-pivot,
+before-delete.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+POINTS = (
+    "after-journal",
+    "after-freeze",
+    "mid-copy",
+    "after-copy",
+    "mid-merge",
+    "after-pivot",
+    "before-delete",
+)
+
+
+def checkpoint(name: str) -> None:
+    assert name in POINTS, name
+    if os.environ.get("BACKUPNINJA_KVM_FAULT") == name:
+        signame = os.environ.get("BACKUPNINJA_KVM_FAULT_SIGNAL", "KILL")
+        os.kill(os.getpid(), getattr(signal, f"SIG{signame}"))

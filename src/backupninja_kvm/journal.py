@@ -1,0 +1,119 @@
+"""The journal: what a backup of one domain has done, kept locally.
+
+One JSON file per domain UUID under ``STATE_DIR/journal/``, never on the
+destination. It is written atomically (temporary file in the same folder,
+fsync, rename) *before* every irreversible step, so that after any crash it
+names the overlays that may exist and the base each belongs to. Recovery
+reads it together with the live chain (see ``recovery``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+STATE_DIR = os.environ.get("BACKUPNINJA_KVM_STATE_DIR", "/var/lib/backupninja-kvm")
+SCHEMA = 1
+
+# Phases, in order. A journal is removed once the cycle is clean.
+PLANNED = "planned"  # overlays named, nothing frozen yet
+FROZEN = "frozen"  # the snapshot may exist: the domain may run on the overlays
+MERGING = "merging"  # merge jobs may be running
+MERGED = "merged"  # every disk verified back on its base; overlays to delete
+
+
+@dataclass(frozen=True)
+class DiskEntry:
+    target: str
+    base: str  # the image the disk runs on outside a backup
+    base_format: str  # qcow2 or raw
+    overlay: str  # our overlay for this run
+
+
+@dataclass(frozen=True)
+class Journal:
+    domain: str
+    uuid: str
+    phase: str
+    merge: str  # commit or pull
+    disks: tuple[DiskEntry, ...]
+    started: float = field(default_factory=time.time)
+    pid: int = field(default_factory=os.getpid)
+    schema: int = SCHEMA
+
+    def at(self, phase: str) -> Journal:
+        return replace(self, phase=phase)
+
+    def disk(self, target: str) -> DiskEntry | None:
+        return next((d for d in self.disks if d.target == target), None)
+
+
+class JournalError(Exception):
+    """A journal file exists but cannot be used; it is left in place."""
+
+
+def journal_dir() -> str:
+    return os.path.join(STATE_DIR, "journal")
+
+
+def journal_path(uuid: str) -> str:
+    return os.path.join(journal_dir(), f"{uuid}.json")
+
+
+def write(journal: Journal) -> None:
+    """Atomically replace the domain's journal with *journal*."""
+    directory = journal_dir()
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = journal_path(journal.uuid)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    data = asdict(journal)
+    with open(temporary, "w") as handle:
+        json.dump(data, handle, indent=1, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read(uuid: str) -> Journal | None:
+    """The domain's journal, None when there is none; JournalError when unusable."""
+    path = journal_path(uuid)
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise JournalError(f"journal {path} is unreadable: {error}") from None
+    if data.get("schema") != SCHEMA:
+        raise JournalError(
+            f"journal {path} has schema {data.get('schema')!r}, this version reads {SCHEMA}"
+        )
+    try:
+        disks = tuple(DiskEntry(**d) for d in data.pop("disks"))
+        return Journal(disks=disks, **data)
+    except TypeError as error:
+        raise JournalError(f"journal {path} is malformed: {error}") from None
+
+
+def remove(uuid: str) -> None:
+    try:
+        os.unlink(journal_path(uuid))
+    except FileNotFoundError:
+        pass
+
+
+def all_journals() -> list[str]:
+    """UUIDs that have a journal."""
+    try:
+        names = os.listdir(journal_dir())
+    except FileNotFoundError:
+        return []
+    return sorted(n[: -len(".json")] for n in names if n.endswith(".json"))

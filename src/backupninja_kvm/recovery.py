@@ -1,0 +1,293 @@
+"""Recovery: bring a domain back onto its own images after an interrupted backup.
+
+``decide`` is a pure function of one disk's journal entry and its observed
+state (live chain, block job, persistent XML, overlay file); it returns the
+steps that bring the disk back, or a refusal that touches nothing. Running
+it again on the state it leaves yields no step: recovery is idempotent.
+``recover_domain`` observes, decides and carries the steps out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from functools import partial
+
+from backupninja_kvm import journal as journals
+from backupninja_kvm.disks import (
+    is_our_overlay,
+    parse_disks,
+    referenced_paths,
+    with_disk_source,
+)
+from backupninja_kvm.errors import HypervisorError, OverlayLeftError
+from backupninja_kvm.hypervisor import ERR_BLOCK_COPY_ACTIVE, Domain, wait_until
+from backupninja_kvm.journal import DiskEntry, Journal
+from backupninja_kvm.report import log
+
+# Step kinds
+PIVOT = "pivot"  # an active commit job exists: wait until ready, pivot
+WAIT_PULL = "wait-pull"  # a pull job runs: let it finish, the overlay becomes the disk
+COMMIT = "commit"  # running on the overlay: active shallow commit, then pivot
+COMMIT_OFFLINE = "commit-offline"  # shut off on the overlay: qemu-img commit, fix the XML
+DELETE = "delete"  # the overlay file exists and nothing references it
+REFUSE = "refuse"  # unexpected: touch nothing, say what was found
+
+
+@dataclass(frozen=True)
+class DiskState:
+    """What one disk looks like now."""
+
+    target: str
+    active: bool
+    live_top: str | None  # None when the domain is shut off
+    live_backing: str | None
+    job: str | None  # active-commit, commit, pull, copy... or None
+    persistent_top: str | None  # None for a transient domain
+    overlay_exists: bool
+    overlay_backing: str | None = None  # the overlay file's own backing file
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str
+    target: str
+    detail: str = ""
+
+
+def decide(entry: DiskEntry, state: DiskState, merge: str = "commit") -> list[Step]:
+    """The steps that bring one disk back onto its base, in order."""
+    target, base, overlay = entry.target, entry.base, entry.overlay
+    tops = {state.live_top, state.persistent_top} - {None}
+    if state.job is not None:
+        if state.job == "active-commit" and state.live_top == overlay:
+            return [Step(PIVOT, target), Step(DELETE, target)]
+        if state.job == "pull" and state.live_top == overlay:
+            return [Step(WAIT_PULL, target)]
+        return [Step(REFUSE, target, f"a {state.job} block job runs on {state.live_top}, not ours")]
+    if state.active and state.live_top == overlay:
+        if state.live_backing == base:
+            return [Step(COMMIT, target), Step(DELETE, target)]
+        if merge == "pull":
+            return []  # a finished pull: the overlay is the disk now
+        return [
+            Step(
+                REFUSE,
+                target,
+                f"{overlay} is on top but its backing file is {state.live_backing}, "
+                f"not {base} as the journal says",
+            )
+        ]
+    if state.active and state.live_top not in (base, overlay):
+        if state.live_backing == overlay:
+            return [Step(REFUSE, target, f"a foreign layer {state.live_top} sits on our overlay")]
+        if overlay in tops:
+            return [Step(REFUSE, target, f"the chain shows {state.live_top} on top")]
+    if not state.active and state.persistent_top == overlay:
+        if not state.overlay_exists:
+            return [Step(REFUSE, target, f"the definition uses {overlay}, which is missing")]
+        if state.overlay_backing == base:
+            return [Step(COMMIT_OFFLINE, target), Step(DELETE, target)]
+        if merge == "pull" and state.overlay_backing is None:
+            return []  # a finished pull: the overlay is the disk now
+        return [
+            Step(
+                REFUSE,
+                target,
+                f"{overlay} has the backing file {state.overlay_backing}, not {base}",
+            )
+        ]
+    if state.overlay_exists and overlay not in tops and state.live_backing != overlay:
+        return [Step(DELETE, target)]
+    return []
+
+
+def observe(domain: Domain, entry: DiskEntry) -> DiskState:
+    active = domain.is_active()
+    live = {d.target: d for d in parse_disks(domain.xml())} if active else {}
+    persistent_top = None
+    if domain.is_persistent():
+        persistent = {d.target: d for d in parse_disks(domain.xml(inactive=True))}
+        if entry.target in persistent:
+            persistent_top = persistent[entry.target].path
+    disk = live.get(entry.target)
+    job = domain.block_job(entry.target) if active and disk is not None else None
+    return DiskState(
+        target=entry.target,
+        active=active,
+        live_top=disk.path if disk else None,
+        live_backing=disk.backing if disk else None,
+        job=job.kind if job else None,
+        persistent_top=persistent_top,
+        overlay_exists=os.path.lexists(entry.overlay),
+        overlay_backing=image_info(entry.overlay).get("full-backing-filename")
+        if not active and os.path.exists(entry.overlay)
+        else None,
+    )
+
+
+def orphan_entries(domain: Domain) -> list[DiskEntry]:
+    """Entries for disks running on a tagged overlay when no journal exists."""
+    entries = []
+    for disk in parse_disks(domain.xml()):
+        if disk.path and is_our_overlay(disk.path) and disk.backing and disk.format == "qcow2":
+            entries.append(DiskEntry(disk.target, disk.backing, "unknown", disk.path))
+    return entries
+
+
+def recover_domain(domain: Domain, timeout: int = 600, bandwidth: int = 0) -> list[str]:
+    """Repair a domain left by an interrupted backup; returns what was done.
+
+    Raises OverlayLeftError when the domain still runs on an overlay of ours
+    that recovery may not touch. Without a journal, only a running domain on
+    a tagged overlay is repaired (commit + pivot).
+    """
+    journal = journals.read(domain.uuid)
+    if journal is None:
+        entries = orphan_entries(domain) if domain.is_active() else []
+        if not entries:
+            return []
+        journal = Journal(domain.name, domain.uuid, journals.FROZEN, "commit", tuple(entries))
+    done: list[str] = []
+    refusals: list[str] = []
+    for entry in journal.disks:
+        for step in decide(entry, observe(domain, entry), journal.merge):
+            if step.kind == REFUSE:
+                refusals.append(f"{entry.target}: {step.detail}")
+                break
+            done.append(_carry_out(domain, entry, step, timeout, bandwidth))
+    if refusals:
+        raise OverlayLeftError(
+            f"{domain.name}: recovery touched nothing on "
+            + "; ".join(refusals)
+            + f" (journal {journals.journal_path(domain.uuid)}); check `virsh domblklist "
+            f"{domain.name}` and merge by hand"
+        )
+    journals.remove(domain.uuid)
+    return done
+
+
+def _carry_out(domain: Domain, entry: DiskEntry, step: Step, timeout: int, bandwidth: int) -> str:
+    target, overlay = entry.target, entry.overlay
+    if step.kind == COMMIT:
+        commit_and_pivot(domain, target, overlay, timeout, bandwidth)
+        return f"{target}: committed {overlay} and pivoted back to {entry.base}"
+    if step.kind == PIVOT:
+        wait_ready_and_pivot(domain, target, overlay, timeout, bandwidth)
+        return f"{target}: pivoted the pending commit back to {entry.base}"
+    if step.kind == WAIT_PULL:
+        if not wait_until(partial(domain.job_finished, target), timeout):
+            raise left_on_overlay(domain, target, overlay, f"pull not done within {timeout} s")
+        return f"{target}: let the pull finish; the disk now runs on {overlay}"
+    if step.kind == COMMIT_OFFLINE:
+        commit_offline(domain, entry)
+        return f"{target}: committed {overlay} into {entry.base} offline (domain shut off)"
+    if step.kind == DELETE:
+        delete_overlay(domain, target, overlay)
+        return f"{target}: deleted {overlay}"
+    raise AssertionError(step)
+
+
+def left_on_overlay(domain: Domain, target: str, overlay: str, why: str) -> OverlayLeftError:
+    return OverlayLeftError(
+        f"{domain.name}: disk {target} is still running on the overlay {overlay} ({why}); "
+        f"nothing is lost, but the overlay grows until merged: run "
+        f"`backupninja-kvm recover {domain.name}`, or by hand `virsh blockcommit "
+        f"{domain.name} {target} --active --shallow --pivot --wait`, then delete {overlay}"
+    )
+
+
+def start_commit(domain: Domain, target: str, overlay: str, bandwidth: int) -> None:
+    try:
+        domain.start_commit(target, bandwidth)
+    except HypervisorError as error:
+        raise left_on_overlay(domain, target, overlay, f"commit refused: {error}") from None
+
+
+def commit_and_pivot(
+    domain: Domain, target: str, overlay: str, timeout: int, bandwidth: int
+) -> None:
+    start_commit(domain, target, overlay, bandwidth)
+    wait_ready_and_pivot(domain, target, overlay, timeout, bandwidth)
+
+
+def wait_ready_and_pivot(
+    domain: Domain, target: str, overlay: str, timeout: int, bandwidth: int
+) -> None:
+    """Wait for the active commit on *target* to be ready, then pivot.
+
+    A job not ready in time is aborted and started once more; a pivot refused
+    as not ready yet is retried after waiting again.
+    """
+    for attempt in (1, 2):
+        if not wait_until(partial(domain.mirror_ready, target), timeout):
+            log.warning(
+                "%s: %s: commit not ready after %d s (attempt %d)",
+                domain.name,
+                target,
+                timeout,
+                attempt,
+            )
+            try:
+                domain.abort_job(target)
+                wait_until(partial(domain.job_finished, target), 30)
+                if attempt == 1:
+                    domain.start_commit(target, bandwidth)
+                    continue
+            except HypervisorError as error:
+                raise left_on_overlay(domain, target, overlay, str(error)) from None
+            raise left_on_overlay(domain, target, overlay, f"commit not ready within {timeout} s")
+        try:
+            domain.pivot(target)
+        except HypervisorError as error:
+            if error.code == ERR_BLOCK_COPY_ACTIVE and attempt == 1:
+                continue
+            raise left_on_overlay(domain, target, overlay, f"pivot failed: {error}") from None
+        if not wait_until(partial(domain.job_finished, target), 30):
+            raise left_on_overlay(domain, target, overlay, "job still present after pivot")
+        return
+
+
+def commit_offline(domain: Domain, entry: DiskEntry) -> None:
+    """Merge the overlay of a shut-off domain into its base and point the
+    definition back at the base."""
+    result = subprocess.run(
+        ["qemu-img", "commit", "-q", "-f", "qcow2", entry.overlay],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise left_on_overlay(
+            domain, entry.target, entry.overlay, f"qemu-img commit failed: {result.stderr.strip()}"
+        )
+    base_format = entry.base_format
+    if base_format == "unknown":
+        base_format = image_info(entry.base).get("format", "raw")
+    xml = with_disk_source(domain.xml(inactive=True), entry.target, entry.base, base_format)
+    domain.redefine(xml)
+
+
+def image_info(path: str) -> dict:
+    """``qemu-img info`` of one image (no lock taken), {} when it cannot tell."""
+    result = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", path], capture_output=True, text=True
+    )
+    try:
+        return json.loads(result.stdout) if result.returncode == 0 else {}
+    except ValueError:
+        return {}
+
+
+def delete_overlay(domain: Domain, target: str, overlay: str) -> None:
+    """Delete an overlay file, only when no chain (live or persistent) refers to it."""
+    referenced = referenced_paths(domain.xml()) if domain.is_active() else set()
+    if domain.is_persistent():
+        referenced |= referenced_paths(domain.xml(inactive=True))
+    if overlay in referenced:
+        raise left_on_overlay(domain, target, overlay, "a chain still references it")
+    try:
+        os.unlink(overlay)
+    except FileNotFoundError:
+        pass
