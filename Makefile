@@ -31,11 +31,12 @@ install: host
 	$(LIBDIR)/bin/pip install --quiet --disable-pip-version-check --upgrade .
 	ln -sf $(LIBDIR)/bin/backupninja-kvm $(PREFIX)/bin/backupninja-kvm
 	install -D -m 644 handlers/kvm $(HANDLERDIR)/kvm
+	install -D -m 644 handlers/kvm.helper $(HANDLERDIR)/kvm.helper
 	install -D -m 644 examples/example.kvm $(DOCDIR)/example.kvm
-	@echo "installed: $(PREFIX)/bin/backupninja-kvm, $(HANDLERDIR)/kvm, $(DOCDIR)/example.kvm"
+	@echo "installed: $(PREFIX)/bin/backupninja-kvm, $(HANDLERDIR)/kvm (+ kvm.helper for ninjahelper), $(DOCDIR)/example.kvm"
 
 uninstall:
-	rm -f $(PREFIX)/bin/backupninja-kvm $(HANDLERDIR)/kvm
+	rm -f $(PREFIX)/bin/backupninja-kvm $(HANDLERDIR)/kvm $(HANDLERDIR)/kvm.helper
 	rm -rf $(LIBDIR) $(DOCDIR)
 
 demo: install

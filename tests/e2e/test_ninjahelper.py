@@ -1,0 +1,181 @@
+"""End to end: the real ninjahelper runs this checkout's handlers/kvm.helper.
+
+ninjahelper has no option for its configuration: it always reads
+/etc/backupninja.conf. So the unmodified /usr/sbin/ninjahelper runs in a private
+mount namespace (``unshare --mount``) in which a scratch backupninja.conf is
+bind-mounted over /etc/backupninja.conf; the host's file is never touched. That
+configuration points ``configdirectory`` at a scratch folder and
+``scriptdirectory`` at a scratch folder of symlinks: the shipped helpers and
+handlers from /usr/share/backupninja, plus ``kvm`` and ``kvm.helper`` from this
+checkout, as an installed system would have them.
+
+The test answers the dialogs with keys through a pseudo-terminal (pexpect), waiting
+for each dialog's text first: dialog's output is stripped of escape sequences and
+whitespace before matching, as curses places words with cursor moves.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+
+import pexpect
+import pytest
+
+from backupninja_kvm import config
+from tests.support.ninja import HANDLERS
+
+pytestmark = [pytest.mark.backupninja]
+
+SHIPPED = "/usr/share/backupninja"
+HELPER = os.path.join(os.path.dirname(sys.executable), "backupninja-kvm")
+TIMEOUT = 30
+_ESCAPE = re.compile(r"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>78cDEHM])")
+_SPACE = re.compile(r"\s+")
+
+ENTER, DOWN, CLEAR_LINE = "\r", "\x1bOB", "\x15"  # DOWN: xterm's kcud1 (keypad mode)
+
+
+def _squash(text: str) -> str:
+    return _SPACE.sub("", _ESCAPE.sub("", text))
+
+
+class Dialogs:
+    """ninjahelper on a pseudo-terminal: wait for a dialog's text, then send keys."""
+
+    def __init__(self, conf: str) -> None:
+        env = dict(os.environ, TERM="xterm", LC_ALL="C", DIALOGRC="/dev/null")
+        script = 'mount --bind "$1" /etc/backupninja.conf && exec /usr/sbin/ninjahelper'
+        self.child = pexpect.spawn(
+            "unshare",
+            ["--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", conf],
+            dimensions=(40, 120),
+            env=env,
+            encoding="utf-8",
+            codec_errors="replace",
+            timeout=TIMEOUT,
+        )
+        self.raw = ""
+
+    def answer(self, text: str, keys: str) -> None:
+        """Wait until *text* is on the screen, then type *keys*."""
+        needle = _squash(text)
+        deadline = time.monotonic() + TIMEOUT
+        while needle not in _squash(self.raw):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"no dialog showing {text!r} in {TIMEOUT} s: {self.screen()!r}")
+            try:
+                self.raw += self.child.read_nonblocking(65536, timeout=min(left, 1))
+            except pexpect.TIMEOUT:
+                continue
+            except pexpect.EOF:
+                pytest.fail(f"ninjahelper ended before showing {text!r}: {self.screen()!r}")
+        self.raw = ""
+        self.child.send(keys)
+
+    def screen(self) -> str:
+        return _ESCAPE.sub("", self.raw)[-2000:]
+
+    def wait_exit(self) -> int:
+        self.child.expect(pexpect.EOF)
+        self.child.close()
+        return self.child.exitstatus
+
+
+@pytest.fixture
+def ninjahelper_conf(scratch):
+    """A scratch backupninja.conf; returns (conf, configdirectory)."""
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "true"], capture_output=True
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace for ninjahelper: {probe.stderr!r}")
+    configdir = os.path.join(scratch, "backup.d")
+    scripts = os.path.join(scratch, "scripts")
+    os.mkdir(configdir, 0o700)
+    os.mkdir(scripts)
+    for name in os.listdir(SHIPPED):
+        if name not in ("kvm", "kvm.helper"):
+            os.symlink(os.path.join(SHIPPED, name), os.path.join(scripts, name))
+    for name in ("kvm", "kvm.helper"):
+        os.symlink(os.path.join(HANDLERS, name), os.path.join(scripts, name))
+    conf = os.path.join(scratch, "backupninja.conf")
+    with open(conf, "w") as handle:
+        handle.write(
+            f"configdirectory = {configdir}\nscriptdirectory = {scripts}\n"
+            f"libdirectory = /usr/lib/backupninja\nlogfile = {scratch}/backupninja.log\n"
+        )
+    return conf, configdir
+
+
+@pytest.fixture
+def wizard_action(ninjahelper_conf, scratch):
+    """Create a kvm action with the wizard: merge = pull, keep = 3, a new scratch folder."""
+    conf, configdir = ninjahelper_conf
+    backups = os.path.join(scratch, "backups")
+    dialogs = Dialogs(conf)
+    try:
+        dialogs.answer("create a new backup action", "n" + ENTER)
+        dialogs.answer("live backup of libvirt/KVM virtual machines", "k" + ENTER)
+        dialogs.answer("When to run this action?", ENTER)
+        # A checklist of virsh's domains ("all" checked) or an input box ("all").
+        dialogs.answer("Domains to back up", ENTER)
+        dialogs.answer("How to merge the overlay back", DOWN + " " + ENTER)
+        dialogs.answer("Directory where the backup sets go", CLEAR_LINE + backups + ENTER)
+        dialogs.answer(f"{backups} does not exist. Create it now", ENTER)
+        dialogs.answer("How many complete backup sets to keep", CLEAR_LINE + "3" + ENTER)
+        # Back in the main menu, which now lists the new action.
+        dialogs.answer(f"{configdir}/50.kvm", "q" + ENTER)
+        assert dialogs.wait_exit() == 0
+    finally:
+        dialogs.child.close(force=True)
+    return configdir, backups
+
+
+def test_wizard_writes_a_valid_private_action(wizard_action):
+    configdir, backups = wizard_action
+
+    assert os.listdir(configdir) == ["50.kvm"]
+    action = os.path.join(configdir, "50.kvm")
+    assert stat.S_IMODE(os.stat(action).st_mode) == 0o600
+    with open(action) as handle:
+        text = handle.read()
+    assert "when = everyday at 01:00\n" in text
+    assert os.path.isdir(backups) and stat.S_IMODE(os.stat(backups).st_mode) == 0o700
+
+    settings = config.load(action)
+
+    assert (settings.merge, settings.keep, settings.directory) == ("pull", 3, backups)
+    assert settings.domains == ()  # all
+    assert (settings.stage, settings.uri, settings.dest) == ("full", "qemu:///system", "local")
+
+
+@pytest.mark.libvirt
+def test_helper_accepts_the_wizard_action(wizard_action):
+    configdir, _ = wizard_action
+    probe = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "list", "--name"], capture_output=True, timeout=60
+    )
+    if probe.returncode != 0:
+        pytest.skip("libvirtd does not answer at qemu:///system")
+
+    result = subprocess.run(
+        [HELPER, "run", "--test", os.path.join(configdir, "50.kvm")],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    lines = output.splitlines()
+    assert not [line for line in lines if line.startswith(("Fatal:", "Error:"))], output
+    assert any(
+        line.startswith("Info: test run, would ") or "no domain selected" in line for line in lines
+    ), output
