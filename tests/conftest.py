@@ -25,11 +25,9 @@ def connection():
     from tests.support import vms
 
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
-    conn = libvirt.open(vms.URI)
-    vms.remove_leftover_vms(conn)
-    yield conn
-    vms.remove_leftover_vms(conn)
-    conn.close()
+    vms.remove_leftover_vms()
+    yield vms.connect()
+    vms.remove_leftover_vms()
 
 
 @pytest.fixture
@@ -40,7 +38,7 @@ def new_vm(connection):
     made = []
 
     def factory(specs, start=True):
-        vm = vms.make_vm(connection, specs, start=start)
+        vm = vms.make_vm(specs, start=start)
         made.append(vm)
         return vm
 

@@ -147,16 +147,22 @@ def _back_up_locked(
     try:
         partial = backup_set.begin()
         _write_definition(domain, partial)
+    except destination.SetExists as error:
+        raise DomainError(f"{name}: {error}; domain skipped") from None
     except OSError as error:
         backup_set.discard()
         raise DomainError(f"{name}: cannot write to {domain_dir}: {error.strerror}") from None
 
     outcome = Outcome(name, disks=[d.target for d in plan.disks], merge=settings.merge)
-    if plan.active:
-        _back_up_running(domain, plan, settings, overlays, backup_set, outcome, window_hook)
-    else:
-        outcome.live = False
-        _back_up_shut_off(domain, plan, backup_set, outcome)
+    try:
+        if plan.active:
+            _back_up_running(domain, plan, settings, overlays, backup_set, outcome, window_hook)
+        else:
+            outcome.live = False
+            _back_up_shut_off(domain, plan, backup_set, outcome)
+    except BaseException:
+        backup_set.discard()  # failed or interrupted: never leave a half set behind
+        raise
 
     try:
         outcome.set_path = backup_set.complete()
@@ -292,13 +298,13 @@ def _back_up_running(
             for d in plan.disks
         ),
     )
-    journals.write(journal)
-    faults.checkpoint("after-journal")
     all_disks = parse_disks(domain.xml())
     frozen_at = time.monotonic()
     frozen = copied = False
     copy_error: Exception | None = None
+    journals.write(journal)
     try:
+        faults.checkpoint("after-journal")
         try:
             domain.create_overlays(snapshot_xml(all_disks, overlays))
         except HypervisorError as error:
@@ -372,7 +378,7 @@ def merge(
                 f"(journal {journals.journal_path(domain.uuid)})"
             ) from None
         journals.remove(domain.uuid)
-    log.info("%s: merged %s by %s", domain.name, ", ".join(overlays), settings.merge)
+        log.info("%s: merged %s by %s", domain.name, ", ".join(overlays), settings.merge)
 
 
 def _merge_offline(domain: Domain, journal: journals.Journal) -> None:
@@ -381,7 +387,7 @@ def _merge_offline(domain: Domain, journal: journals.Journal) -> None:
         "%s: the domain was shut down during the backup; merging its overlays offline",
         domain.name,
     )
-    done = recovery.recover_domain(domain)
+    done = recovery.recover_domain(domain, interrupted=False)
     log.info("%s: %s", domain.name, "; ".join(done))
 
 

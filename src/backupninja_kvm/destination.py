@@ -34,6 +34,10 @@ def file_sha256(path: str) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+class SetExists(Exception):
+    """A complete set with the new set's name is already there."""
+
+
 @dataclass
 class BackupSet:
     """One set being written for one domain."""
@@ -50,8 +54,16 @@ class BackupSet:
         return os.path.join(self.domain_dir, self.stamp)
 
     def begin(self) -> str:
-        """Create the ``.partial`` folder; returns its path."""
+        """Create the ``.partial`` folder; returns its path.
+
+        A ``.partial`` of the same name is what an interrupted run left (the
+        caller holds the domain's lock): it is replaced. Raises SetExists
+        when a complete set of that name exists.
+        """
         os.makedirs(self.domain_dir, mode=0o700, exist_ok=True)
+        if os.path.lexists(self.final_path):
+            raise SetExists(f"a set named {self.final_path} already exists")
+        self.discard()
         os.mkdir(self.partial_path, 0o700)
         return self.partial_path
 

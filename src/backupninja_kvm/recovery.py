@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -137,7 +138,9 @@ def orphan_entries(domain: Domain) -> list[DiskEntry]:
     return entries
 
 
-def recover_domain(domain: Domain, timeout: int = 600, bandwidth: int = 0) -> list[str]:
+def recover_domain(
+    domain: Domain, timeout: int = 600, bandwidth: int = 0, interrupted: bool = True
+) -> list[str]:
     """Repair a domain left by an interrupted backup; returns what was done.
 
     Raises OverlayLeftError when the domain still runs on an overlay of ours
@@ -145,6 +148,7 @@ def recover_domain(domain: Domain, timeout: int = 600, bandwidth: int = 0) -> li
     a tagged overlay is repaired (commit + pivot).
     """
     journal = journals.read(domain.uuid)
+    from_journal = journal is not None
     if journal is None:
         entries = orphan_entries(domain) if domain.is_active() else []
         if not entries:
@@ -166,6 +170,12 @@ def recover_domain(domain: Domain, timeout: int = 600, bandwidth: int = 0) -> li
             f"{domain.name}` and merge by hand"
         )
     journals.remove(domain.uuid)
+    if from_journal and interrupted:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(journal.started))
+        done.append(
+            f"closed the journal of the backup interrupted in phase {journal.phase} "
+            f"(pid {journal.pid}, started {started})"
+        )
     return done
 
 

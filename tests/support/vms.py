@@ -123,9 +123,34 @@ def domain_xml(name: str, disks: list[tuple[DiskSpec, str]]) -> str:
     return "\n".join(lines)
 
 
+_connection: libvirt.virConnect | None = None
+
+
+def connect() -> libvirt.virConnect:
+    """The tests' connection to the system libvirtd, reopened after a restart."""
+    global _connection
+    if _connection is None or not _alive(_connection):
+        for _ in range(200):
+            try:
+                _connection = libvirt.open(URI)
+                break
+            except libvirt.libvirtError:
+                time.sleep(0.1)
+        else:
+            _connection = libvirt.open(URI)
+    return _connection
+
+
+def _alive(connection: libvirt.virConnect) -> bool:
+    try:
+        connection.getLibVersion()  # a real round trip: isAlive() can be stale
+        return bool(connection.isAlive())
+    except libvirt.libvirtError:
+        return False
+
+
 @dataclass
 class TestVM:
-    connection: libvirt.virConnect
     name: str
     directory: str
     specs: list[DiskSpec]
@@ -133,7 +158,7 @@ class TestVM:
 
     @property
     def domain(self) -> libvirt.virDomain:
-        return self.connection.lookupByName(self.name)
+        return connect().lookupByName(self.name)
 
     def start(self) -> None:
         self.domain.create()
@@ -194,12 +219,12 @@ class TestVM:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def make_vm(connection: libvirt.virConnect, specs: list[DiskSpec], start: bool = True) -> TestVM:
+def make_vm(specs: list[DiskSpec], start: bool = True) -> TestVM:
     name = PREFIX + uuid.uuid4().hex[:8]
     directory = os.path.join(IMAGE_ROOT, name)
     os.makedirs(directory, mode=0o755)
     os.chmod(IMAGE_ROOT, 0o755)
-    vm = TestVM(connection, name, directory, specs)
+    vm = TestVM(name, directory, specs)
     disks = []
     for spec in specs:
         extension = "iso" if spec.device == "cdrom" else spec.format
@@ -207,15 +232,15 @@ def make_vm(connection: libvirt.virConnect, specs: list[DiskSpec], start: bool =
         create_image(path, spec)
         vm.paths[spec.target] = path
         disks.append((spec, path))
-    connection.defineXML(domain_xml(name, disks))
+    connect().defineXML(domain_xml(name, disks))
     if start:
         vm.start()
     return vm
 
 
-def remove_leftover_vms(connection: libvirt.virConnect) -> None:
+def remove_leftover_vms() -> None:
     """Remove test VMs that an interrupted earlier run left behind."""
-    for domain in connection.listAllDomains(0):
+    for domain in connect().listAllDomains(0):
         if domain.name().startswith(PREFIX):
             if domain.isActive():
                 domain.destroy()

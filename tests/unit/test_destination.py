@@ -119,10 +119,19 @@ def test_an_empty_set_still_gets_a_manifest(tmp_path):
     assert destination.complete_sets(str(tmp_path / "web1")) == [STAMPS[0]]
 
 
-def test_a_set_cannot_begin_twice(tmp_path):
-    BackupSet(str(tmp_path / "web1"), STAMPS[0]).begin()
+def test_a_partial_set_left_by_an_interrupted_run_is_replaced(tmp_path):
+    first = BackupSet(str(tmp_path / "web1"), STAMPS[0])
+    Path(first.begin(), "vda-web1.qcow2").write_bytes(b"half")
 
-    with pytest.raises(FileExistsError):
+    second = BackupSet(str(tmp_path / "web1"), STAMPS[0]).begin()
+
+    assert os.listdir(second) == []
+
+
+def test_a_complete_set_of_the_same_name_is_never_overwritten(tmp_path):
+    make_set(tmp_path / "web1", STAMPS[0], {"vda-web1.qcow2": b"data"})
+
+    with pytest.raises(destination.SetExists):
         BackupSet(str(tmp_path / "web1"), STAMPS[0]).begin()
 
 

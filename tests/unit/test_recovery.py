@@ -1,0 +1,129 @@
+"""The recovery decision table: one disk's journal entry and observed state
+in, the steps out. The same scenarios run for real in
+tests/integration/test_faults.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from backupninja_kvm.journal import DiskEntry
+from backupninja_kvm.recovery import (
+    COMMIT,
+    COMMIT_OFFLINE,
+    DELETE,
+    PIVOT,
+    REFUSE,
+    WAIT_PULL,
+    DiskState,
+    decide,
+)
+
+BASE = "/srv/vm/web1.qcow2"
+OVERLAY = "/srv/vm/web1.bnkvm-20261127T010000.qcow2"
+ENTRY = DiskEntry("vda", BASE, "qcow2", OVERLAY)
+
+
+def state(**changes) -> DiskState:
+    """A running domain back on its base, overlay gone: the clean state."""
+    values = dict(
+        target="vda",
+        active=True,
+        live_top=BASE,
+        live_backing=None,
+        job=None,
+        persistent_top=BASE,
+        overlay_exists=False,
+        overlay_backing=None,
+    )
+    values.update(changes)
+    return DiskState(**values)
+
+
+ON_OVERLAY = dict(live_top=OVERLAY, live_backing=BASE, persistent_top=OVERLAY, overlay_exists=True)
+
+
+@pytest.mark.parametrize(
+    ("situation", "observed", "merge", "steps"),
+    [
+        ("clean: nothing to do", state(), "commit", []),
+        ("killed before the freeze", state(), "commit", []),
+        ("running on our overlay", state(**ON_OVERLAY), "commit", [COMMIT, DELETE]),
+        ("running on our overlay, pull mode", state(**ON_OVERLAY), "pull", [COMMIT, DELETE]),
+        (
+            "commit job running or ready",
+            state(**ON_OVERLAY, job="active-commit"),
+            "commit",
+            [PIVOT, DELETE],
+        ),
+        ("pull job running", state(**ON_OVERLAY, job="pull"), "pull", [WAIT_PULL]),
+        (
+            "pull finished: the overlay is the disk",
+            state(live_top=OVERLAY, live_backing=None, persistent_top=OVERLAY, overlay_exists=True),
+            "pull",
+            [],
+        ),
+        ("pivoted, overlay not deleted", state(overlay_exists=True), "commit", [DELETE]),
+        (
+            "shut off on the overlay",
+            state(
+                active=False,
+                live_top=None,
+                persistent_top=OVERLAY,
+                overlay_exists=True,
+                overlay_backing=BASE,
+            ),
+            "commit",
+            [COMMIT_OFFLINE, DELETE],
+        ),
+        (
+            "shut off, back on base, overlay left",
+            state(active=False, live_top=None, overlay_exists=True),
+            "commit",
+            [DELETE],
+        ),
+        (
+            "foreign layer on top of our overlay",
+            state(
+                live_top="/srv/vm/web1.their-snap.qcow2",
+                live_backing=OVERLAY,
+                persistent_top="/srv/vm/web1.their-snap.qcow2",
+                overlay_exists=True,
+            ),
+            "commit",
+            [REFUSE],
+        ),
+        (
+            "our overlay on top of something else than the journal's base",
+            state(**{**ON_OVERLAY, "live_backing": "/srv/vm/other.qcow2"}),
+            "commit",
+            [REFUSE],
+        ),
+        (
+            "a block job that is not ours",
+            state(live_top=BASE, job="copy", overlay_exists=True),
+            "commit",
+            [REFUSE],
+        ),
+        (
+            "definition uses the overlay but the file is gone",
+            state(active=False, live_top=None, persistent_top=OVERLAY, overlay_exists=False),
+            "commit",
+            [REFUSE],
+        ),
+    ],
+)
+def test_decide(situation, observed, merge, steps):
+    assert [step.kind for step in decide(ENTRY, observed, merge)] == steps, situation
+
+
+def test_refusals_say_what_was_found():
+    foreign = "/srv/vm/web1.their-snap.qcow2"
+    (step,) = decide(
+        ENTRY, state(live_top=foreign, live_backing=OVERLAY, overlay_exists=True), "commit"
+    )
+    assert step.kind == REFUSE and foreign in step.detail
+
+
+def test_recovery_is_idempotent_on_the_state_it_leaves():
+    # After COMMIT + DELETE the disk is clean, and a second pass does nothing.
+    assert decide(ENTRY, state(), "commit") == []
