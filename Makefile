@@ -11,12 +11,15 @@ HANDLERDIR  ?= /usr/share/backupninja
 DOCDIR      ?= /usr/share/doc/backupninja-kvm
 PYTEST_ARGS ?=
 
-.PHONY: all host venv install uninstall demo test lint unit example bench clean
+.PHONY: all host test-host venv install uninstall demo test lint unit example bench clean
 
 all: venv
 
 host:
 	bash scripts/setup-host
+
+test-host:
+	bash scripts/setup-host --with-test-tools
 
 # The venv sees Debian's python3-libvirt (matching the installed libvirt).
 $(VENV)/.done: setup.cfg pyproject.toml
@@ -50,7 +53,7 @@ lint: venv
 unit: venv
 	$(VENV)/bin/python -m pytest -q tests/unit
 
-test: venv lint
+test: test-host venv lint
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests
 
 example: venv

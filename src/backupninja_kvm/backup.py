@@ -76,6 +76,7 @@ class Outcome:
     merge_seconds: float = 0.0
     set_path: str = ""
     live: bool = True
+    problems: list[str] = field(default_factory=list)  # Error lines; the set is still good
 
     def summary(self) -> str:
         disks = ", ".join(self.disks) or "no disk"
@@ -338,6 +339,23 @@ def _back_up_running(
         raise DomainError(
             f"{name}: copy failed, no backup made: {copy_error}; the domain runs on its own images"
         )
+    _resume_if_paused_by_io_error(domain, overlays, outcome)
+
+
+def _resume_if_paused_by_io_error(
+    domain: Domain, overlays: dict[str, str], outcome: Outcome
+) -> None:
+    """A full overlay filesystem makes QEMU pause the guest; once the merge
+    has put the disks back on their images, the guest can go on."""
+    if not domain.is_active() or not domain.paused_by_io_error():
+        return
+    domain.resume()
+    places = ", ".join(sorted({os.path.dirname(p) for p in overlays.values()}))
+    outcome.problems.append(
+        f"{domain.name}: QEMU paused the guest during the backup because a write failed "
+        f"(the filesystem of the overlays, {places}, is probably full); it was merged back "
+        f"and resumed, its pending writes retried; raise overlay_reserve or free space there"
+    )
 
 
 def _runs_on_any(domain: Domain, overlays: dict[str, str]) -> bool:

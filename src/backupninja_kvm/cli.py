@@ -132,6 +132,10 @@ def _back_up_all(hypervisor, settings: config.Settings, names: list[str]) -> int
             log.error("%s", error)
             failed.append(name)
         else:
+            for problem in outcome.problems:
+                log.error("%s", problem)
+            if outcome.problems:
+                failed.append(name)
             log.info("%s", outcome.summary())
     if fatal:
         return EXIT_FATAL

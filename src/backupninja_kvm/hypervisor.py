@@ -156,6 +156,11 @@ class Domain:
         state, _reason = self._call("state", "state")
         return state == libvirt.VIR_DOMAIN_PAUSED
 
+    def paused_by_io_error(self) -> bool:
+        """True when QEMU paused the guest because a write failed (e.g. ENOSPC)."""
+        state, reason = self._call("state", "state")
+        return state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR
+
     def resume(self) -> None:
         self._call("resume", "resume")
 

@@ -151,6 +151,8 @@ def _alive(connection: libvirt.virConnect) -> bool:
 
 @dataclass
 class TestVM:
+    __test__ = False  # not a test class, whatever pytest thinks of its name
+
     name: str
     directory: str
     specs: list[DiskSpec]
