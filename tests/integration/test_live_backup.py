@@ -339,3 +339,64 @@ def test_sets_beyond_keep_are_pruned_and_latest_follows(new_vm, scratch):
     domain_dir = os.path.join(settings.directory, vm.name)
     assert destination.complete_sets(domain_dir) == stamps[1:]
     assert os.readlink(os.path.join(domain_dir, "latest")) == stamps[-1]
+
+
+@pytest.mark.libvirt
+def test_a_vm_with_snapshots_of_its_own_keeps_them_and_only_our_layer_is_merged(new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 32 * MiB)])
+    vm.write("vda", Write(0x11, 0, MiB))
+    theirs = os.path.join(vm.directory, "vda.theirs.qcow2")
+    subprocess.run(
+        [
+            "virsh",
+            "-q",
+            "-c",
+            URI,
+            "snapshot-create-as",
+            vm.name,
+            "theirs",
+            "--disk-only",
+            "--atomic",
+            "--diskspec",
+            f"vda,file={theirs}",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    vm.write("vda", Write(0x12, MiB, MiB))
+    original_sum = sha256(vm.paths["vda"])
+
+    outcome = back_up(vm, settings_for(scratch), Window(vm, {"vda": [Write(0x13, 2 * MiB, MiB)]}))
+
+    # Their snapshot and their layer are untouched; our overlay went into theirs.
+    listed = subprocess.run(
+        ["virsh", "-q", "-c", URI, "snapshot-list", vm.name, "--name"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert listed == ["theirs"]
+    assert vm.tops()["vda"] == theirs and vm.tops(inactive=True)["vda"] == theirs
+    assert sha256(vm.paths["vda"]) == original_sum
+    assert vm.tagged_files() == []
+    # The set holds their layer (the disk's top) as of the freeze.
+    backup = os.path.join(outcome.set_path, "vda-vda.theirs.qcow2")
+    frozen = reference_image(
+        scratch,
+        "frozen",
+        DiskSpec("vda", "qcow2", 32 * MiB),
+        [Write(0x11, 0, MiB), Write(0x12, MiB, MiB)],
+    )
+    subprocess.run(
+        ["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", vm.paths["vda"], backup], check=True
+    )
+    assert same_content(frozen, "qcow2", backup, "qcow2")
+    vm.stop()
+    everything = [Write(0x11, 0, MiB), Write(0x12, MiB, MiB), Write(0x13, 2 * MiB, MiB)]
+    live = reference_image(scratch, "live", DiskSpec("vda", "qcow2", 32 * MiB), everything)
+    assert same_content(live, "qcow2", theirs, "qcow2")
+    subprocess.run(
+        ["virsh", "-q", "-c", URI, "snapshot-delete", vm.name, "theirs", "--metadata"],
+        check=True,
+        capture_output=True,
+    )

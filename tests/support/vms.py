@@ -215,7 +215,7 @@ class TestVM:
             domain = self.domain
             if domain.isActive():
                 domain.destroy()
-            domain.undefine()
+            domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
         except libvirt.libvirtError:
             pass
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -246,5 +246,5 @@ def remove_leftover_vms() -> None:
         if domain.name().startswith(PREFIX):
             if domain.isActive():
                 domain.destroy()
-            domain.undefine()
+            domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
     shutil.rmtree(IMAGE_ROOT, ignore_errors=True)
