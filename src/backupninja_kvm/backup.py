@@ -13,7 +13,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 from backupninja_kvm import destination, faults, interrupts, preflight, recovery
 from backupninja_kvm import journal as journals
@@ -34,8 +33,9 @@ from backupninja_kvm.errors import (
     OverlayLeftError,
     TransferError,
 )
-from backupninja_kvm.hypervisor import Domain, wait_until
+from backupninja_kvm.hypervisor import Domain
 from backupninja_kvm.lock import domain_lock
+from backupninja_kvm.progress import Progress
 from backupninja_kvm.report import human_bytes, log, seconds
 from backupninja_kvm.transfer import copy_sparse
 
@@ -71,9 +71,14 @@ class Outcome:
     name: str
     disks: list[str] = field(default_factory=list)
     bytes_copied: int = 0
-    overlay_seconds: float = 0.0
+    overlay_seconds: float = 0.0  # from the freeze until the merge is done
     merge: str = ""
     merge_seconds: float = 0.0
+    freeze_seconds: float = 0.0  # the snapshot call
+    copy_seconds: float = 0.0
+    hook_seconds: float = 0.0  # the tests' and the benchmark's window hook
+    complete_seconds: float = 0.0  # checksums, manifest, rename, prune
+    total_seconds: float = 0.0
     set_path: str = ""
     live: bool = True
     problems: list[str] = field(default_factory=list)  # Error lines; the set is still good
@@ -116,8 +121,11 @@ def back_up_domain(
     Returns the outcome. Raises DomainError when the backup failed but the
     domain runs on its own images, OverlayLeftError when it does not.
     """
+    started = time.monotonic()
     with domain_lock(domain.name, domain.uuid):
-        return _back_up_locked(domain, settings, stamp, window_hook)
+        outcome = _back_up_locked(domain, settings, stamp, window_hook)
+    outcome.total_seconds = time.monotonic() - started
+    return outcome
 
 
 def _back_up_locked(
@@ -165,6 +173,7 @@ def _back_up_locked(
         backup_set.discard()  # failed or interrupted: never leave a half set behind
         raise
 
+    completing = time.monotonic()
     try:
         outcome.set_path = backup_set.complete()
     except OSError as error:
@@ -179,6 +188,7 @@ def _back_up_locked(
         destination.BackupSet(domain_dir, old[: -len(destination.PARTIAL)]).discard()
     if removed:
         log.info("%s: removed %d old set(s) beyond keep = %d", name, len(removed), settings.keep)
+    outcome.complete_seconds = time.monotonic() - completing
     return outcome
 
 
@@ -216,12 +226,19 @@ def _write_definition(domain: Domain, folder: str) -> None:
 
 
 def _copy_disks(plan: Plan, folder: str, outcome: Outcome) -> None:
+    started = time.monotonic()
     for number, disk in enumerate(plan.disks):
         if number:
             faults.checkpoint("mid-copy")
         assert disk.path
-        started = time.monotonic()
-        copied = copy_sparse(disk.path, os.path.join(folder, backup_file_name(disk)))
+        disk_started = time.monotonic()
+        progress = Progress(
+            f"{plan.name}: {disk.target}: copy", preflight.allocated_bytes(disk.path)
+        )
+        copied = copy_sparse(
+            disk.path, os.path.join(folder, backup_file_name(disk)), progress.update
+        )
+        progress.finish()
         outcome.bytes_copied += copied
         log.debug(
             "%s: %s: copied %s of data from %s in %s",
@@ -229,8 +246,9 @@ def _copy_disks(plan: Plan, folder: str, outcome: Outcome) -> None:
             disk.target,
             human_bytes(copied),
             disk.path,
-            seconds(time.monotonic() - started),
+            seconds(time.monotonic() - disk_started),
         )
+    outcome.copy_seconds = time.monotonic() - started
 
 
 def _back_up_shut_off(
@@ -311,12 +329,15 @@ def _back_up_running(
         except HypervisorError as error:
             raise DomainError(f"{name}: could not freeze the disks: {error}") from None
         frozen = True
+        outcome.freeze_seconds = time.monotonic() - frozen_at
         log.info(
             "%s: froze %s in %s", name, ", ".join(overlays), seconds(time.monotonic() - frozen_at)
         )
         faults.checkpoint("after-freeze")
         if window_hook:
+            hook_started = time.monotonic()
             window_hook(domain, overlays)
+            outcome.hook_seconds = time.monotonic() - hook_started
         _copy_disks(plan, backup_set.partial_path, outcome)
         copied = True
         faults.checkpoint("after-copy")
@@ -454,7 +475,7 @@ def _merge_by_pull(
                 domain, disk.target, overlay, f"pull refused: {error}"
             ) from None
         faults.checkpoint("mid-merge")
-        if not wait_until(partial(domain.job_finished, disk.target), settings.merge_timeout):
+        if not recovery.wait_for_pull(domain, disk.target, settings.merge_timeout):
             raise recovery.left_on_overlay(
                 domain, disk.target, overlay, f"pull not done within {settings.merge_timeout} s"
             )

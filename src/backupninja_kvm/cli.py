@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from backupninja_kvm import __version__, config, interrupts, report
+from backupninja_kvm import __version__, config, interrupts, prometheus, report
 from backupninja_kvm.backup import back_up_domain, make_plan
 from backupninja_kvm.errors import (
     BackupNinjaKvmError,
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_OK
         if args.test:
             return _dry_run(hypervisor, names)
-        return _back_up_all(hypervisor, settings, names)
+        return _back_up_all(hypervisor, settings, names, args.prometheus_dir)
     except HypervisorError as error:
         log.critical("%s", error)
         return EXIT_FATAL
@@ -108,41 +108,74 @@ def _dry_run(hypervisor, names: list[str]) -> int:
     return EXIT_OK
 
 
-def _back_up_all(hypervisor, settings: config.Settings, names: list[str]) -> int:
+def _back_up_all(
+    hypervisor, settings: config.Settings, names: list[str], prometheus_dir: str | None = None
+) -> int:
     failed, fatal = [], []
-    for position, name in enumerate(names):
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        try:
-            domain = hypervisor.domain(name)
-            outcome = back_up_domain(domain, settings, stamp)
-        except Interrupted as interrupt:
-            left = ", ".join(names[position + 1 :]) or "none"
-            log.critical(
-                "interrupted by %s during the backup of %s: it runs on its own images again, "
-                "no set was made for it; domains not backed up: %s",
-                interrupt.signame,
-                name,
-                left,
-            )
-            return EXIT_FATAL
-        except OverlayLeftError as error:
-            log.critical("%s", error)
-            fatal.append(name)
-        except (DomainError, HypervisorError) as error:
-            log.error("%s", error)
-            failed.append(name)
-        else:
-            for problem in outcome.problems:
-                log.error("%s", problem)
-            if outcome.problems:
+    figures: list[prometheus.DomainFigures] = []
+    try:
+        for position, name in enumerate(names):
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            started = time.monotonic()
+            try:
+                domain = hypervisor.domain(name)
+                outcome = back_up_domain(domain, settings, stamp)
+            except Interrupted as interrupt:
+                left = ", ".join(names[position + 1 :]) or "none"
+                log.critical(
+                    "interrupted by %s during the backup of %s: it runs on its own images "
+                    "again, no set was made for it; domains not backed up: %s",
+                    interrupt.signame,
+                    name,
+                    left,
+                )
+                figures.append(prometheus.DomainFigures(name, prometheus.ERROR))
+                return EXIT_FATAL
+            except OverlayLeftError as error:
+                log.critical("%s", error)
+                fatal.append(name)
+                figures.append(prometheus.DomainFigures(name, prometheus.FATAL))
+            except (DomainError, HypervisorError) as error:
+                log.error("%s", error)
                 failed.append(name)
-            log.info("%s", outcome.summary())
+                figures.append(
+                    prometheus.DomainFigures(
+                        name, prometheus.ERROR, duration_seconds=time.monotonic() - started
+                    )
+                )
+            else:
+                for problem in outcome.problems:
+                    log.error("%s", problem)
+                if outcome.problems:
+                    failed.append(name)
+                log.info("%s", outcome.summary())
+                figures.append(
+                    prometheus.DomainFigures(
+                        name,
+                        prometheus.ERROR if outcome.problems else prometheus.OK,
+                        outcome.bytes_copied,
+                        outcome.overlay_seconds,
+                        outcome.total_seconds,
+                    )
+                )
+    finally:
+        if prometheus_dir:
+            _write_prometheus(prometheus_dir, figures)
     if fatal:
         return EXIT_FATAL
     if failed:
         log.error("%d of %d domain(s) failed: %s", len(failed), len(names), ", ".join(failed))
         return EXIT_DOMAIN_ERRORS
     return EXIT_OK
+
+
+def _write_prometheus(directory: str, figures: list[prometheus.DomainFigures]) -> None:
+    try:
+        path = prometheus.write(directory, figures)
+    except OSError as error:
+        log.error("cannot write the Prometheus figures to %s: %s", directory, error.strerror)
+    else:
+        log.debug("Prometheus figures written to %s", path)
 
 
 def _hypervisor_or_fatal(uri: str):
@@ -253,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="dry run: check the file and print the plan, change nothing",
     )
     run_parser.add_argument("-q", "--quiet", action="store_true", help="leave out Debug lines")
+    run_parser.add_argument(
+        "--prometheus-dir",
+        metavar="DIR",
+        help="also write per-domain figures to DIR/backupninja_kvm.prom (node exporter "
+        "textfile collector); the handler passes backupninja's prom_textfile_dir when "
+        "reportprom is set",
+    )
     run_parser.set_defaults(function=run)
 
     recover_parser = commands.add_parser(

@@ -18,6 +18,7 @@ import hashlib
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from backupninja_kvm.transfer import sync_file
@@ -74,11 +75,11 @@ class BackupSet:
         """Checksum and sync every file, write the manifest, take the final name,
         point ``latest`` at it. Returns the final path."""
         names = sorted(n for n in os.listdir(self.partial_path) if n != MANIFEST)
-        lines = []
-        for name in names:
-            path = os.path.join(self.partial_path, name)
-            sync_file(path)
-            lines.append(f"{file_sha256(path)}  {name}\n")
+        paths = [os.path.join(self.partial_path, name) for name in names]
+        # hashlib and file reads release the GIL: one thread per core.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            sums = list(pool.map(_sync_and_hash, paths))
+        lines = [f"{digest}  {name}\n" for digest, name in zip(sums, names, strict=True)]
         manifest = os.path.join(self.partial_path, MANIFEST)
         with open(manifest, "w") as handle:
             handle.writelines(lines)
@@ -88,6 +89,11 @@ class BackupSet:
         _sync_directory(self.domain_dir)
         point_latest(self.domain_dir, self.stamp)
         return self.final_path
+
+
+def _sync_and_hash(path: str) -> str:
+    sync_file(path)
+    return file_sha256(path)
 
 
 def point_latest(domain_dir: str, stamp: str) -> None:

@@ -26,6 +26,7 @@ from backupninja_kvm.disks import (
 from backupninja_kvm.errors import HypervisorError, OverlayLeftError
 from backupninja_kvm.hypervisor import ERR_BLOCK_COPY_ACTIVE, Domain, wait_until
 from backupninja_kvm.journal import DiskEntry, Journal
+from backupninja_kvm.progress import Progress
 from backupninja_kvm.report import log
 
 # Step kinds
@@ -188,7 +189,7 @@ def _carry_out(domain: Domain, entry: DiskEntry, step: Step, timeout: int, bandw
         wait_ready_and_pivot(domain, target, overlay, timeout, bandwidth)
         return f"{target}: pivoted the pending commit back to {entry.base}"
     if step.kind == WAIT_PULL:
-        if not wait_until(partial(domain.job_finished, target), timeout):
+        if not wait_for_pull(domain, target, timeout):
             raise left_on_overlay(domain, target, overlay, f"pull not done within {timeout} s")
         return f"{target}: let the pull finish; the disk now runs on {overlay}"
     if step.kind == COMMIT_OFFLINE:
@@ -232,7 +233,10 @@ def wait_ready_and_pivot(
     as not ready yet is retried after waiting again.
     """
     for attempt in (1, 2):
-        if not wait_until(partial(domain.mirror_ready, target), timeout):
+        progress = Progress(f"{domain.name}: {target}: commit", 0)
+        ready = wait_until(partial(_commit_ready, domain, target, progress), timeout)
+        progress.finish()
+        if not ready:
             log.warning(
                 "%s: %s: commit not ready after %d s (attempt %d)",
                 domain.name,
@@ -258,6 +262,31 @@ def wait_ready_and_pivot(
         if not wait_until(partial(domain.job_finished, target), 30):
             raise left_on_overlay(domain, target, overlay, "job still present after pivot")
         return
+
+
+def _commit_ready(domain: Domain, target: str, progress: Progress) -> bool:
+    job = domain.block_job(target)
+    if job is not None:
+        progress.total = max(job.end, 1)
+        progress.update(job.current)
+    return domain.mirror_ready(target)
+
+
+def wait_for_pull(domain: Domain, target: str, timeout: int) -> bool:
+    """Wait until the pull on *target* is done; False after *timeout* s."""
+    progress = Progress(f"{domain.name}: {target}: pull", 0)
+
+    def finished() -> bool:
+        job = domain.block_job(target)
+        if job is None:
+            return True
+        progress.total = max(job.end, 1)
+        progress.update(job.current)
+        return False
+
+    done = wait_until(finished, timeout)
+    progress.finish()
+    return done
 
 
 def commit_offline(domain: Domain, entry: DiskEntry) -> None:

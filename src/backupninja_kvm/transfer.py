@@ -31,19 +31,22 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
         offset = end
 
 
-def _copy_range(source: int, target: int, offset: int, length: int) -> None:
+def _copy_range(
+    source: int, target: int, offset: int, length: int, copied: Callable[[int], None]
+) -> None:
     done = 0
     while done < length:
         step = min(CHUNK, length - done)
         try:
-            copied = os.copy_file_range(source, target, step, offset + done, offset + done)
+            count = os.copy_file_range(source, target, step, offset + done, offset + done)
         except OSError as error:
             if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
-            copied = _copy_with_buffer(source, target, offset + done, step)
-        if copied == 0:  # the source shrank under us
+            count = _copy_with_buffer(source, target, offset + done, step)
+        if count == 0:  # the source shrank under us
             raise OSError(errno.EIO, "source file ended early")
-        done += copied
+        done += count
+        copied(count)
 
 
 def _copy_with_buffer(source: int, target: int, offset: int, length: int) -> int:
@@ -69,13 +72,17 @@ def copy_sparse(
         except OSError as error:
             raise TransferError(f"cannot create {target_path}: {error.strerror}") from None
         copied = 0
+
+        def count(step: int) -> None:
+            nonlocal copied
+            copied += step
+            if progress:
+                progress(copied)
+
         try:
             size = os.fstat(source).st_size
             for offset, length in data_extents(source, size):
-                _copy_range(source, target, offset, length)
-                copied += length
-                if progress:
-                    progress(copied)
+                _copy_range(source, target, offset, length, count)
             os.ftruncate(target, size)
         except OSError as error:
             os.close(target)

@@ -7,6 +7,7 @@ As backupninja's own tests do: a scratch backupninja.conf, then
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import pytest
@@ -145,3 +146,58 @@ def test_failed_domain_is_an_error_and_the_next_domain_still_runs(ninja, new_vm,
     assert result.lines("Fatal") == []
     assert any(f"{healthy.name}: backed up vda" in line for line in result.lines("Info"))
     assert broken.tops() == broken.paths and broken.tagged_files() == []
+
+
+def test_reportprom_writes_per_domain_figures_beside_backupninjas(new_vm, scratch):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    prom = os.path.join(scratch, "prom")
+    os.makedirs(prom)
+    ninja = Ninja(scratch, f"reportprom = yes\nprom_textfile_dir = {prom}\n")
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
+    vm.write("vda", Write(0x11, 0, MiB))
+    action = ninja.action("20-vms.kvm", action_text(backups_dir(scratch), vm.name))
+
+    result = ninja.run(action)
+
+    assert result.returncode == 0, result.output
+    path = os.path.join(prom, "backupninja_kvm.prom")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    with open(path) as handle:
+        families = {f.name: f for f in text_string_to_metric_families(handle.read())}
+    values = {
+        name: {s.labels["domain"]: s.value for s in family.samples}
+        for name, family in families.items()
+    }
+    assert values["backupninja_kvm_status"] == {vm.name: 0}
+    assert values["backupninja_kvm_bytes_copied"][vm.name] >= MiB
+    assert values["backupninja_kvm_overlay_seconds"][vm.name] > 0
+    assert (
+        values["backupninja_kvm_overlay_seconds"][vm.name]
+        <= values["backupninja_kvm_duration_seconds"][vm.name]
+    )
+    assert values["backupninja_kvm_last_success_timestamp_seconds"][vm.name] > 1.7e9
+    assert all(f.type == "gauge" for f in families.values())
+
+
+def test_progress_is_shown_on_a_terminal(new_vm, scratch):
+    import pexpect
+
+    from tests.support.ninja import HELPER
+
+    vm = new_vm([DiskSpec("vda", "qcow2", 64 * MiB)])
+    vm.write("vda", Write(0x11, 0, 32 * MiB))
+    action = Ninja(scratch).action("20-vms.kvm", action_text(backups_dir(scratch), vm.name))
+
+    child = pexpect.spawn(HELPER, ["run", action], encoding="utf-8", timeout=120)
+    try:
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, child.before
+    screen = child.before.replace("\r\n", "\n")
+    redrawn = [part for line in screen.split("\n") for part in line.split("\r")]
+    copy = [p for p in redrawn if f"{vm.name}: vda: copy 100%" in p]
+    assert copy, screen
+    assert re.search(r"copy 100% 3\d\.\d MiB of 3\d\.\d MiB, [\d.]+ [KMG]?i?B/s, 0:\d\d$", copy[-1])
+    assert any(f"{vm.name}: vda: commit 100%" in p for p in redrawn), screen

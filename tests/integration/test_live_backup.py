@@ -400,3 +400,24 @@ def test_a_vm_with_snapshots_of_its_own_keeps_them_and_only_our_layer_is_merged(
         check=True,
         capture_output=True,
     )
+
+
+@pytest.mark.libvirt
+def test_sparse_raw_image_stays_sparse_at_the_destination(new_vm, scratch):
+    vm = new_vm([DiskSpec("vdb", "raw", 256 * MiB)])
+    vm.write("vdb", Write(0x21, 0, 2 * MiB), Write(0x22, 200 * MiB, 2 * MiB))
+
+    outcome = back_up(vm, settings_for(scratch))
+
+    backup = set_file(outcome.set_path, "vdb", vm)
+    assert os.path.getsize(backup) == 256 * MiB
+    allocated = os.stat(backup).st_blocks * 512
+    assert allocated <= os.stat(vm.paths["vdb"]).st_blocks * 512 + MiB
+    assert allocated < 8 * MiB  # holes stay holes: 4 MiB of data in a 256 MiB image
+    frozen = reference_image(
+        scratch,
+        "frozen",
+        DiskSpec("vdb", "raw", 256 * MiB),
+        [Write(0x21, 0, 2 * MiB), Write(0x22, 200 * MiB, 2 * MiB)],
+    )
+    assert same_content(frozen, "raw", backup, "raw")

@@ -29,7 +29,7 @@ class NinjaRun:
 
 
 class Ninja:
-    def __init__(self, scratch: str) -> None:
+    def __init__(self, scratch: str, extra_conf: str = "") -> None:
         self.scratch = scratch
         self.configdir = os.path.join(scratch, "backup.d")
         os.makedirs(self.configdir, mode=0o700, exist_ok=True)
@@ -40,7 +40,7 @@ class Ninja:
                 f"loglevel = 5\nreportemail =\nreportsuccess = no\nreportwarning = no\n"
                 f"logfile = {self.logfile}\nconfigdirectory = {self.configdir}\n"
                 f"scriptdirectory = {HANDLERS}\nlibdirectory = /usr/lib/backupninja\n"
-                f"usecolors = no\n"
+                f"usecolors = no\n{extra_conf}"
             )
 
     def action(self, name: str, text: str) -> str:

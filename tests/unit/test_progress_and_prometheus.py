@@ -1,0 +1,79 @@
+"""The progress line and the Prometheus textfile, without a hypervisor."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from backupninja_kvm import prometheus, report
+from backupninja_kvm.progress import Progress
+
+MiB = 1024 * 1024
+
+
+def test_progress_line_gives_bytes_rate_and_time_left():
+    progress = Progress("web1: vda: copy", 100 * MiB, stream=io.StringIO(), interactive=True)
+    progress.started -= 2.0  # two seconds ago
+    progress.done = 25 * MiB
+    assert progress.line(now=progress.started + 2.0) == (
+        "web1: vda: copy  25% 25.0 MiB of 100.0 MiB, 12.5 MiB/s, 0:06 left"
+    )
+
+
+def test_progress_redraws_one_line_on_a_terminal():
+    stream = io.StringIO()
+    progress = Progress("web1: vda: copy", 4 * MiB, stream=stream, interactive=True)
+    for done in (MiB, 2 * MiB, 4 * MiB):
+        progress.update(done)
+    progress.finish()
+    text = stream.getvalue()
+    assert text.count("\r\033[K") == 4 and text.endswith("\n") and text.count("\n") == 1
+    assert "copy 100% 4.0 MiB of 4.0 MiB" in text
+
+
+def test_progress_without_terminal_writes_debug_lines_at_a_modest_rate():
+    out = io.StringIO()
+    report.setup(out)
+    try:
+        progress = Progress("web1: vda: copy", 100 * MiB, interactive=False, interval=10.0)
+        for step in range(1, 101):
+            progress.update(step * MiB)  # all within far less than 10 s
+        progress.last_report -= 11
+        progress.update(100 * MiB)
+        progress.finish()
+    finally:
+        report.setup()
+    lines = out.getvalue().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith("Debug: web1: vda: copy 100%")
+
+
+def test_prometheus_file_is_well_formed_and_keeps_the_last_success(tmp_path):
+    first = [prometheus.DomainFigures("web1", prometheus.OK, 5 * MiB, 1.25, 3.5)]
+    prometheus.write(str(tmp_path), first, now=1_800_000_000)
+    second = [
+        prometheus.DomainFigures("web1", prometheus.ERROR, duration_seconds=0.5),
+        prometheus.DomainFigures('db"1', prometheus.OK, MiB, 0.5, 1.0),
+    ]
+    path = prometheus.write(str(tmp_path), second, now=1_800_086_400)
+
+    with open(path) as handle:
+        families = {f.name: f for f in text_string_to_metric_families(handle.read())}
+    values = {
+        name: {s.labels["domain"]: s.value for s in family.samples}
+        for name, family in families.items()
+    }
+    assert values["backupninja_kvm_status"] == {"web1": 1, 'db"1': 0}
+    assert values["backupninja_kvm_last_success_timestamp_seconds"] == {
+        "web1": 1_800_000_000,  # carried over: this run failed
+        'db"1': 1_800_086_400,
+    }
+    assert values["backupninja_kvm_overlay_seconds"]['db"1'] == 0.5
+    assert not list(tmp_path.glob("*.prom.*"))  # no temporary left
+
+
+def test_report_setup_restores_logging_level():
+    handler = report.setup(io.StringIO(), debug=False)
+    assert report.log.level == logging.INFO and handler.count(logging.DEBUG) == 0
+    report.setup()
