@@ -46,8 +46,8 @@ demo: install
 	bash scripts/demo
 
 lint: venv
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
 
 unit: venv
@@ -55,6 +55,12 @@ unit: venv
 
 test: test-host venv lint
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests
+
+# Benchmark on a throwaway VM; BENCH_ARGS e.g. --size 2G --data 1G --window 64M --runs 5
+BENCH_ARGS ?=
+bench: venv
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check matplotlib
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 example: venv
 	$(VENV)/bin/backupninja-kvm example-config > examples/example.kvm

@@ -1,0 +1,387 @@
+"""make bench: the cycle on a throwaway VM, timed against baselines of the same run.
+
+Figures, each as median and spread over the runs:
+
+- freeze: the snapshot call;
+- time on the overlay (freeze to merged, less the simulated guest writes)
+  against ``cp --sparse=always`` of the same images to the same destination,
+  as a ratio per run (the two alternate, A B B A..., caches dropped before
+  each when the kernel allows it);
+- merge by commit against merge by pull, for WINDOW bytes written during
+  the window into an image with DATA allocated;
+- helper overhead: everything that is not copy, merge or the simulated
+  writes (planning, journal, locks, checksums and manifest), per domain;
+- total.
+
+Writes results/bench-STAMP.json, results/latest.json and results/latest.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import libvirt  # noqa: E402
+import libvirt_qemu  # noqa: E402
+
+from backupninja_kvm import config, report  # noqa: E402
+from backupninja_kvm.backup import back_up_domain  # noqa: E402
+from backupninja_kvm.hypervisor import Hypervisor  # noqa: E402
+
+URI = "qemu:///system"
+IMAGES = "/var/lib/libvirt/images/bnkvm-bench"
+MiB = 1024 * 1024
+
+
+def size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+
+
+def run(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+def fill_random(path: str, length: int, offset: int = 0) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        left = length
+        while left:
+            chunk = os.urandom(min(left, 64 * MiB))
+            handle.write(chunk)
+            left -= len(chunk)
+
+
+def make_images(directory: str, image_size: int, data: int) -> dict[str, tuple[str, str]]:
+    """vda: qcow2 of image_size with *data* random bytes; vdb: raw of the same
+    size, half filled with random bytes, the rest a hole."""
+    raw_seed = os.path.join(directory, "seed.raw")
+    with open(raw_seed, "wb") as handle:
+        handle.truncate(image_size)
+    fill_random(raw_seed, data)
+    vda = os.path.join(directory, "vda.qcow2")
+    run("qemu-img", "convert", "-O", "qcow2", raw_seed, vda)
+    os.unlink(raw_seed)
+    vdb = os.path.join(directory, "vdb.raw")
+    with open(vdb, "wb") as handle:
+        handle.truncate(image_size)
+    fill_random(vdb, image_size // 2)
+    return {"vda": (vda, "qcow2"), "vdb": (vdb, "raw")}
+
+
+def domain_xml(name: str, disks: dict[str, tuple[str, str]]) -> str:
+    devices = "".join(
+        f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>"
+        f"<source file='{path}'/><target dev='{target}' bus='virtio'/></disk>"
+        for target, (path, fmt) in disks.items()
+    )
+    return (
+        f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+        f"<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>{devices}"
+        f"<graphics type='vnc' autoport='yes' listen='127.0.0.1'/></devices></domain>"
+    )
+
+
+def drop_caches() -> bool:
+    """Drop the page cache so that each copy reads from disk; False when not allowed."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def guest_write(domain: libvirt.virDomain, alias: str, offset: int, length: int) -> None:
+    command = (
+        f'qemu-io -d /machine/peripheral/{alias}/virtio-backend "write -P 0x5a {offset} {length}"'
+    )
+    libvirt_qemu.qemuMonitorCommand(
+        domain, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+    )
+
+
+def cp_baseline(paths: list[str], destination: str, cold: bool) -> float:
+    os.makedirs(destination)
+    if cold:
+        drop_caches()
+    started = time.monotonic()
+    subprocess.run(["cp", "--sparse=always", *paths, destination], check=True)
+    elapsed = time.monotonic() - started
+    shutil.rmtree(destination)
+    return elapsed
+
+
+def backup_once(name, settings, window: int, image_size: int, cold: bool, stamp: str) -> dict:
+    def hook(domain, _overlays):
+        guest_write(domain._handle, "virtio-disk0", image_size - window, window)
+
+    if cold:
+        drop_caches()
+    hypervisor = Hypervisor(URI)
+    try:
+        outcome = back_up_domain(hypervisor.domain(name), settings, stamp, hook)
+    finally:
+        hypervisor.close()
+    shutil.rmtree(outcome.set_path)
+    return {
+        "freeze": outcome.freeze_seconds,
+        "overlay": outcome.overlay_seconds - outcome.hook_seconds,
+        "copy": outcome.copy_seconds,
+        "merge": outcome.merge_seconds,
+        "checksums": outcome.complete_seconds,
+        "overhead": outcome.total_seconds
+        - outcome.copy_seconds
+        - outcome.merge_seconds
+        - outcome.hook_seconds,
+        "bookkeeping": outcome.total_seconds
+        - outcome.copy_seconds
+        - outcome.merge_seconds
+        - outcome.hook_seconds
+        - outcome.complete_seconds,
+        "total": outcome.total_seconds - outcome.hook_seconds,
+        "bytes": outcome.bytes_copied,
+    }
+
+
+def summary(values: list[float]) -> dict:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "runs": len(values),
+    }
+
+
+def machine() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+        platform.processor(),
+    )
+    memory = next(int(line.split()[1]) // 1024 for line in meminfo if line.startswith("MemTotal"))
+    filesystem = run("df", "--output=fstype", "/var/lib/libvirt/images").split()[-1]
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_mib": memory,
+        "kernel": platform.release(),
+        "filesystem": filesystem,
+        "qemu": run("qemu-img", "--version").splitlines()[0],
+        "libvirt": ".".join(str(libvirt.getVersion() // 10**i % 1000) for i in (6, 3, 0)),
+    }
+
+
+def chart(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = results["figures"]
+    names = [
+        ("cp --sparse=always", figures["cp_baseline"]),
+        ("time on overlay", figures["overlay"]),
+        ("copy", figures["copy"]),
+        ("merge: commit", figures["merge_commit"]),
+        ("merge: pull", figures["merge_pull"]),
+        ("helper overhead", figures["overhead"]),
+        ("total", figures["total"]),
+    ]
+    labels = [n for n, _ in names]
+    medians = [f["median"] for _, f in names]
+    lower = [f["median"] - f["min"] for _, f in names]
+    upper = [f["max"] - f["median"] for _, f in names]
+    fig, axis = plt.subplots(figsize=(9, 4.5))
+    axis.barh(labels, medians, xerr=[lower, upper], color="#4a7ab5", capsize=4)
+    axis.invert_yaxis()
+    axis.set_xlabel("seconds (median, min-max)")
+    params = results["parameters"]
+    axis.set_title(
+        f"backupninja-kvm: 2 disks of {params['image_size_mib']} MiB, "
+        f"{params['window_mib']} MiB written during the backup "
+        f"({results['machine']['cores']} cores)"
+    )
+    for y, (_, figure) in enumerate(names):
+        axis.text(figure["max"], y, f"  {figure['median']:.2f} s", va="center")
+    axis.set_xlim(0, max(f["max"] for _, f in names) * 1.15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(results: dict) -> str:
+    f, r = results["figures"], results["ratios"]
+    rows = [
+        ("freeze (snapshot)", f["freeze"]),
+        ("cp --sparse=always (baseline)", f["cp_baseline"]),
+        ("time on the overlay", f["overlay"]),
+        ("  of which copy", f["copy"]),
+        ("merge by commit", f["merge_commit"]),
+        ("merge by pull", f["merge_pull"]),
+        ("helper overhead per domain", f["overhead"]),
+        ("  checksums, fsync, manifest", f["checksums"]),
+        ("  the rest (plan, journal, XML...)", f["bookkeeping"]),
+        ("total per domain (commit)", f["total"]),
+    ]
+    lines = [f"{'figure':34} {'median':>8} {'min':>8} {'max':>8}  runs"]
+    for label, figure in rows:
+        lines.append(
+            f"{label:34} {figure['median']:8.3f} {figure['min']:8.3f} {figure['max']:8.3f}"
+            f"  {figure['runs']}"
+        )
+    lines.append("")
+    lines.append(
+        f"time on overlay / cp baseline: median {r['overlay_vs_cp']['median']:.3f} "
+        f"(min {r['overlay_vs_cp']['min']:.3f}, max {r['overlay_vs_cp']['max']:.3f}); "
+        f"target <= 1.15"
+    )
+    lines.append(f"merge pull / commit: {r['pull_vs_commit']:.1f}x; target >= 20x")
+    lines.append(
+        f"helper overhead: median {f['overhead']['median']:.3f} s per domain, of which "
+        f"{f['checksums']['median']:.3f} s SHA256SUMS (reads every byte, after the merge) and "
+        f"{f['bookkeeping']['median']:.3f} s the rest; target < 1 s"
+    )
+    lines.append(f"caches dropped before each copy: {results['parameters']['cold_cache']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="2G", help="image size of each disk (default 2G)")
+    parser.add_argument("--data", default="1G", help="random data in the qcow2 image (1G)")
+    parser.add_argument("--window", default="64M", help="written during the window (64M)")
+    parser.add_argument("--runs", type=int, default=5, help="runs with merge = commit (5)")
+    parser.add_argument("--pull-runs", type=int, default=3, help="runs with merge = pull (3)")
+    parser.add_argument("--results", default=os.path.join(ROOT, "results"))
+    args = parser.parse_args(argv)
+    image_size, data, window = size(args.size), size(args.data), size(args.window)
+    report.setup(io.StringIO())  # the figures are the output, not the report lines
+
+    name = f"bnkvm-bench-{uuid.uuid4().hex[:6]}"
+    directory = os.path.join(IMAGES, name)
+    os.makedirs(directory, mode=0o755)
+    os.chmod(IMAGES, 0o755)
+    destination = tempfile.mkdtemp(prefix="bnkvm-bench-", dir="/var/tmp")
+    connection = libvirt.open(URI)
+    cold = drop_caches()
+    try:
+        print(f"preparing {name}: images of {args.size}, {args.data} random data ...", flush=True)
+        disks = make_images(directory, image_size, data)
+        domain = connection.defineXML(domain_xml(name, disks))
+        domain.create()
+        action = os.path.join(destination, "bench.kvm")
+        with open(action, "w") as handle:
+            handle.write(
+                f"[general]\nmerge = commit\n[source]\ndomains = {name}\n"
+                f"[dest]\ndirectory = {destination}\nkeep = 1\n"
+            )
+        commit_settings = config.load(action)
+        runs, baselines, ratios = [], [], []
+        for number in range(args.runs):
+            stamp = f"20260101T0000{number:02d}"
+            paths = [p for p, _ in disks.values()]
+            if number % 2 == 0:
+                baseline = cp_baseline(paths, os.path.join(destination, "cp"), cold)
+                measured = backup_once(name, commit_settings, window, image_size, cold, stamp)
+            else:
+                measured = backup_once(name, commit_settings, window, image_size, cold, stamp)
+                baseline = cp_baseline(paths, os.path.join(destination, "cp"), cold)
+            runs.append(measured)
+            baselines.append(baseline)
+            ratios.append(measured["overlay"] / baseline)
+            print(
+                f"commit run {number + 1}: on overlay {measured['overlay']:.3f} s, "
+                f"cp {baseline:.3f} s, merge {measured['merge']:.3f} s",
+                flush=True,
+            )
+        pull_settings = dataclasses.replace(commit_settings, merge="pull")
+        pulls = []
+        for number in range(args.pull_runs):
+            measured = backup_once(
+                name, pull_settings, window, image_size, cold, f"20260102T0000{number:02d}"
+            )
+            pulls.append(measured)
+            print(f"pull run {number + 1}: merge {measured['merge']:.3f} s", flush=True)
+
+        def figure(key, source=runs):
+            return summary([r[key] for r in source])
+
+        figures = {
+            "freeze": figure("freeze"),
+            "cp_baseline": summary(baselines),
+            "overlay": figure("overlay"),
+            "copy": figure("copy"),
+            "merge_commit": figure("merge"),
+            "merge_pull": figure("merge", pulls),
+            "overhead": figure("overhead"),
+            "checksums": figure("checksums"),
+            "bookkeeping": figure("bookkeeping"),
+            "total": figure("total"),
+        }
+        results = {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "machine": machine(),
+            "parameters": {
+                "image_size_mib": image_size // MiB,
+                "qcow2_data_mib": data // MiB,
+                "raw_data_mib": image_size // 2 // MiB,
+                "window_mib": window // MiB,
+                "commit_runs": args.runs,
+                "pull_runs": args.pull_runs,
+                "cold_cache": cold,
+            },
+            "figures": figures,
+            "ratios": {
+                "overlay_vs_cp": summary(ratios),
+                "pull_vs_commit": figures["merge_pull"]["median"]
+                / figures["merge_commit"]["median"],
+            },
+            "runs": {"commit": runs, "pull": pulls, "cp_baseline": baselines},
+        }
+        os.makedirs(args.results, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for path in (f"bench-{stamp}.json", "latest.json"):
+            with open(os.path.join(args.results, path), "w") as handle:
+                json.dump(results, handle, indent=1)
+        text = table(results)
+        with open(os.path.join(args.results, "latest.txt"), "w") as handle:
+            handle.write(text + "\n")
+        chart(results, os.path.join(args.results, "latest.png"))
+        print()
+        print(f"machine: {results['machine']}")
+        print(text)
+        print(f"\nwritten: {args.results}/latest.json, latest.txt, latest.png")
+        return 0
+    finally:
+        try:
+            domain = connection.lookupByName(name)
+            if domain.isActive():
+                domain.destroy()
+            domain.undefine()
+        except libvirt.libvirtError:
+            pass
+        connection.close()
+        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(destination, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
