@@ -404,7 +404,7 @@ def merge(
         journals.write(journal.at(journals.MERGING))
         try:
             if not domain.is_active():
-                _merge_offline(domain, journal)
+                _merge_offline(domain)
             elif settings.merge == "pull":
                 _merge_by_pull(domain, disks, overlays, settings)
             else:
@@ -420,7 +420,7 @@ def merge(
         log.info("%s: merged %s by %s", domain.name, ", ".join(overlays), settings.merge)
 
 
-def _merge_offline(domain: Domain, journal: journals.Journal) -> None:
+def _merge_offline(domain: Domain) -> None:
     """The domain was shut down during the backup: merge with qemu-img."""
     log.warning(
         "%s: the domain was shut down during the backup; merging its overlays offline",
