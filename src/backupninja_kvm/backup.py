@@ -438,12 +438,16 @@ def _merge_by_commit(
     journal: journals.Journal,
 ) -> None:
     for target, overlay in overlays.items():
+        journal = journal.with_disk(target, journals.DISK_MERGING)
+        journals.write(journal)
         recovery.start_commit(domain, target, overlay, settings.bandwidth)
     faults.checkpoint("mid-merge")
     for target, overlay in overlays.items():
         recovery.wait_ready_and_pivot(
             domain, target, overlay, settings.merge_timeout, settings.bandwidth
         )
+        journal = journal.with_disk(target, journals.DISK_MERGED)
+        journals.write(journal)
     faults.checkpoint("after-pivot")
     _verify_tops(domain, {d.target: d.path for d in disks}, overlays)
     journals.write(journal.at(journals.MERGED))

@@ -10,7 +10,6 @@ Fatal.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -228,7 +227,7 @@ def recover(args: argparse.Namespace) -> int:
 def status(args: argparse.Namespace) -> int:
     """``status``: domains running on an overlay of ours, and pending journals."""
     from backupninja_kvm import journal
-    from backupninja_kvm.disks import is_our_overlay, parse_disks
+    from backupninja_kvm.disks import is_our_overlay, overlay_created, parse_disks
     from backupninja_kvm.preflight import allocated_bytes
 
     hypervisor = _hypervisor_or_fatal(args.uri)
@@ -243,9 +242,7 @@ def status(args: argparse.Namespace) -> int:
             for disk in parse_disks(xml):
                 if disk.path and is_our_overlay(disk.path) and disk.backing:
                     found += 1
-                    since = time.strftime(
-                        "%Y-%m-%d %H:%M:%S", time.localtime(os.stat(disk.path).st_mtime)
-                    )
+                    since = overlay_created(disk.path)
                     state = "running" if summary.active else "shut off"
                     print(
                         f"{summary.name} ({state}): {disk.target} on overlay {disk.path} "

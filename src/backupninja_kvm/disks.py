@@ -113,6 +113,16 @@ def is_our_overlay(path: str) -> bool:
     return bool(_OUR_SUFFIX.search(os.path.basename(path)))
 
 
+def overlay_created(path: str) -> str:
+    """When one of our overlays was made, read from the stamp in its name
+    (``2026-11-27 01:00:00``), or "?" for another name."""
+    match = _OUR_SUFFIX.search(os.path.basename(path))
+    if not match:
+        return "?"
+    stamp = match.group(0).split("-", 1)[1][:15]
+    return f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]} {stamp[9:11]}:{stamp[11:13]}:{stamp[13:15]}"
+
+
 def overlay_path(disk: Disk, stamp: str, overlaydir: str = "", domain: str = "") -> str:
     """Where the overlay for *disk* goes: next to the image, or in *overlaydir*.
 

@@ -23,6 +23,11 @@ FROZEN = "frozen"  # the snapshot may exist: the domain may run on the overlays
 MERGING = "merging"  # merge jobs may be running
 MERGED = "merged"  # every disk verified back on its base; overlays to delete
 
+# Merge state of one disk, in order.
+DISK_FROZEN = "frozen"  # may run on its overlay
+DISK_MERGING = "merging"  # a merge job was started
+DISK_MERGED = "merged"  # pivoted (or pulled): back on its own chain
+
 
 @dataclass(frozen=True)
 class DiskEntry:
@@ -30,6 +35,7 @@ class DiskEntry:
     base: str  # the image the disk runs on outside a backup
     base_format: str  # qcow2 or raw
     overlay: str  # our overlay for this run
+    state: str = DISK_FROZEN  # how far its merge went
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,13 @@ class Journal:
 
     def at(self, phase: str) -> Journal:
         return replace(self, phase=phase)
+
+    def with_disk(self, target: str, state: str) -> Journal:
+        """The journal with the merge state of disk *target* set to *state*."""
+        return replace(
+            self,
+            disks=tuple(replace(d, state=state) if d.target == target else d for d in self.disks),
+        )
 
     def disk(self, target: str) -> DiskEntry | None:
         return next((d for d in self.disks if d.target == target), None)
