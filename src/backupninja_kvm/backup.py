@@ -71,7 +71,7 @@ class Outcome:
     name: str
     disks: list[str] = field(default_factory=list)
     bytes_copied: int = 0
-    overlay_seconds: float = 0.0  # from the freeze until the merge is done
+    overlay_seconds: float = 0.0  # from the freeze until verified back on its images
     merge: str = ""
     merge_seconds: float = 0.0
     freeze_seconds: float = 0.0  # the snapshot call
@@ -349,9 +349,9 @@ def _back_up_running(
         frozen = frozen or _runs_on_any(domain, overlays)
         if frozen:
             merge_started = time.monotonic()
-            merge(domain, plan.disks, overlays, settings, journal)
-            outcome.merge_seconds = time.monotonic() - merge_started
-            outcome.overlay_seconds = time.monotonic() - frozen_at
+            back_on_images = merge(domain, plan.disks, overlays, settings, journal)
+            outcome.merge_seconds = back_on_images - merge_started
+            outcome.overlay_seconds = back_on_images - frozen_at
         else:
             journals.remove(domain.uuid)
         if not copied:
@@ -393,8 +393,11 @@ def merge(
     overlays: dict[str, str],
     settings: Settings,
     journal: journals.Journal,
-) -> None:
+) -> float:
     """Bring every overlay back into its disk, verify, delete the overlays.
+
+    Returns the monotonic time at which the domain was verified back on
+    its own images (before the overlays are deleted).
 
     Runs as a critical section: a SIGTERM arriving meanwhile is acted on
     once the domain is back on its images. Raises OverlayLeftError, naming
@@ -405,10 +408,12 @@ def merge(
         try:
             if not domain.is_active():
                 _merge_offline(domain)
+                back_on_images = time.monotonic()
             elif settings.merge == "pull":
                 _merge_by_pull(domain, disks, overlays, settings)
+                back_on_images = time.monotonic()
             else:
-                _merge_by_commit(domain, disks, overlays, settings, journal)
+                back_on_images = _merge_by_commit(domain, disks, overlays, settings, journal)
         except HypervisorError as error:
             raise OverlayLeftError(
                 f"{domain.name}: the merge of {', '.join(overlays)} failed ({error}); the "
@@ -418,6 +423,7 @@ def merge(
             ) from None
         journals.remove(domain.uuid)
         log.info("%s: merged %s by %s", domain.name, ", ".join(overlays), settings.merge)
+    return back_on_images
 
 
 def _merge_offline(domain: Domain) -> None:
@@ -436,10 +442,13 @@ def _merge_by_commit(
     overlays: dict[str, str],
     settings: Settings,
     journal: journals.Journal,
-) -> None:
-    for target, overlay in overlays.items():
+) -> float:
+    # One journal write before the jobs start and one after every pivot:
+    # each costs an fsync while the VM is still on its overlays.
+    for target in overlays:
         journal = journal.with_disk(target, journals.DISK_MERGING)
-        journals.write(journal)
+    journals.write(journal)
+    for target, overlay in overlays.items():
         recovery.start_commit(domain, target, overlay, settings.bandwidth)
     faults.checkpoint("mid-merge")
     for target, overlay in overlays.items():
@@ -447,9 +456,9 @@ def _merge_by_commit(
             domain, target, overlay, settings.merge_timeout, settings.bandwidth
         )
         journal = journal.with_disk(target, journals.DISK_MERGED)
-        journals.write(journal)
     faults.checkpoint("after-pivot")
     _verify_tops(domain, {d.target: d.path for d in disks}, overlays)
+    back_on_images = time.monotonic()
     journals.write(journal.at(journals.MERGED))
     faults.checkpoint("before-delete")
     for target, overlay in overlays.items():
@@ -463,6 +472,7 @@ def _merge_by_commit(
                 overlay,
                 error.strerror,
             )
+    return back_on_images
 
 
 def _merge_by_pull(
