@@ -37,8 +37,8 @@ def new_vm(connection):
 
     made = []
 
-    def factory(specs, start=True):
-        vm = vms.make_vm(specs, start=start)
+    def factory(specs, start=True, transient=False):
+        vm = vms.make_vm(specs, start=start, transient=transient)
         made.append(vm)
         return vm
 

@@ -421,3 +421,19 @@ def test_sparse_raw_image_stays_sparse_at_the_destination(new_vm, scratch):
         [Write(0x21, 0, 2 * MiB), Write(0x22, 200 * MiB, 2 * MiB)],
     )
     assert same_content(frozen, "raw", backup, "raw")
+
+
+@pytest.mark.libvirt
+def test_a_transient_domain_is_backed_up_with_its_live_definition(new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)], transient=True)
+    vm.write("vda", Write(0x11, 0, MiB))
+
+    outcome = back_up(vm, settings_for(scratch), Window(vm, {"vda": [Write(0x12, MiB, MiB)]}))
+
+    assert not vm.domain.isPersistent()
+    assert vm.is_running() and vm.tops() == vm.paths and vm.tagged_files() == []
+    assert f"<name>{vm.name}</name>" in Path(outcome.set_path, "domain.xml").read_text()
+    frozen = reference_image(
+        scratch, "frozen", DiskSpec("vda", "qcow2", 16 * MiB), [Write(0x11, 0, MiB)]
+    )
+    assert same_content(frozen, "qcow2", set_file(outcome.set_path, "vda", vm), "qcow2")

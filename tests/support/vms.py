@@ -221,7 +221,7 @@ class TestVM:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def make_vm(specs: list[DiskSpec], start: bool = True) -> TestVM:
+def make_vm(specs: list[DiskSpec], start: bool = True, transient: bool = False) -> TestVM:
     name = PREFIX + uuid.uuid4().hex[:8]
     directory = os.path.join(IMAGE_ROOT, name)
     os.makedirs(directory, mode=0o755)
@@ -234,6 +234,9 @@ def make_vm(specs: list[DiskSpec], start: bool = True) -> TestVM:
         create_image(path, spec)
         vm.paths[spec.target] = path
         disks.append((spec, path))
+    if transient:  # exists only while it runs: no persistent definition
+        connect().createXML(domain_xml(name, disks), 0)
+        return vm
     connect().defineXML(domain_xml(name, disks))
     if start:
         vm.start()
@@ -244,7 +247,9 @@ def remove_leftover_vms() -> None:
     """Remove test VMs that an interrupted earlier run left behind."""
     for domain in connect().listAllDomains(0):
         if domain.name().startswith(PREFIX):
+            persistent = domain.isPersistent()
             if domain.isActive():
                 domain.destroy()
-            domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+            if persistent:
+                domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
     shutil.rmtree(IMAGE_ROOT, ignore_errors=True)
