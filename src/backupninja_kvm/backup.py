@@ -37,7 +37,6 @@ from backupninja_kvm.hypervisor import Domain
 from backupninja_kvm.lock import domain_lock
 from backupninja_kvm.progress import Progress
 from backupninja_kvm.report import human_bytes, log, seconds
-from backupninja_kvm.transfer import copy_sparse
 
 # Called right after the freeze, before the copy, while the domain runs on its
 # overlays, with the domain and {target: overlay path}. Tests use it to write
@@ -149,18 +148,21 @@ def _back_up_locked(
             )
 
     overlays = overlay_paths(plan.disks, stamp, settings.overlaydir, name)
-    _check_space(plan, settings, overlays)
-
     domain_dir = os.path.join(settings.directory, name)
-    backup_set = destination.BackupSet(domain_dir, stamp)
+    backup_set = _open_set(settings, domain_dir, stamp)
+    _check_space(plan, settings, overlays, backup_set)
+
     try:
-        partial = backup_set.begin()
-        _write_definition(domain, partial)
+        backup_set.begin()
+        _write_definition(domain, backup_set)
     except destination.SetExists as error:
         raise DomainError(f"{name}: {error}; domain skipped") from None
     except OSError as error:
         backup_set.discard()
         raise DomainError(f"{name}: cannot write to {domain_dir}: {error.strerror}") from None
+    except TransferError as error:
+        backup_set.discard()
+        raise DomainError(f"{name}: cannot write to {domain_dir}: {error}") from None
 
     outcome = Outcome(name, disks=[d.target for d in plan.disks], merge=settings.merge)
     try:
@@ -176,29 +178,58 @@ def _back_up_locked(
     completing = time.monotonic()
     try:
         outcome.set_path = backup_set.complete()
-    except OSError as error:
+    except (OSError, TransferError) as error:
         backup_set.discard()
+        reason = error.strerror if isinstance(error, OSError) else str(error)
         raise DomainError(
-            f"{name}: cannot complete the set in {domain_dir}: {error.strerror}; "
+            f"{name}: cannot complete the set in {domain_dir}: {reason}; "
             f"the domain runs on its own images"
         ) from None
-    removed = destination.prune(domain_dir, settings.keep)
-    for old in destination.stale_partials(domain_dir, stamp):
-        log.warning("%s: removing the incomplete set %s left by an earlier run", name, old)
-        destination.BackupSet(domain_dir, old[: -len(destination.PARTIAL)]).discard()
+    try:
+        removed = backup_set.prune(settings.keep)
+        for old in backup_set.remove_stale_partials():
+            log.warning("%s: removed the incomplete set %s left by an earlier run", name, old)
+    except (OSError, TransferError) as error:
+        removed = []
+        log.warning("%s: the set is complete, but pruning old sets failed: %s", name, error)
     if removed:
         log.info("%s: removed %d old set(s) beyond keep = %d", name, len(removed), settings.keep)
     outcome.complete_seconds = time.monotonic() - completing
     return outcome
 
 
-def _check_space(plan: Plan, settings: Settings, overlays: dict[str, str]) -> None:
+def _open_set(settings: Settings, domain_dir: str, stamp: str) -> destination.AnySet:
+    if settings.dest == "remote":
+        return destination.RemoteBackupSet(settings.remote(), domain_dir, stamp)
+    return destination.BackupSet(domain_dir, stamp)
+
+
+def _check_space(
+    plan: Plan, settings: Settings, overlays: dict[str, str], backup_set: destination.AnySet
+) -> None:
     """Refuse, before anything is frozen, a backup that would fill a disk."""
     images = [d.path for d in plan.disks if d.path]
-    needs = [preflight.destination_need(settings.directory, images)]
+    set_need = preflight.destination_need(settings.directory, images)
+    needs = []
+    problems = []
+    if isinstance(backup_set, destination.RemoteBackupSet):
+        try:
+            free = backup_set.free_bytes()
+        except (TransferError, ValueError, IndexError) as error:
+            raise DomainError(
+                f"{plan.name}: cannot check the space at the destination: {error}"
+            ) from None
+        if free < set_need.needed:
+            problems.append(
+                f"not enough free space for the backup set in {backup_set.remote.label}:"
+                f"{settings.directory}: {human_bytes(set_need.needed)} needed, "
+                f"{human_bytes(free)} free"
+            )
+    else:
+        needs.append(set_need)
     if plan.active:
         needs += preflight.overlay_needs(list(overlays.values()), settings.overlay_reserve)
-    problems = preflight.shortfalls(needs)
+    problems += preflight.shortfalls(needs)
     if problems:
         raise DomainError(f"{plan.name}: " + "; ".join(problems) + "; nothing was frozen")
 
@@ -219,13 +250,12 @@ def _refuse_unsafe_chains(plan: Plan) -> None:
             )
 
 
-def _write_definition(domain: Domain, folder: str) -> None:
+def _write_definition(domain: Domain, backup_set: destination.AnySet) -> None:
     xml = domain.xml(inactive=True) if domain.is_persistent() else domain.xml()
-    with open(os.path.join(folder, "domain.xml"), "w") as handle:
-        handle.write(xml)
+    backup_set.write_file("domain.xml", xml)
 
 
-def _copy_disks(plan: Plan, folder: str, outcome: Outcome) -> None:
+def _copy_disks(plan: Plan, backup_set: destination.AnySet, outcome: Outcome) -> None:
     started = time.monotonic()
     for number, disk in enumerate(plan.disks):
         if number:
@@ -235,9 +265,7 @@ def _copy_disks(plan: Plan, folder: str, outcome: Outcome) -> None:
         progress = Progress(
             f"{plan.name}: {disk.target}: copy", preflight.allocated_bytes(disk.path)
         )
-        copied = copy_sparse(
-            disk.path, os.path.join(folder, backup_file_name(disk)), progress.update
-        )
+        copied = backup_set.copy_image(disk.path, backup_file_name(disk), progress.update)
         progress.finish()
         outcome.bytes_copied += copied
         log.debug(
@@ -252,12 +280,12 @@ def _copy_disks(plan: Plan, folder: str, outcome: Outcome) -> None:
 
 
 def _back_up_shut_off(
-    domain: Domain, plan: Plan, backup_set: destination.BackupSet, outcome: Outcome
+    domain: Domain, plan: Plan, backup_set: destination.AnySet, outcome: Outcome
 ) -> None:
     """Copy the images of a shut-off domain: nothing writes them, unless it starts."""
     before = {d.target: _signature(d.path) for d in plan.disks}
     try:
-        _copy_disks(plan, backup_set.partial_path, outcome)
+        _copy_disks(plan, backup_set, outcome)
     except TransferError as error:
         backup_set.discard()
         raise DomainError(f"{plan.name}: {error}") from None
@@ -295,7 +323,7 @@ def _back_up_running(
     plan: Plan,
     settings: Settings,
     overlays: dict[str, str],
-    backup_set: destination.BackupSet,
+    backup_set: destination.AnySet,
     outcome: Outcome,
     window_hook: WindowHook | None,
 ) -> None:
@@ -338,7 +366,7 @@ def _back_up_running(
             hook_started = time.monotonic()
             window_hook(domain, overlays)
             outcome.hook_seconds = time.monotonic() - hook_started
-        _copy_disks(plan, backup_set.partial_path, outcome)
+        _copy_disks(plan, backup_set, outcome)
         copied = True
         faults.checkpoint("after-copy")
     except (TransferError, OSError) as error:

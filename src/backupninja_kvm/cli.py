@@ -24,6 +24,7 @@ from backupninja_kvm.errors import (
 )
 from backupninja_kvm.interrupts import Interrupted
 from backupninja_kvm.report import human_bytes, log
+from backupninja_kvm.transfer import Remote
 
 EXIT_OK = 0
 EXIT_FATAL = 2
@@ -68,10 +69,19 @@ def _domain_names(uri: str) -> list[str]:
         hypervisor.close()
 
 
+def _check_remote(remote: Remote, directory: str) -> None:
+    """The remote destination answers and its directory is writable."""
+    remote.run(
+        'test -d "$1" && test -w "$1" || { echo "directory $1 is missing or not writable" >&2;'
+        " exit 1; }",
+        directory,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """``run ACTION``: back up the domains an action file selects."""
     try:
-        settings = config.load(args.action, list_domains=_domain_names)
+        settings = config.load(args.action, list_domains=_domain_names, check_remote=_check_remote)
     except ConfigError as error:
         for problem in error.problems:
             log.critical("%s", problem)

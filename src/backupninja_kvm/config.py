@@ -16,6 +16,7 @@ import difflib
 import fnmatch
 import os
 import re
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_value
 from validate import Validator
 
 from backupninja_kvm.errors import BackupNinjaKvmError, ConfigError
+from backupninja_kvm.transfer import Remote
 
 CONFIGSPEC = """\
 # Lines starting with "when" belong to backupninja: they say when the action
@@ -60,11 +62,20 @@ overlaydir = string(default='')
 overlay_reserve = integer(min=0, default=1024)
 
 [dest]
-# Where the backup sets go. "local": a directory on this host.
-dest = option('local', default='local')
+# Where the backup sets go. "local": a directory on this host (sparse copy).
+# "remote": a directory on another host, reached with ssh and written with
+# rsync (see host, user, port, sshoptions).
+dest = option('local', 'remote', default='local')
 # Backup sets are written to DIRECTORY/DOMAIN/TIMESTAMP/ with a SHA256SUMS
 # manifest, and DIRECTORY/DOMAIN/latest points at the newest complete set.
+# With dest = remote, DIRECTORY is a path on the remote host.
 directory = string(default='/var/backups/kvm')
+# dest = remote: the host, the ssh user and port, and extra ssh options
+# (for example: -i /root/.ssh/id_backup). Login must work without a password.
+host = string(default='')
+user = string(default='root')
+port = integer(min=1, max=65535, default=22)
+sshoptions = string(default='')
 # Number of complete backup sets kept per domain; older ones are removed.
 keep = integer(min=1, default=7)
 """
@@ -91,14 +102,28 @@ class Settings:
     dest: str
     directory: str
     keep: int
+    host: str
+    user: str
+    port: int
+    sshoptions: str
     lines: dict[tuple[str, str], int]  # (section, key) -> line number, for messages
 
     def where(self, section: str, key: str) -> str:
         """``FILE line N: [section] key`` for messages about a value."""
         return where(self.path, self.lines, section, key)
 
+    def remote(self) -> Remote:
+        """The remote destination host (dest = remote)."""
+        return make_remote(self.host, self.user, self.port, self.sshoptions)
+
     def is_excluded(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude)
+
+
+def make_remote(host: str, user: str, port: int, sshoptions: str) -> Remote:
+    return Remote(
+        str(host).strip(), str(user).strip() or "root", int(port), tuple(shlex.split(sshoptions))
+    )
 
 
 def where(path: str, lines: dict[tuple[str, str], int], section: str, key: str) -> str:
@@ -130,14 +155,17 @@ def _clean_list(values) -> tuple[str, ...]:
 
 
 def load(
-    path: str | os.PathLike, list_domains: Callable[[str], list[str]] | None = None
+    path: str | os.PathLike,
+    list_domains: Callable[[str], list[str]] | None = None,
+    check_remote: Callable[[Remote, str], None] | None = None,
 ) -> Settings:
     """Read and validate an action file.
 
     Raises ConfigError listing every problem, each with its line and key.
     With *list_domains* (uri -> names of the domains libvirt knows, raising
     BackupNinjaKvmError when it cannot tell), the domain names are checked
-    too, in the same pass.
+    too, in the same pass; with *check_remote* (raising BackupNinjaKvmError
+    when the remote destination is unusable), the remote host and directory.
     """
     path = str(path)
     try:
@@ -181,13 +209,20 @@ def load(
             problems.append((line, f"{where(path, index, section, name)}: unknown key{hint}"))
 
     sections_ok = all(isinstance(config.get(name), dict) for name in ("source", "dest"))
+    remote = sections_ok and config["dest"].get("dest") == "remote"
     for section, key in (("dest", "directory"), ("source", "overlaydir")):
         if sections_ok and (section, key) not in invalid:
             value = str(config[section][key]).strip()
-            if value or key == "directory":
-                line = index.get((section, key), 0)
+            line = index.get((section, key), 0)
+            if remote and key == "directory":
+                if not os.path.isabs(value):
+                    place = where(path, index, section, key)
+                    problems.append((line, f"{place}: {value!r} is not an absolute path"))
+            elif value or key == "directory":
                 for problem in _check_directory(path, index, section, key, value):
                     problems.append((line, problem))
+    if remote and not invalid & {("dest", "host"), ("dest", "port"), ("dest", "directory")}:
+        problems += _check_remote(path, index, config["dest"], check_remote)
     if sections_ok and list_domains and not invalid & {("source", "uri"), ("source", "domains")}:
         problems += _check_domain_names(
             path, index, str(config["source"]["uri"]), config["source"]["domains"], list_domains
@@ -211,6 +246,10 @@ def load(
         dest=dest["dest"],
         directory=dest["directory"].strip(),
         keep=dest["keep"],
+        host=dest["host"].strip(),
+        user=dest["user"].strip(),
+        port=dest["port"],
+        sshoptions=dest["sshoptions"].strip(),
         lines=index,
     )
     return settings
@@ -245,6 +284,31 @@ def _check_directory(
         return [f"{place}: directory {directory} does not exist"]
     if not os.access(directory, os.W_OK | os.X_OK):
         return [f"{place}: directory {directory} is not writable"]
+    return []
+
+
+def _check_remote(
+    path: str,
+    index: dict[tuple[str, str], int],
+    dest,
+    check_remote: Callable[[Remote, str], None] | None,
+) -> list[tuple[int, str]]:
+    place = where(path, index, "dest", "host")
+    line = index.get(("dest", "host"), index.get(("dest", "dest"), 0))
+    if not str(dest["host"]).strip():
+        where_dest = where(path, index, "dest", "dest")
+        return [(line, f"{where_dest}: remote needs a host (the [dest] host key)")]
+    if check_remote is None:
+        return []
+    try:
+        remote = make_remote(dest["host"], dest["user"], dest["port"], dest["sshoptions"])
+    except ValueError as error:
+        options = where(path, index, "dest", "sshoptions")
+        return [(index.get(("dest", "sshoptions"), 0), f"{options}: {error}")]
+    try:
+        check_remote(remote, str(dest["directory"]).strip())
+    except BackupNinjaKvmError as error:
+        return [(line, f"{place}: {error}")]
     return []
 
 

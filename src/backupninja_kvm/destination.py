@@ -18,10 +18,12 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from backupninja_kvm.transfer import sync_file
+from backupninja_kvm.errors import TransferError
+from backupninja_kvm.transfer import Remote, copy_sparse, data_bytes, sync_file
 
 MANIFEST = "SHA256SUMS"
 PARTIAL = ".partial"
@@ -75,6 +77,23 @@ class BackupSet:
 
     def discard(self) -> None:
         shutil.rmtree(self.partial_path, ignore_errors=True)
+
+    def write_file(self, name: str, text: str) -> None:
+        with open(os.path.join(self.partial_path, name), "w") as handle:
+            handle.write(text)
+
+    def copy_image(self, source: str, name: str, progress: Callable[[int], None]) -> int:
+        """Copy an image into the set; returns the bytes of data copied."""
+        return copy_sparse(source, os.path.join(self.partial_path, name), progress)
+
+    def prune(self, keep: int) -> list[str]:
+        return prune(self.domain_dir, keep)
+
+    def remove_stale_partials(self) -> list[str]:
+        stale = stale_partials(self.domain_dir, self.stamp)
+        for name in stale:
+            shutil.rmtree(os.path.join(self.domain_dir, name), ignore_errors=True)
+        return stale
 
     def complete(self) -> str:
         """Checksum and sync every file, write the manifest, take the final name,
@@ -152,3 +171,105 @@ def _sync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# The same steps on a remote host, as shell snippets run over ssh.
+_BEGIN = """set -e
+mkdir -p -m 700 "$1"
+if [ -e "$1/$2" ]; then echo "a set named $1/$2 already exists" >&2; exit 3; fi
+rm -rf "$1/$2.partial"
+mkdir -m 700 "$1/$2.partial"
+"""
+_COMPLETE = """set -e
+cd "$1/$2.partial"
+sha256sum -- * > "../$2.SHA256SUMS.tmp"
+sync
+mv "../$2.SHA256SUMS.tmp" SHA256SUMS
+cd ..
+mv "$2.partial" "$2"
+ln -sfn "$2" latest.new
+mv -T latest.new latest
+sync
+"""
+_COMPLETE_SETS = """cd "$1" 2>/dev/null || exit 0
+for name in *; do [ -f "$name/SHA256SUMS" ] && echo "$name"; done; exit 0
+"""
+_PARTIALS = """cd "$1" 2>/dev/null || exit 0
+for name in *.partial; do [ -d "$name" ] && echo "$name"; done; exit 0
+"""
+
+
+@dataclass
+class RemoteBackupSet:
+    """One set being written for one domain on a remote host (rsync over ssh).
+
+    Same layout and steps as the local BackupSet; checksums are computed on
+    the remote host, from the files that landed there.
+    """
+
+    remote: Remote
+    domain_dir: str
+    stamp: str
+
+    @property
+    def partial_path(self) -> str:
+        return os.path.join(self.domain_dir, self.stamp + PARTIAL)
+
+    @property
+    def final_path(self) -> str:
+        return f"{self.remote.label}:{os.path.join(self.domain_dir, self.stamp)}"
+
+    def begin(self) -> str:
+        try:
+            self.remote.run(_BEGIN, self.domain_dir, self.stamp)
+        except TransferError as error:
+            if error.status == 3:
+                raise SetExists(str(error)) from None
+            raise OSError(0, str(error)) from None
+        return self.partial_path
+
+    def discard(self) -> None:
+        try:
+            self.remote.run('rm -rf -- "$1"', self.partial_path)
+        except TransferError:
+            pass  # the next run removes it
+
+    def write_file(self, name: str, text: str) -> None:
+        self.remote.run('cat > "$1"', os.path.join(self.partial_path, name), stdin=text)
+
+    def copy_image(self, source: str, name: str, progress: Callable[[int], None]) -> int:
+        self.remote.send(source, os.path.join(self.partial_path, name))
+        copied = data_bytes(source)
+        progress(copied)
+        return copied
+
+    def complete(self) -> str:
+        self.remote.run(_COMPLETE, self.domain_dir, self.stamp)
+        return self.final_path
+
+    def _names(self, script: str) -> list[str]:
+        return self.remote.run(script, self.domain_dir).split()
+
+    def prune(self, keep: int) -> list[str]:
+        stamps = sorted(n for n in self._names(_COMPLETE_SETS) if _STAMP.match(n))
+        old = stamps[: max(0, len(stamps) - keep)]
+        if old:
+            self.remote.run('cd "$1" && shift && rm -rf -- "$@"', self.domain_dir, *old)
+        return old
+
+    def remove_stale_partials(self) -> list[str]:
+        stale = [
+            n
+            for n in self._names(_PARTIALS)
+            if _STAMP.match(n[: -len(PARTIAL)]) and n != self.stamp + PARTIAL
+        ]
+        if stale:
+            self.remote.run('cd "$1" && shift && rm -rf -- "$@"', self.domain_dir, *stale)
+        return stale
+
+    def free_bytes(self) -> int:
+        output = self.remote.run('df -Pk "$1" | tail -n 1', os.path.dirname(self.domain_dir))
+        return int(output.split()[3]) * 1024
+
+
+AnySet = BackupSet | RemoteBackupSet

@@ -35,4 +35,9 @@ class OverlayLeftError(BackupNinjaKvmError):
 
 
 class TransferError(BackupNinjaKvmError):
-    """Copying an image to the destination failed."""
+    """Copying to the destination, or reaching it, failed; ``status`` is the
+    exit status of ssh or rsync when one failed."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
+import subprocess
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from backupninja_kvm.errors import TransferError
 
@@ -113,3 +116,89 @@ def _remove_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def data_bytes(path: str) -> int:
+    """Bytes of data (holes left out) in a file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return sum(length for _, length in data_extents(fd, os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A destination host reached with ssh; files go there with rsync.
+
+    Commands run on the remote host as ``sh -c SCRIPT sh ARG...``, quoted
+    with shlex, so paths never meet a shell unquoted.
+    """
+
+    host: str
+    user: str = "root"
+    port: int = 22
+    options: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.user}@{self.host}"
+
+    def _ssh(self) -> list[str]:
+        return [
+            "ssh",
+            "-p",
+            str(self.port),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=15",
+            *self.options,
+        ]
+
+    def run(self, script: str, *args: str, stdin: str | None = None) -> str:
+        """Run a POSIX shell *script* on the host with positional *args*.
+
+        Raises TransferError with ssh's or the script's message.
+        """
+        command = shlex.join(["sh", "-c", script, "sh", *args])
+        result = subprocess.run(
+            [*self._ssh(), self.label, command],
+            input=stdin,
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise TransferError(
+                f"{self.label}: {_last_line(result.stderr) or f'exit status {result.returncode}'}",
+                result.returncode,
+            )
+        return result.stdout
+
+    def send(self, source: str, target: str) -> None:
+        """Copy one local file to *target* on the host with rsync, holes kept."""
+        result = subprocess.run(
+            [
+                "rsync",
+                "--sparse",
+                "--times",
+                "--chmod=F600",
+                "-e",
+                shlex.join(self._ssh()),
+                source,
+                f"{self.label}:{target}",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise TransferError(
+                f"rsync of {source} to {self.label}:{target} failed "
+                f"(exit status {result.returncode}): {_last_line(result.stderr)}",
+                result.returncode,
+            )
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""

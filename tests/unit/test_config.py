@@ -195,7 +195,7 @@ def test_every_problem_is_reported_at_once_sorted_by_line(tmp_path):
         ),
         pytest.param(
             "[dest]\ndest = s3",
-            'line 2: [dest] dest: the value "s3" is unacceptable (one of: local)',
+            'line 2: [dest] dest: the value "s3" is unacceptable (one of: local, remote)',
             id="dest-not-allowed",
         ),
         pytest.param(

@@ -1,0 +1,97 @@
+"""dest = remote: rsync over ssh to a real sshd on 127.0.0.1, through backupninja."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from backupninja_kvm import destination
+from tests.support import sshd
+from tests.support.ninja import Ninja
+from tests.support.vms import DiskSpec, MiB, Write, reference_image, same_content
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.backupninja]
+
+
+@pytest.fixture
+def server(scratch):
+    keys = os.path.join(scratch, "ssh")
+    os.makedirs(keys, mode=0o700)
+    running = sshd.start(keys)
+    yield running
+    running.stop()
+
+
+def remote_action(backups: str, vm, server, keep: int = 2, port: int | None = None) -> str:
+    return (
+        "when = everyday at 01:00\n"
+        f"[source]\ndomains = {vm.name}\n"
+        "[dest]\ndest = remote\nhost = 127.0.0.1\nuser = root\n"
+        f"port = {port or server.port}\nsshoptions = {server.options}\n"
+        f"directory = {backups}\nkeep = {keep}\n"
+    )
+
+
+def test_remote_destination_gets_complete_checksummed_sparse_sets(server, new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 32 * MiB), DiskSpec("vdb", "raw", 64 * MiB)])
+    vm.write("vda", Write(0x11, 0, MiB))
+    vm.write("vdb", Write(0x21, 8 * MiB, MiB))
+    backups = os.path.join(scratch, "remote-backups")  # "remote": this host, over ssh
+    os.makedirs(backups)
+    ninja = Ninja(scratch)
+    action = ninja.action("20-vms.kvm", remote_action(backups, vm, server))
+
+    for _ in range(3):  # keep = 2: the third run prunes the first set
+        result = ninja.run(action)
+        assert result.returncode == 0, result.output
+        assert any("SUCCESS" in line for line in result.lines("Info")), result.log
+
+    summary = [line for line in result.lines("Info") if f"{vm.name}: backed up" in line]
+    assert f"set root@127.0.0.1:{backups}/{vm.name}/" in summary[-1]
+    domain_dir = os.path.join(backups, vm.name)
+    sets = destination.complete_sets(domain_dir)
+    assert len(sets) == 2
+    assert os.readlink(os.path.join(domain_dir, "latest")) == sets[-1]
+    assert not [n for n in os.listdir(domain_dir) if n.endswith(".partial")]
+    latest = os.path.join(domain_dir, sets[-1])
+    subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=latest, check=True)
+    raw = os.path.join(latest, "vdb-vdb.raw")
+    assert os.stat(raw).st_blocks * 512 < 8 * MiB  # rsync --sparse kept the holes
+    expected = reference_image(
+        scratch, "vdb", DiskSpec("vdb", "raw", 64 * MiB), [Write(0x21, 8 * MiB, MiB)]
+    )
+    assert same_content(expected, "raw", raw, "raw")
+    assert vm.tops() == vm.paths and vm.tagged_files() == []
+
+
+def test_unreachable_host_is_fatal_names_the_key_and_freezes_nothing(server, new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
+    ninja = Ninja(scratch)
+    closed = sshd.free_port()
+    action = ninja.action("20-vms.kvm", remote_action("/srv/none", vm, server, port=closed))
+
+    result = ninja.run(action)
+
+    fatals = result.lines("Fatal")
+    assert any(
+        f"{action} line 6: [dest] host: root@127.0.0.1:" in line and "refused" in line
+        for line in fatals
+    ), result.log
+    assert any("FAILED" in line for line in fatals)
+    assert vm.tops() == vm.paths and vm.tagged_files() == []
+
+
+def test_missing_remote_directory_is_fatal(server, new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
+    ninja = Ninja(scratch)
+    action = ninja.action("20-vms.kvm", remote_action("/srv/no-such-dir", vm, server))
+
+    result = ninja.run(action)
+
+    assert any(
+        "[dest] host" in line and "directory /srv/no-such-dir is missing or not writable" in line
+        for line in result.lines("Fatal")
+    ), result.log
+    assert vm.tops() == vm.paths and vm.tagged_files() == []
