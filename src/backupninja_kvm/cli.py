@@ -39,11 +39,9 @@ XML to DIRECTORY/DOMAIN/TIMESTAMP/, then the overlays are merged back (active
 block commit + pivot, or blockpull) and deleted.
 """
 
-EPILOG = """\
+EPILOG = f"""\
 Action file keys (see `backupninja-kvm example-config` for help and defaults):
-  [general] stage, merge, merge_timeout, bandwidth
-  [source]  uri, domains, exclude, overlaydir
-  [dest]    dest, directory, keep
+{config.key_summary()}
 
 Exit status of run and recover: 0 success; 4 some domains failed (Error lines);
 2 Fatal (bad configuration, no libvirt, or a domain left on an overlay).

@@ -357,3 +357,11 @@ def render_example() -> str:
             out.append(f"{key} = {default}".rstrip())
         out.append("")
     return "\n".join(out)
+
+
+def key_summary() -> str:
+    """One line per section listing its keys, from the schema (for --help)."""
+    spec = _spec()
+    return "\n".join(
+        f"  [{name}]".ljust(12) + ", ".join(spec[name].scalars) for name in spec.sections
+    )
