@@ -200,7 +200,7 @@ def _back_up_locked(
 
 def _open_set(settings: Settings, domain_dir: str, stamp: str) -> destination.AnySet:
     if settings.dest == "remote":
-        return destination.RemoteBackupSet(settings.remote(), domain_dir, stamp)
+        return destination.RemoteBackupSet(domain_dir, stamp, settings.remote())
     return destination.BackupSet(domain_dir, stamp)
 
 

@@ -47,8 +47,8 @@ class SetExists(Exception):
 
 
 @dataclass
-class BackupSet:
-    """One set being written for one domain."""
+class SetLayout:
+    """Where one set of one domain goes: DOMAIN_DIR/STAMP(.partial)."""
 
     domain_dir: str
     stamp: str
@@ -56,6 +56,11 @@ class BackupSet:
     @property
     def partial_path(self) -> str:
         return os.path.join(self.domain_dir, self.stamp + PARTIAL)
+
+
+@dataclass
+class BackupSet(SetLayout):
+    """One set being written for one domain, on this host."""
 
     @property
     def final_path(self) -> str:
@@ -200,7 +205,7 @@ for name in *.partial; do [ -d "$name" ] && echo "$name"; done; exit 0
 
 
 @dataclass
-class RemoteBackupSet:
+class RemoteBackupSet(SetLayout):
     """One set being written for one domain on a remote host (rsync over ssh).
 
     Same layout and steps as the local BackupSet; checksums are computed on
@@ -208,12 +213,6 @@ class RemoteBackupSet:
     """
 
     remote: Remote
-    domain_dir: str
-    stamp: str
-
-    @property
-    def partial_path(self) -> str:
-        return os.path.join(self.domain_dir, self.stamp + PARTIAL)
 
     @property
     def final_path(self) -> str:
