@@ -380,15 +380,21 @@ def _back_up_running(
             back_on_images = merge(domain, plan.disks, overlays, settings, journal)
             outcome.merge_seconds = back_on_images - merge_started
             outcome.overlay_seconds = back_on_images - frozen_at
+            _resume_if_paused_by_io_error(domain, overlays, outcome)
         else:
             journals.remove(domain.uuid)
         if not copied:
             backup_set.discard()
     if copy_error is not None:
         raise DomainError(
-            f"{name}: copy failed, no backup made: {copy_error}; the domain runs on its own images"
+            "; ".join(
+                [
+                    f"{name}: copy failed, no backup made: {copy_error}; "
+                    f"the domain runs on its own images",
+                    *outcome.problems,
+                ]
+            )
         )
-    _resume_if_paused_by_io_error(domain, overlays, outcome)
 
 
 def _resume_if_paused_by_io_error(
