@@ -202,8 +202,17 @@ def _carry_out(domain: Domain, entry: DiskEntry, step: Step, timeout: int, bandw
 
 
 def left_on_overlay(domain: Domain, target: str, overlay: str, why: str) -> OverlayLeftError:
+    hint = ""
+    if "Permission denied" in why:
+        # libvirt 9.0 may regenerate a running VM's AppArmor profile with a
+        # deny-write rule for its backing files, so the commit cannot write.
+        hint = (
+            " (on an AppArmor host, the VM's profile may deny writing its own image now "
+            "that it is a backing file: check `dmesg | grep apparmor` and the profile in "
+            "/etc/apparmor.d/libvirt/, keep overlaydir empty)"
+        )
     return OverlayLeftError(
-        f"{domain.name}: disk {target} is still running on the overlay {overlay} ({why}); "
+        f"{domain.name}: disk {target} is still running on the overlay {overlay} ({why}){hint}; "
         f"nothing is lost, but the overlay grows until merged: run "
         f"`backupninja-kvm recover {domain.name}`, or by hand `virsh blockcommit "
         f"{domain.name} {target} --active --shallow --pivot --wait`, then delete {overlay}"

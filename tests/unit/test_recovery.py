@@ -127,3 +127,16 @@ def test_refusals_say_what_was_found():
 def test_recovery_is_idempotent_on_the_state_it_leaves():
     # After COMMIT + DELETE the disk is clean, and a second pass does nothing.
     assert decide(ENTRY, state(), "commit") == []
+
+
+class _Named:
+    name = "web1"
+
+
+def test_a_permission_denied_merge_points_at_apparmor_and_says_what_to_run():
+    from backupninja_kvm.recovery import left_on_overlay
+
+    error = left_on_overlay(_Named(), "vda", OVERLAY, "commit refused: Permission denied")
+    text = str(error)
+    assert "AppArmor" in text and "backupninja-kvm recover web1" in text and OVERLAY in text
+    assert "AppArmor" not in str(left_on_overlay(_Named(), "vda", OVERLAY, "timeout"))
