@@ -19,6 +19,7 @@ Writes results/bench-STAMP.json, results/latest.json and results/latest.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -381,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         connection.close()
         shutil.rmtree(directory, ignore_errors=True)
         shutil.rmtree(destination, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(IMAGES)  # only when no other benchmark uses it
 
 
 if __name__ == "__main__":
