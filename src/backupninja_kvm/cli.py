@@ -211,6 +211,7 @@ def recover(args: argparse.Namespace) -> int:
             log.critical("unknown domain(s): %s", ", ".join(unknown))
             return EXIT_FATAL
         status = EXIT_OK
+        repaired = 0
         for name in names:
             domain = hypervisor.domain(name)
             try:
@@ -224,9 +225,12 @@ def recover(args: argparse.Namespace) -> int:
                 status = max(status, EXIT_DOMAIN_ERRORS)
             else:
                 if done:
+                    repaired += 1
                     log.warning("%s: repaired: %s", name, "; ".join(done))
                 elif args.domains:
                     log.info("%s: nothing to repair", name)
+        if not repaired and not args.domains and status == EXIT_OK:
+            log.info("nothing to repair: no domain runs on an overlay of ours, no journal left")
         return status
     finally:
         hypervisor.close()

@@ -171,7 +171,9 @@ def load(
     try:
         raw_lines = Path(path).read_text().splitlines()
     except OSError as error:
-        raise ConfigError(path, [f"cannot read the action file: {error.strerror}"]) from None
+        raise ConfigError(
+            path, [f"{path}: cannot read the action file: {error.strerror}"]
+        ) from None
     lines = [("" if _WHEN_LINE.match(line) else line) for line in raw_lines]
     index = _index_lines(lines)
     try:

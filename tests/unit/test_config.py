@@ -243,7 +243,7 @@ def test_an_unreadable_action_file_is_a_config_error(tmp_path):
 
     problems = problems_of(path)
 
-    assert problems == ["cannot read the action file: No such file or directory"]
+    assert problems == [f"{path}: cannot read the action file: No such file or directory"]
 
 
 @pytest.mark.parametrize(
