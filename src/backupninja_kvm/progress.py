@@ -9,8 +9,8 @@ line says the rest.
 from __future__ import annotations
 
 import sys
+import threading
 import time
-from collections.abc import Callable
 from typing import TextIO
 
 from backupninja_kvm.report import human_bytes, log
@@ -40,6 +40,7 @@ class Progress:
         self.started = time.monotonic()
         self.last_report = self.started
         self.done = 0
+        self.board: Board | None = None
 
     def line(self, now: float | None = None) -> str:
         now = time.monotonic() if now is None else now
@@ -59,7 +60,9 @@ class Progress:
     def update(self, done: int) -> None:
         self.done = done
         now = time.monotonic()
-        if self.interactive:
+        if self.board is not None:
+            self.board.redraw()
+        elif self.interactive:
             self.stream.write("\r\033[K" + self.line(now))
             self.stream.flush()
         elif now - self.last_report >= self.interval:
@@ -68,13 +71,35 @@ class Progress:
 
     def finish(self) -> None:
         self.done = max(self.done, self.total)
-        if self.interactive:
+        if self.board is not None:
+            self.board.redraw()
+        elif self.interactive:
             self.stream.write("\r\033[K" + self.line() + "\n")
             self.stream.flush()
 
 
-ProgressFactory = Callable[[str, int], Progress]
+class Board:
+    """Several progress lines at once (disks copied side by side), redrawn in
+    place on a terminal; updates may come from several threads."""
 
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.interactive = self.stream.isatty()
+        self.progresses: list[Progress] = []
+        self.drawn = 0
+        self.lock = threading.Lock()
 
-def make_progress(label: str, total: int) -> Progress:
-    return Progress(label, total)
+    def add(self, label: str, total: int) -> Progress:
+        progress = Progress(label, total, self.stream, self.interactive)
+        if self.interactive:
+            progress.board = self
+        self.progresses.append(progress)
+        return progress
+
+    def redraw(self) -> None:
+        with self.lock:
+            text = f"\033[{self.drawn}F" if self.drawn else ""
+            text += "".join(f"\033[K{p.line()}\n" for p in self.progresses)
+            self.stream.write(text)
+            self.stream.flush()
+            self.drawn = len(self.progresses)

@@ -77,3 +77,25 @@ def test_report_setup_restores_logging_level():
     handler = report.setup(io.StringIO(), debug=False)
     assert report.log.level == logging.INFO and handler.count(logging.DEBUG) == 0
     report.setup()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_board_redraws_one_line_per_disk_in_place():
+    from backupninja_kvm.progress import Board
+
+    terminal = _Terminal()
+    board = Board(terminal)
+    vda = board.add("web1: vda: copy", 4 * MiB)
+    vdb = board.add("web1: vdb: copy", 2 * MiB)
+    vda.update(MiB)
+    vdb.update(2 * MiB)
+    vda.finish()
+    frames = terminal.getvalue().split("\033[2F")
+    assert len(frames) == 3  # drawn once, then moved up two lines twice
+    last = frames[-1].split("\n")
+    assert last[0].startswith("\033[Kweb1: vda: copy 100% 4.0 MiB of 4.0 MiB")
+    assert last[1].startswith("\033[Kweb1: vdb: copy 100% 2.0 MiB of 2.0 MiB")
