@@ -19,11 +19,10 @@ import time
 import pytest
 
 from backupninja_kvm import config, destination, faults, journal, report
-from backupninja_kvm.backup import back_up_domain
 from backupninja_kvm.errors import OverlayLeftError
-from backupninja_kvm.hypervisor import Hypervisor
 from tests.conftest import ROOT, write_action
-from tests.support.vms import URI, DiskSpec, MiB, Write, reference_image, same_content
+from tests.support.cycle import back_up
+from tests.support.vms import DiskSpec, MiB, Write, reference_image, same_content
 
 pytestmark = pytest.mark.libvirt
 
@@ -136,12 +135,8 @@ def test_merge_not_ready_in_time_is_retried_then_fatal_and_recover_repairs(new_v
         overlays.update(paths)
         write_all(vm, during)
 
-    hypervisor = Hypervisor(URI)
-    try:
-        with pytest.raises(OverlayLeftError) as raised:
-            back_up_domain(hypervisor.domain(vm.name), settings, "20261127T010000", window)
-    finally:
-        hypervisor.close()
+    with pytest.raises(OverlayLeftError) as raised:
+        back_up(vm, settings, window)
     message = str(raised.value)
     assert "still running on the overlay" in message and "commit not ready within 1 s" in message
     assert f"backupninja-kvm recover {vm.name}" in message
@@ -157,8 +152,7 @@ def test_merge_not_ready_in_time_is_retried_then_fatal_and_recover_repairs(new_v
     assert f"Warning: {vm.name}: repaired: vda: " in repaired.stdout
     assert helper("status").returncode == 0
     write_all(vm, AFTER)
-    expected_writes = {t: during[t] for t in during}
-    assert_back_on_own_images_with_every_write(vm, scratch, BEFORE, expected_writes, AFTER)
+    assert_back_on_own_images_with_every_write(vm, scratch, BEFORE, during, AFTER)
 
 
 def test_domain_shut_down_during_the_window_is_merged_offline(new_vm, scratch):
@@ -170,11 +164,7 @@ def test_domain_shut_down_during_the_window_is_merged_offline(new_vm, scratch):
         write_all(vm, BETWEEN)
         vm.stop()
 
-    hypervisor = Hypervisor(URI)
-    try:
-        outcome = back_up_domain(hypervisor.domain(vm.name), settings, "20261127T010000", window)
-    finally:
-        hypervisor.close()
+    outcome = back_up(vm, settings, window)
     # The frozen images were consistent, so the set is a good backup.
     for spec in DISKS:
         expected = reference_image(scratch, f"frozen-{spec.target}", spec, BEFORE[spec.target])
@@ -209,13 +199,11 @@ def test_libvirtd_restart_during_the_window_is_survived(new_vm, scratch):
             ["bash", os.path.join(ROOT, "scripts", "setup-host")], check=True, capture_output=True
         )
 
-    hypervisor = Hypervisor(URI)
     stream = io.StringIO()
     handler = report.setup(stream)
     try:
-        outcome = back_up_domain(hypervisor.domain(vm.name), settings, "20261127T010000", window)
+        outcome = back_up(vm, settings, window)
     finally:
-        hypervisor.close()
         report.setup()
     assert "lost the connection to libvirt" in stream.getvalue()
     assert handler.count(logging.ERROR) == 0

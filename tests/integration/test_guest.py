@@ -17,14 +17,12 @@ import libvirt
 import pytest
 
 from backupninja_kvm import config
-from backupninja_kvm.backup import back_up_domain
-from backupninja_kvm.hypervisor import Hypervisor
 from tests.conftest import write_action
 from tests.support import guest
+from tests.support.cycle import back_up
 from tests.support.vms import (
     IMAGE_ROOT,
     PREFIX,
-    URI,
     DiskSpec,
     MiB,
     TestVM,
@@ -102,11 +100,7 @@ def test_full_overlay_filesystem_pauses_the_guest_then_merge_resume_and_error(
                 return
             time.sleep(0.1)
 
-    hypervisor = Hypervisor(URI)
-    try:
-        outcome = back_up_domain(hypervisor.domain(vm.name), settings, "20261127T010000", window)
-    finally:
-        hypervisor.close()
+    outcome = back_up(vm, settings, window)
     assert seen == {"paused": True}, "QEMU did not pause the guest on a full overlay"
     assert any("QEMU paused the guest" in p for p in outcome.problems), outcome.problems
     assert vm.is_running()

@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 
 from backupninja_kvm import config, destination
-from backupninja_kvm.backup import back_up_domain
 from backupninja_kvm.errors import DomainError
-from backupninja_kvm.hypervisor import Hypervisor
 from tests.conftest import write_action
+from tests.support.cycle import back_up
 from tests.support.vms import (
     URI,
     DiskSpec,
@@ -73,14 +72,6 @@ class Window:
         self.overlays = dict(overlays)
         for target, writes in self.writes.items():
             self.vm.write(target, *writes)
-
-
-def back_up(vm, settings, window=None, stamp="20261127T010000"):
-    hypervisor = Hypervisor(URI)
-    try:
-        return back_up_domain(hypervisor.domain(vm.name), settings, stamp, window)
-    finally:
-        hypervisor.close()
 
 
 def set_file(set_path: str, target: str, vm) -> str:
