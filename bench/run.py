@@ -257,7 +257,7 @@ def table(results: dict) -> str:
     lines.append(f"merge pull / commit: {r['pull_vs_commit']:.1f}x; target >= 20x")
     lines.append(
         f"helper overhead: median {f['overhead']['median']:.3f} s per domain, of which "
-        f"{f['checksums']['median']:.3f} s SHA256SUMS (reads every byte, after the merge) and "
+        f"{f['checksums']['median']:.3f} s fsync + B3SUMS manifest (after the merge) and "
         f"{f['bookkeeping']['median']:.3f} s the rest; target < 1 s"
     )
     lines.append(f"caches dropped before each copy: {results['parameters']['cold_cache']}")

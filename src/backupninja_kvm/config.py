@@ -66,8 +66,9 @@ overlay_reserve = integer(min=0, default=1024)
 # "remote": a directory on another host, reached with ssh and written with
 # rsync (see host, user, port, sshoptions).
 dest = option('local', 'remote', default='local')
-# Backup sets are written to DIRECTORY/DOMAIN/TIMESTAMP/ with a SHA256SUMS
-# manifest, and DIRECTORY/DOMAIN/latest points at the newest complete set.
+# Backup sets are written to DIRECTORY/DOMAIN/TIMESTAMP/ with a B3SUMS
+# manifest (check with `b3sum -c B3SUMS`), and DIRECTORY/DOMAIN/latest
+# points at the newest complete set.
 # With dest = remote, DIRECTORY is a path on the remote host.
 directory = string(default='/var/backups/kvm')
 # dest = remote: the host, the ssh user and port, and extra ssh options

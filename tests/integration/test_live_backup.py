@@ -79,7 +79,7 @@ def set_file(set_path: str, target: str, vm) -> str:
 
 
 def check_manifest(set_path: str) -> None:
-    subprocess.run(["sha256sum", "--quiet", "-c", destination.MANIFEST], cwd=set_path, check=True)
+    subprocess.run(["b3sum", "--quiet", "-c", destination.MANIFEST], cwd=set_path, check=True)
 
 
 @pytest.mark.libvirt
@@ -102,7 +102,7 @@ def test_commit_backs_up_the_freeze_instant_and_keeps_every_write(new_vm, scratc
     set_path = outcome.set_path
     assert set_path == os.path.join(scratch, "backups", vm.name, "20261127T010000")
     assert sorted(os.listdir(set_path)) == sorted(
-        ["SHA256SUMS", "domain.xml", "vda-vda.qcow2", "vdb-vdb.raw"]
+        ["B3SUMS", "domain.xml", "vda-vda.qcow2", "vdb-vdb.raw"]
     )
     check_manifest(set_path)
     assert os.readlink(os.path.join(scratch, "backups", vm.name, "latest")) == "20261127T010000"

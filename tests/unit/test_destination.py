@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -63,32 +64,40 @@ def test_a_completed_set_has_its_final_name_a_manifest_and_no_partial(tmp_path):
     assert destination.complete_sets(str(domain_dir)) == [STAMPS[0]]
 
 
-def test_sha256sum_accepts_the_manifest(tmp_path):
+def test_b3sum_accepts_the_manifest(tmp_path):
     files = {
         "domain.xml": b"<domain/>",
         "vda-web1.qcow2": b"x" * 70000,
         "vdb-odd name\\with backslash.img": b"",
     }
     final = make_set(tmp_path / "web1", STAMPS[0], files)
+    # A sparse image: a hole, data, and a hole at the end.
+    with open(final / "vdc-sparse.img", "wb") as image:
+        image.seek(5 << 20)
+        image.write(b"data after a hole")
+        image.truncate(12 << 20)
+    digest = destination.file_b3sum(str(final / "vdc-sparse.img"))
+    with open(final / MANIFEST, "a") as manifest:
+        manifest.write(f"{digest}  vdc-sparse.img\n")
 
     check = subprocess.run(
-        ["sha256sum", "--check", "--strict", MANIFEST],
+        ["b3sum", "--check", MANIFEST],
         cwd=final,
         capture_output=True,
         text=True,
     )
 
     assert check.returncode == 0, check.stdout + check.stderr
-    assert check.stdout.count(": OK") == 3
+    assert check.stdout.count(": OK") == 4
 
 
-def test_sha256sum_detects_a_damaged_image(tmp_path):
+def test_b3sum_detects_a_damaged_image(tmp_path):
     final = make_set(tmp_path / "web1", STAMPS[0], {"vda-web1.qcow2": b"x" * 70000})
     with open(final / "vda-web1.qcow2", "r+b") as image:
         image.seek(1234)
         image.write(b"y")
 
-    check = subprocess.run(["sha256sum", "--check", MANIFEST], cwd=final, capture_output=True)
+    check = subprocess.run(["b3sum", "--check", MANIFEST], cwd=final, capture_output=True)
 
     assert check.returncode != 0
 
@@ -171,6 +180,17 @@ def test_only_complete_sets_count(tmp_path):
     assert destination.complete_sets(str(domain_dir)) == [STAMPS[0], STAMPS[3]]
 
 
+def test_sets_with_the_older_sha256sums_manifest_still_count_and_are_pruned(tmp_path):
+    domain_dir = tmp_path / "web1"
+    for stamp in STAMPS[:2]:  # written by an earlier version
+        (domain_dir / stamp).mkdir(parents=True)
+        (domain_dir / stamp / "SHA256SUMS").write_text("")
+    make_set(domain_dir, STAMPS[2])
+
+    assert destination.complete_sets(str(domain_dir)) == STAMPS[:3]
+    assert destination.prune(str(domain_dir), 1) == STAMPS[:2]
+
+
 def test_a_domain_without_backups_has_no_sets(tmp_path):
     assert destination.complete_sets(str(tmp_path / "never")) == []
     assert destination.stale_partials(str(tmp_path / "never"), STAMPS[0]) == []
@@ -239,3 +259,49 @@ def test_point_latest_replaces_a_dangling_link(tmp_path):
 
     assert os.readlink(domain_dir / "latest") == STAMPS[0]
     assert not os.path.lexists(domain_dir / "latest.new")
+
+
+def remote_complete(tmp_path, path_entries: list[str]) -> Path:
+    """Run the script the remote host runs to complete a set, here, with a
+    PATH holding only *path_entries* (symlinks to the real tools)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in path_entries:
+        found = shutil.which(tool)
+        assert found, tool
+        (bin_dir / tool).symlink_to(found)
+    domain_dir = tmp_path / "web1"
+    partial = domain_dir / f"{STAMPS[0]}.partial"
+    partial.mkdir(parents=True)
+    (partial / "domain.xml").write_bytes(b"<domain/>")
+    (partial / "vda-web1.qcow2").write_bytes(b"x" * 70000)
+    subprocess.run(
+        ["/bin/sh", "-c", destination._COMPLETE, "sh", str(domain_dir), STAMPS[0]],
+        env={"PATH": str(bin_dir)},
+        check=True,
+    )
+    return domain_dir
+
+
+BASIC_TOOLS = ["mv", "ln", "sync"]
+
+
+def test_a_remote_host_with_b3sum_writes_b3sums(tmp_path):
+    domain_dir = remote_complete(tmp_path, [*BASIC_TOOLS, "b3sum", "sha256sum"])
+
+    final = domain_dir / STAMPS[0]
+    assert sorted(os.listdir(final)) == ["B3SUMS", "domain.xml", "vda-web1.qcow2"]
+    subprocess.run(["b3sum", "--check", "B3SUMS"], cwd=final, check=True, capture_output=True)
+    assert destination.complete_sets(str(domain_dir)) == [STAMPS[0]]
+    assert os.readlink(domain_dir / "latest") == STAMPS[0]
+
+
+def test_a_remote_host_without_b3sum_writes_sha256sums(tmp_path):
+    domain_dir = remote_complete(tmp_path, [*BASIC_TOOLS, "sha256sum"])
+
+    final = domain_dir / STAMPS[0]
+    assert sorted(os.listdir(final)) == ["SHA256SUMS", "domain.xml", "vda-web1.qcow2"]
+    subprocess.run(
+        ["sha256sum", "--check", "SHA256SUMS"], cwd=final, check=True, capture_output=True
+    )
+    assert destination.complete_sets(str(domain_dir)) == [STAMPS[0]]
