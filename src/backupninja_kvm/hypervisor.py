@@ -7,6 +7,7 @@ with libvirt's message and code, where it happens.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,17 +55,66 @@ _JOB_KINDS = {
 }
 
 
+_event_loop_lock = threading.Lock()
+_event_loop: threading.Thread | None = None
+
+
+def _start_event_loop() -> None:
+    """Run libvirt's default event loop in a daemon thread, once per process.
+
+    It must be registered before a connection is opened for that connection
+    to deliver events; block job events let a merge go on the moment QEMU
+    is ready instead of at the next poll.
+    """
+    global _event_loop
+    with _event_loop_lock:
+        if _event_loop is not None:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        _event_loop = threading.Thread(target=run, name="libvirt-events", daemon=True)
+        _event_loop.start()
+
+
 class Hypervisor:
-    """A libvirt connection, reopened when libvirtd restarts under us."""
+    """A libvirt connection, reopened when libvirtd restarts under us.
+
+    ``job_changed`` is set whenever libvirt reports a block job event
+    (started, ready, completed, failed, cancelled) on any domain.
+    """
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
+        self.job_changed = threading.Event()
+        self._callback: int | None = None
+        _start_event_loop()
         try:
             self._connection = libvirt.open(uri)
         except libvirt.libvirtError as error:
             raise _translate(error, f"cannot connect to libvirt at {uri}") from None
+        self._watch_block_jobs()
+
+    def _watch_block_jobs(self) -> None:
+        def on_block_job(_connection, _domain, _disk, _kind, _status, _opaque) -> None:
+            self.job_changed.set()
+
+        try:
+            self._callback = self._connection.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, on_block_job, None
+            )
+        except libvirt.libvirtError:
+            self._callback = None  # polling alone still works
 
     def close(self) -> None:
+        try:
+            if self._callback is not None:
+                self._connection.domainEventDeregisterAny(self._callback)
+        except libvirt.libvirtError:
+            pass
         try:
             self._connection.close()
         except libvirt.libvirtError:
@@ -82,6 +132,7 @@ class Hypervisor:
         while True:
             try:
                 self._connection = libvirt.open(self.uri)
+                self._watch_block_jobs()
                 return
             except libvirt.libvirtError as error:
                 if time.monotonic() > deadline:
@@ -217,6 +268,11 @@ class Domain:
             return None
         return BlockJob(_JOB_KINDS.get(info.get("type"), "unknown"), info["cur"], info["end"])
 
+    @property
+    def job_changed(self) -> threading.Event:
+        """Set by libvirt's block job events (any domain): wakes wait_until."""
+        return self._hypervisor.job_changed
+
     def job_finished(self, target: str) -> bool:
         return self.block_job(target) is None
 
@@ -244,22 +300,33 @@ class Domain:
 
 
 def wait_until(
-    condition: Callable[[], bool], timeout: float, first: float = 0.005, longest: float = 0.25
+    condition: Callable[[], bool],
+    timeout: float,
+    first: float = 0.005,
+    longest: float = 0.25,
+    wake: threading.Event | None = None,
 ) -> bool:
     """Poll *condition* until true or *timeout* seconds pass.
 
     Every 5-20 ms for the first two seconds (a merge of a night's writes is
     often ready in well under a second, and every poll late is time on the
-    overlay), then backing off to *longest*.
+    overlay), then backing off to *longest*. When *wake* is set meanwhile
+    (a libvirt event), the condition is checked again at once.
     """
     started = time.monotonic()
     deadline = started + timeout
     interval = first
     while True:
+        if wake is not None:
+            wake.clear()  # before the check: an event during it is not lost
         if condition():
             return True
         now = time.monotonic()
         if now >= deadline:
             return False
-        time.sleep(min(interval, max(0.0, deadline - now)))
+        pause = min(interval, max(0.0, deadline - now))
+        if wake is not None:
+            wake.wait(pause)
+        else:
+            time.sleep(pause)
         interval = min(interval * 2, longest if now - started > 2 else 0.02)

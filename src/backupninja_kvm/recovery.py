@@ -243,7 +243,9 @@ def wait_ready_and_pivot(
     """
     for attempt in (1, 2):
         progress = Progress(f"{domain.name}: {target}: commit", 0)
-        ready = wait_until(partial(_commit_ready, domain, target, progress), timeout)
+        ready = wait_until(
+            partial(_commit_ready, domain, target, progress), timeout, wake=domain.job_changed
+        )
         progress.finish()
         if not ready:
             log.warning(
@@ -255,7 +257,7 @@ def wait_ready_and_pivot(
             )
             try:
                 domain.abort_job(target)
-                wait_until(partial(domain.job_finished, target), 30)
+                wait_until(partial(domain.job_finished, target), 30, wake=domain.job_changed)
                 if attempt == 1:
                     domain.start_commit(target, bandwidth)
                     continue
@@ -268,7 +270,7 @@ def wait_ready_and_pivot(
             if error.code == ERR_BLOCK_COPY_ACTIVE and attempt == 1:
                 continue
             raise left_on_overlay(domain, target, overlay, f"pivot failed: {error}") from None
-        if not wait_until(partial(domain.job_finished, target), 30):
+        if not wait_until(partial(domain.job_finished, target), 30, wake=domain.job_changed):
             raise left_on_overlay(domain, target, overlay, "job still present after pivot")
         return
 
@@ -293,7 +295,7 @@ def wait_for_pull(domain: Domain, target: str, timeout: int) -> bool:
         progress.update(job.current)
         return False
 
-    done = wait_until(finished, timeout)
+    done = wait_until(finished, timeout, wake=domain.job_changed)
     progress.finish()
     return done
 

@@ -12,12 +12,15 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from backupninja_kvm import config, destination
+from backupninja_kvm.backup import back_up_domain
 from backupninja_kvm.errors import DomainError
+from backupninja_kvm.hypervisor import Hypervisor
 from tests.conftest import write_action
 from tests.support.cycle import back_up
 from tests.support.vms import (
@@ -428,3 +431,35 @@ def test_a_transient_domain_is_backed_up_with_its_live_definition(new_vm, scratc
         scratch, "frozen", DiskSpec("vda", "qcow2", 16 * MiB), [Write(0x11, 0, MiB)]
     )
     assert same_content(frozen, "qcow2", set_file(outcome.set_path, "vda", vm), "qcow2")
+
+
+class CountingEvent(threading.Event):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def set(self) -> None:
+        self.count += 1
+        super().set()
+
+
+@pytest.mark.libvirt
+@pytest.mark.parametrize("merge", ["commit", "pull"])
+def test_libvirt_block_job_events_reach_the_merge(new_vm, scratch, merge):
+    # The merge waits on these events (and polls as a fallback): a commit
+    # goes on the moment QEMU reports it ready, not at the next poll.
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
+    hypervisor = Hypervisor(URI)
+    events = hypervisor.job_changed = CountingEvent()
+    try:
+        window = Window(vm, {"vda": [Write(0x31, 0, MiB)]})
+        back_up_domain(
+            hypervisor.domain(vm.name), settings_for(scratch, merge), "20261127T010000", window
+        )
+    finally:
+        hypervisor.close()
+
+    # commit: ready, then completed after the pivot; pull: completed.
+    assert events.count >= (2 if merge == "commit" else 1)
+    if merge == "commit":
+        assert vm.tops()["vda"] == vm.paths["vda"]
