@@ -9,8 +9,11 @@ Figures, each as median and spread over the runs:
   each when the kernel allows it);
 - merge by commit against merge by pull, for WINDOW bytes written during
   the window into an image with DATA allocated;
-- helper overhead: everything that is not copy, merge or the simulated
-  writes (planning, journal, locks, checksums and manifest), per domain;
+- flush: writing the copied images from the page cache to disk (fsync),
+  after the merge; the rest of the copy, which ``cp`` leaves to the kernel;
+- helper overhead: everything that is not copy, flush, merge or the
+  simulated writes (planning, journal, locks, and what the manifest adds
+  beyond the flush it overlaps), per domain; also shown with the flush;
 - total.
 
 Writes results/bench-STAMP.json, results/latest.json and results/latest.png.
@@ -147,16 +150,25 @@ def backup_once(name, settings, window: int, image_size: int, cold: bool, stamp:
         "overlay": outcome.overlay_seconds - outcome.hook_seconds,
         "copy": outcome.copy_seconds,
         "merge": outcome.merge_seconds,
-        "checksums": outcome.complete_seconds,
-        "overhead": outcome.total_seconds
-        - outcome.copy_seconds
-        - outcome.merge_seconds
-        - outcome.hook_seconds,
+        # After the merge: writing the copy to disk (fsync, which cp leaves to
+        # the kernel) overlaps hashing the manifest; the manifest counts only
+        # for the time it adds beyond the flush.
+        "flush": outcome.flush_seconds,
+        "manifest": outcome.complete_seconds - outcome.flush_seconds,
         "bookkeeping": outcome.total_seconds
         - outcome.copy_seconds
         - outcome.merge_seconds
         - outcome.hook_seconds
         - outcome.complete_seconds,
+        "overhead": outcome.total_seconds
+        - outcome.copy_seconds
+        - outcome.flush_seconds
+        - outcome.merge_seconds
+        - outcome.hook_seconds,
+        "overhead_with_flush": outcome.total_seconds
+        - outcome.copy_seconds
+        - outcome.merge_seconds
+        - outcome.hook_seconds,
         "total": outcome.total_seconds - outcome.hook_seconds,
         "bytes": outcome.bytes_copied,
     }
@@ -204,6 +216,7 @@ def chart(results: dict, path: str) -> None:
         ("copy", figures["copy"]),
         ("merge: commit", figures["merge_commit"]),
         ("merge: pull", figures["merge_pull"]),
+        ("flush to disk", figures["flush"]),
         ("helper overhead", figures["overhead"]),
         ("total", figures["total"]),
     ]
@@ -237,8 +250,9 @@ def table(results: dict) -> str:
         ("  of which copy", f["copy"]),
         ("merge by commit", f["merge_commit"]),
         ("merge by pull", f["merge_pull"]),
+        ("flush of the copy to disk (fsync)", f["flush"]),
         ("helper overhead per domain", f["overhead"]),
-        ("  checksums, fsync, manifest", f["checksums"]),
+        ("  manifest, beyond the flush", f["manifest"]),
         ("  the rest (plan, journal, XML...)", f["bookkeeping"]),
         ("total per domain (commit)", f["total"]),
     ]
@@ -256,9 +270,13 @@ def table(results: dict) -> str:
     )
     lines.append(f"merge pull / commit: {r['pull_vs_commit']:.1f}x; target >= 20x")
     lines.append(
-        f"helper overhead: median {f['overhead']['median']:.3f} s per domain, of which "
-        f"{f['checksums']['median']:.3f} s fsync + B3SUMS manifest (after the merge) and "
-        f"{f['bookkeeping']['median']:.3f} s the rest; target < 1 s"
+        f"helper overhead: median {f['overhead']['median']:.3f} s per domain "
+        f"(B3SUMS manifest {f['manifest']['median']:.3f} s beyond the flush, the rest "
+        f"{f['bookkeeping']['median']:.3f} s); target < 1 s"
+    )
+    lines.append(
+        f"  counting the flush of the copy to disk as overhead too: median "
+        f"{f['overhead_with_flush']['median']:.3f} s"
     )
     lines.append(f"caches dropped before each copy: {results['parameters']['cold_cache']}")
     return "\n".join(lines)
@@ -332,9 +350,11 @@ def main(argv: list[str] | None = None) -> int:
             "copy": figure("copy"),
             "merge_commit": figure("merge"),
             "merge_pull": figure("merge", pulls),
+            "flush": figure("flush"),
             "overhead": figure("overhead"),
-            "checksums": figure("checksums"),
+            "manifest": figure("manifest"),
             "bookkeeping": figure("bookkeeping"),
+            "overhead_with_flush": figure("overhead_with_flush"),
             "total": figure("total"),
         }
         results = {

@@ -78,7 +78,8 @@ class Outcome:
     freeze_seconds: float = 0.0  # the snapshot call
     copy_seconds: float = 0.0
     hook_seconds: float = 0.0  # the tests' and the benchmark's window hook
-    complete_seconds: float = 0.0  # checksums, manifest, rename, prune
+    complete_seconds: float = 0.0  # flush, checksums, manifest, rename, prune
+    flush_seconds: float = 0.0  # of which writing the copy to disk (fsync), local sets
     total_seconds: float = 0.0
     set_path: str = ""
     live: bool = True
@@ -197,6 +198,7 @@ def _back_up_locked(
     if removed:
         log.info("%s: removed %d old set(s) beyond keep = %d", name, len(removed), settings.keep)
     outcome.complete_seconds = time.monotonic() - completing
+    outcome.flush_seconds = backup_set.flush_seconds
     return outcome
 
 
