@@ -219,3 +219,31 @@ def test_all_with_exclude_backs_up_every_domain_but_the_excluded(ninja, new_vm, 
     assert left_out.name not in os.listdir(backups)
     assert kept.name in os.listdir(backups)
     assert f"{left_out.name}:" not in result.log
+
+
+def test_vms_of_one_action_are_frozen_one_after_another(ninja, new_vm, scratch):
+    # Each VM spends only its own copy time on its overlay: the second is
+    # frozen only once the first is merged back onto its images.
+    first = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
+    second = new_vm([DiskSpec("vda", "qcow2", 16 * MiB), DiskSpec("vdb", "raw", 8 * MiB)])
+    backups = backups_dir(scratch)
+    action = ninja.action("20-vms.kvm", action_text(backups, f"{first.name}, {second.name}"))
+
+    result = ninja.run(action)
+
+    assert result.returncode == 0, result.output
+    info = result.lines("Info")
+
+    def position(text: str) -> int:
+        found = [n for n, line in enumerate(info) if text in line]
+        assert len(found) == 1, (text, result.log)
+        return found[0]
+
+    assert (
+        position(f"{first.name}: froze vda in")
+        < position(f"{first.name}: merged vda by commit")
+        < position(f"{second.name}: froze vda, vdb in")
+        < position(f"{second.name}: merged vda, vdb by commit")
+    )
+    for vm in (first, second):
+        assert vm.tops() == vm.paths and vm.tagged_files() == []
