@@ -37,8 +37,8 @@ def new_vm(connection):
 
     made = []
 
-    def factory(specs, start=True, transient=False):
-        vm = vms.make_vm(specs, start=start, transient=transient)
+    def factory(specs, start=True, transient=False, agent_channel=False):
+        vm = vms.make_vm(specs, start=start, transient=transient, agent_channel=agent_channel)
         made.append(vm)
         return vm
 

@@ -12,16 +12,19 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from backupninja_kvm import destination, faults, interrupts, preflight, recovery
 from backupninja_kvm import journal as journals
 from backupninja_kvm.config import Settings
 from backupninja_kvm.disks import (
+    GUEST_AGENT_CHANNEL,
     Disk,
     SkippedDisk,
+    has_guest_agent,
     is_our_overlay,
     overlay_paths,
     parse_disks,
@@ -54,6 +57,7 @@ class Plan:
     active: bool
     disks: list[Disk]
     skipped: list[SkippedDisk]
+    agent: bool = False  # has a guest agent channel
 
     def describe(self) -> str:
         state = "running" if self.active else "shut off"
@@ -62,6 +66,8 @@ class Plan:
         text += ("back up " + ", ".join(parts)) if parts else "no disk to back up"
         if self.skipped:
             text += "; skip " + ", ".join(f"{s.disk.target} ({s.reason})" for s in self.skipped)
+        if self.agent:
+            text += "; guest agent channel"
         return text
 
 
@@ -78,6 +84,7 @@ class Outcome:
     freeze_seconds: float = 0.0  # the snapshot call
     copy_seconds: float = 0.0
     hook_seconds: float = 0.0  # the tests' and the benchmark's window hook
+    quiesced: int | None = None  # guest filesystems frozen for the snapshot
     complete_seconds: float = 0.0  # flush, checksums, manifest, rename, prune
     flush_seconds: float = 0.0  # of which writing the copy to disk (fsync), local sets
     total_seconds: float = 0.0
@@ -90,6 +97,7 @@ class Outcome:
         text = f"{self.name}: backed up {disks}, {human_bytes(self.bytes_copied)} copied"
         if self.live:
             text += (
+                f", {'quiesced' if self.quiesced is not None else 'crash-consistent'}"
                 f", {seconds(self.overlay_seconds)} on the overlay"
                 f", {self.merge} merge in {seconds(self.merge_seconds)}"
             )
@@ -101,9 +109,9 @@ class Outcome:
 def make_plan(domain: Domain) -> Plan:
     """Read the domain's live XML and choose its disks."""
     active = domain.is_active()
-    disks = parse_disks(domain.xml())
-    chosen, skipped = select_disks(disks)
-    return Plan(domain.name, active, chosen, skipped)
+    xml = domain.xml()
+    chosen, skipped = select_disks(parse_disks(xml))
+    return Plan(domain.name, active, chosen, skipped, has_guest_agent(xml))
 
 
 def backup_file_name(disk: Disk) -> str:
@@ -150,6 +158,7 @@ def _back_up_locked(
                 disk.target,
             )
 
+    quiesce = quiesce_wanted(plan, settings)
     overlays = overlay_paths(plan.disks, stamp, settings.overlaydir, name)
     domain_dir = os.path.join(settings.directory, name)
     backup_set = _open_set(settings, domain_dir, stamp)
@@ -170,7 +179,9 @@ def _back_up_locked(
     outcome = Outcome(name, disks=[d.target for d in plan.disks], merge=settings.merge)
     try:
         if plan.active:
-            _back_up_running(domain, plan, settings, overlays, backup_set, outcome, window_hook)
+            _back_up_running(
+                domain, plan, settings, quiesce, overlays, backup_set, outcome, window_hook
+            )
         else:
             outcome.live = False
             _back_up_shut_off(domain, plan, backup_set, outcome)
@@ -357,10 +368,74 @@ def _recover_first(domain: Domain, settings: Settings) -> None:
         )
 
 
+def quiesce_wanted(plan: Plan, settings: Settings) -> bool:
+    """Whether to freeze the guest's filesystems for the snapshot; raises
+    DomainError, before anything is done, when quiesce = yes cannot be met."""
+    if settings.quiesce == "no" or not plan.active or not plan.disks:
+        return False
+    if plan.agent:
+        return True
+    if settings.quiesce == "yes":
+        raise DomainError(
+            f"{plan.name}: {settings.where('general', 'quiesce')} is yes, but the domain has "
+            f"no guest agent channel ({GUEST_AGENT_CHANNEL}); nothing done, domain skipped"
+        )
+    log.info("%s: no guest agent channel: the snapshot will be crash-consistent", plan.name)
+    return False
+
+
+@contextmanager
+def _filesystems_frozen(
+    domain: Domain, wanted: bool, settings: Settings, outcome: Outcome
+) -> Iterator[None]:
+    """Freeze the guest's filesystems around the body (the snapshot) when
+    *wanted*; thaw them however the body ends."""
+    if not wanted:
+        yield
+        return
+    try:
+        outcome.quiesced = domain.fs_freeze()
+    except HypervisorError as error:
+        if settings.quiesce == "yes":
+            raise DomainError(
+                f"{domain.name}: could not freeze the guest's filesystems ({error.reason}); "
+                f"quiesce = yes: nothing done, domain skipped"
+            ) from None
+        log.warning(
+            "%s: could not freeze the guest's filesystems (%s); the snapshot is crash-consistent",
+            domain.name,
+            error.reason,
+        )
+        yield
+        return
+    try:
+        faults.checkpoint("after-fsfreeze")
+        yield
+    finally:
+        _thaw(domain, outcome)
+
+
+def _thaw(domain: Domain, outcome: Outcome) -> None:
+    failure: HypervisorError | None = None
+    for attempt in range(3):
+        try:
+            domain.fs_thaw()
+            return
+        except HypervisorError as error:
+            failure = error
+            time.sleep(0.5 * (attempt + 1))
+    outcome.problems.append(
+        f"{domain.name}: the guest's filesystems could not be thawed after the snapshot "
+        f"({failure.reason if failure else 'no answer'}); the guest's writes may be blocked: "
+        f"run `virsh domfsthaw {domain.name}`"
+    )
+
+
 def _back_up_running(
     domain: Domain,
     plan: Plan,
     settings: Settings,
+    quiesce: bool,
     overlays: dict[str, str],
     backup_set: destination.AnySet,
     outcome: Outcome,
@@ -383,6 +458,7 @@ def _back_up_running(
             journals.DiskEntry(d.target, d.path or "", d.format or "raw", overlays[d.target])
             for d in plan.disks
         ),
+        quiesce=quiesce,
     )
     all_disks = parse_disks(domain.xml())
     frozen_at = time.monotonic()
@@ -392,13 +468,21 @@ def _back_up_running(
     try:
         faults.checkpoint("after-journal")
         try:
-            domain.create_overlays(snapshot_xml(all_disks, overlays))
+            # A signal waits until the guest is thawed.
+            with interrupts.critical(), _filesystems_frozen(domain, quiesce, settings, outcome):
+                domain.create_overlays(snapshot_xml(all_disks, overlays))
         except HypervisorError as error:
             raise DomainError(f"{name}: could not freeze the disks: {error}") from None
         frozen = True
         outcome.freeze_seconds = time.monotonic() - frozen_at
         log.info(
-            "%s: froze %s in %s", name, ", ".join(overlays), seconds(time.monotonic() - frozen_at)
+            "%s: froze %s in %s%s",
+            name,
+            ", ".join(overlays),
+            seconds(time.monotonic() - frozen_at),
+            ""
+            if outcome.quiesced is None
+            else f", {outcome.quiesced} guest filesystem(s) quiesced",
         )
         faults.checkpoint("after-freeze")
         if window_hook:

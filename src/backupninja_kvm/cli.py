@@ -14,7 +14,7 @@ import sys
 import time
 
 from backupninja_kvm import __version__, config, interrupts, prometheus, report
-from backupninja_kvm.backup import back_up_domain, make_plan
+from backupninja_kvm.backup import back_up_domain, make_plan, quiesce_wanted
 from backupninja_kvm.errors import (
     BackupNinjaKvmError,
     ConfigError,
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             log.warning("%s: no domain selected, nothing to back up", settings.path)
             return EXIT_OK
         if args.test:
-            return _dry_run(hypervisor, names)
+            return _dry_run(hypervisor, settings, names)
         return _back_up_all(hypervisor, settings, names, args.prometheus_dir)
     except HypervisorError as error:
         log.critical("%s", error)
@@ -108,10 +108,14 @@ def run(args: argparse.Namespace) -> int:
         hypervisor.close()
 
 
-def _dry_run(hypervisor, names: list[str]) -> int:
+def _dry_run(hypervisor, settings: config.Settings, names: list[str]) -> int:
     for name in names:
         plan = make_plan(hypervisor.domain(name))
         log.info("test run, would %s", plan.describe())
+        try:
+            quiesce_wanted(plan, settings)
+        except DomainError as error:
+            log.warning("test run: %s", error)
     return EXIT_OK
 
 

@@ -46,6 +46,13 @@ merge = option('commit', 'pull', default='commit')
 merge_timeout = integer(min=1, default=600)
 # Bandwidth cap for the merge job in MiB/s; 0 means unlimited.
 bandwidth = integer(min=0, default=0)
+# Freeze the guest's filesystems (QEMU guest agent, fsfreeze) for the instant
+# of the snapshot, so that the images are clean, not only crash-consistent.
+# "auto": when the domain has a guest agent channel; an agent that does not
+# answer is a Warning and the snapshot is crash-consistent.
+# "yes": required; a domain that cannot be frozen is an Error, not backed up.
+# "no": never; crash-consistent snapshots, as after a power cut.
+quiesce = option('auto', 'yes', 'no', default='auto')
 
 [source]
 # libvirt connection URI.
@@ -95,6 +102,7 @@ class Settings:
     merge: str
     merge_timeout: int
     bandwidth: int
+    quiesce: str
     uri: str
     domains: tuple[str, ...]  # empty tuple means "all"
     exclude: tuple[str, ...]
@@ -241,6 +249,7 @@ def load(
         merge=general["merge"],
         merge_timeout=general["merge_timeout"],
         bandwidth=general["bandwidth"],
+        quiesce=general["quiesce"],
         uri=source["uri"],
         domains=() if domains in ((), ("all",)) else domains,
         exclude=_clean_list(source["exclude"]),

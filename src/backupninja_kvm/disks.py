@@ -173,6 +173,19 @@ def snapshot_xml(all_disks: list[Disk], overlays: dict[str, str]) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
+
+def has_guest_agent(domain_xml: str) -> bool:
+    """True when the domain has a QEMU guest agent channel (whether an agent
+    answers on it is for the guest to say)."""
+    root = ET.fromstring(domain_xml)
+    return any(
+        target.get("name") == GUEST_AGENT_CHANNEL
+        for target in root.findall("./devices/channel/target")
+    )
+
+
 def top_paths(domain_xml: str) -> dict[str, str | None]:
     """target -> path of the top image, for every disk of a domain XML."""
     return {disk.target: disk.path for disk in parse_disks(domain_xml)}

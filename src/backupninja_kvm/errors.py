@@ -19,10 +19,12 @@ class ConfigError(BackupNinjaKvmError):
 
 
 class HypervisorError(BackupNinjaKvmError):
-    """libvirt refused or failed; ``code`` is libvirt's error code when known."""
+    """libvirt refused or failed; ``code`` is libvirt's error code when known,
+    ``reason`` libvirt's own message (without what we were doing)."""
 
-    def __init__(self, message: str, code: int | None = None) -> None:
+    def __init__(self, message: str, code: int | None = None, reason: str = "") -> None:
         self.code = code
+        self.reason = reason or message
         super().__init__(message)
 
 

@@ -6,7 +6,8 @@
 kill would at that boundary of the cycle. The names, in the cycle's order:
 
 after-journal, after-freeze, mid-copy, after-copy, mid-merge, after-pivot,
-before-delete.
+before-delete; and, with quiesce, after-fsfreeze (guest filesystems frozen,
+snapshot not taken yet).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ POINTS = (
     "after-pivot",
     "before-delete",
 )
+QUIESCE_POINTS = ("after-fsfreeze",)  # reached only when a guest agent answers
 
 
 def checkpoint(name: str) -> None:
-    assert name in POINTS, name
+    assert name in POINTS or name in QUIESCE_POINTS, name
     if os.environ.get("BACKUPNINJA_KVM_FAULT") == name:
         signame = os.environ.get("BACKUPNINJA_KVM_FAULT_SIGNAL", "KILL")
         os.kill(os.getpid(), getattr(signal, f"SIG{signame}"))

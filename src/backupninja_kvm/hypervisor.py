@@ -27,7 +27,7 @@ ERR_BLOCK_COPY_ACTIVE = getattr(libvirt, "VIR_ERR_BLOCK_COPY_ACTIVE", 83)
 
 def _translate(error: libvirt.libvirtError, what: str) -> HypervisorError:
     message = error.get_error_message() or str(error)
-    return HypervisorError(f"{what}: {message}", error.get_error_code())
+    return HypervisorError(f"{what}: {message}", error.get_error_code(), message)
 
 
 @dataclass(frozen=True)
@@ -279,6 +279,14 @@ class Domain:
     def mirror_ready(self, target: str) -> bool:
         """True when the live XML shows the job on *target* ready to pivot."""
         return any(d.target == target and d.mirror_ready for d in parse_disks(self.xml()))
+
+    def fs_freeze(self) -> int:
+        """Freeze the guest's filesystems (guest agent); returns how many."""
+        return int(self._call("freeze of the guest's filesystems", "fsFreeze", None, 0))
+
+    def fs_thaw(self) -> int:
+        """Thaw the guest's filesystems; returns how many were frozen."""
+        return int(self._call("thaw of the guest's filesystems", "fsThaw", None, 0))
 
     def redefine(self, xml: str) -> None:
         """Replace the persistent definition (the domain must keep its name and UUID)."""

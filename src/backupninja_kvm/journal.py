@@ -45,6 +45,7 @@ class Journal:
     phase: str
     merge: str  # commit or pull
     disks: tuple[DiskEntry, ...]
+    quiesce: bool = False  # the guest's filesystems are frozen around the snapshot
     started: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
     schema: int = SCHEMA

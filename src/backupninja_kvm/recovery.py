@@ -156,6 +156,8 @@ def recover_domain(
             return []
         journal = Journal(domain.name, domain.uuid, journals.FROZEN, "commit", tuple(entries))
     done: list[str] = []
+    if journal.quiesce and domain.is_active():
+        done += _thaw_left_frozen(domain)
     refusals: list[str] = []
     for entry in journal.disks:
         for step in decide(entry, observe(domain, entry), journal.merge):
@@ -178,6 +180,24 @@ def recover_domain(
             f"(pid {journal.pid}, started {started})"
         )
     return done
+
+
+def _thaw_left_frozen(domain: Domain) -> list[str]:
+    """A run killed between freezing the guest's filesystems and thawing
+    them leaves the guest's writes blocked: thaw first (harmless when
+    nothing is frozen)."""
+    try:
+        thawed = domain.fs_thaw()
+    except HypervisorError as error:
+        log.warning(
+            "%s: could not thaw the guest's filesystems (%s); if its writes hang, run "
+            "`virsh domfsthaw %s`",
+            domain.name,
+            error.reason,
+            domain.name,
+        )
+        return []
+    return [f"thawed {thawed} guest filesystem(s) left frozen"] if thawed else []
 
 
 def _carry_out(domain: Domain, entry: DiskEntry, step: Step, timeout: int, bandwidth: int) -> str:

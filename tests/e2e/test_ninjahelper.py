@@ -115,7 +115,8 @@ def ninjahelper_conf(scratch):
 
 @pytest.fixture
 def wizard_action(ninjahelper_conf, scratch):
-    """Create a kvm action with the wizard: merge = pull, keep = 3, a new scratch folder."""
+    """Create a kvm action with the wizard: merge = pull, quiesce = yes, keep = 3, a new
+    scratch folder."""
     conf, configdir = ninjahelper_conf
     backups = os.path.join(scratch, "backups")
     dialogs = Dialogs(conf)
@@ -126,6 +127,7 @@ def wizard_action(ninjahelper_conf, scratch):
         # A checklist of virsh's domains ("all" checked) or an input box ("all").
         dialogs.answer("Domains to back up", ENTER)
         dialogs.answer("How to merge the overlay back", DOWN + " " + ENTER)
+        dialogs.answer("Freeze the guests' filesystems", DOWN + " " + ENTER)
         dialogs.answer("Directory where the backup sets go", CLEAR_LINE + backups + ENTER)
         dialogs.answer(f"{backups} does not exist. Create it now", ENTER)
         dialogs.answer("How many complete backup sets to keep", CLEAR_LINE + "3" + ENTER)
@@ -151,6 +153,7 @@ def test_wizard_writes_a_valid_private_action(wizard_action):
     settings = config.load(action)
 
     assert (settings.merge, settings.keep, settings.directory) == ("pull", 3, backups)
+    assert settings.quiesce == "yes"
     assert settings.domains == ()  # all
     assert (settings.stage, settings.uri, settings.dest) == ("full", "qemu:///system", "local")
 

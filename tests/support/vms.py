@@ -96,7 +96,7 @@ def reference_image(directory: str, name: str, spec: DiskSpec, writes: list[Writ
     return path
 
 
-def domain_xml(name: str, disks: list[tuple[DiskSpec, str]]) -> str:
+def domain_xml(name: str, disks: list[tuple[DiskSpec, str]], agent_channel: bool = False) -> str:
     lines = [
         "<domain type='qemu'>",
         f"  <name>{name}</name>",
@@ -118,6 +118,11 @@ def domain_xml(name: str, disks: list[tuple[DiskSpec, str]]) -> str:
                 f"    <disk type='file' device='disk'><driver name='qemu' type='{spec.format}'/>"
                 f"<source file='{path}'/><target dev='{spec.target}' bus='virtio'/></disk>"
             )
+    if agent_channel:  # the channel only: no guest agent answers in a VM without an OS
+        lines.append(
+            "    <channel type='unix'>"
+            "<target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+        )
     lines += ["    <graphics type='vnc' autoport='yes' listen='127.0.0.1'/>", "  </devices>"]
     lines.append("</domain>")
     return "\n".join(lines)
@@ -221,7 +226,9 @@ class TestVM:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def make_vm(specs: list[DiskSpec], start: bool = True, transient: bool = False) -> TestVM:
+def make_vm(
+    specs: list[DiskSpec], start: bool = True, transient: bool = False, agent_channel: bool = False
+) -> TestVM:
     name = PREFIX + uuid.uuid4().hex[:8]
     directory = os.path.join(IMAGE_ROOT, name)
     os.makedirs(directory, mode=0o755)
@@ -235,9 +242,9 @@ def make_vm(specs: list[DiskSpec], start: bool = True, transient: bool = False) 
         vm.paths[spec.target] = path
         disks.append((spec, path))
     if transient:  # exists only while it runs: no persistent definition
-        connect().createXML(domain_xml(name, disks), 0)
+        connect().createXML(domain_xml(name, disks, agent_channel), 0)
         return vm
-    connect().defineXML(domain_xml(name, disks))
+    connect().defineXML(domain_xml(name, disks, agent_channel))
     if start:
         vm.start()
     return vm

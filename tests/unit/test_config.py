@@ -44,6 +44,7 @@ def test_a_file_with_only_the_destination_directory_gets_the_documented_defaults
     assert settings.dest == "local"
     assert settings.directory == str(tmp_path)
     assert settings.keep == 7
+    assert settings.quiesce == "auto"
 
 
 def test_every_key_can_be_set(tmp_path):
@@ -57,6 +58,7 @@ def test_every_key_can_be_set(tmp_path):
         merge = pull
         merge_timeout = 30
         bandwidth = 50
+        quiesce = yes
         [source]
         uri = qemu+ssh://root@host/system
         domains = web1, db
@@ -72,6 +74,7 @@ def test_every_key_can_be_set(tmp_path):
     settings = config.load(path)
 
     assert (settings.merge, settings.merge_timeout, settings.bandwidth) == ("pull", 30, 50)
+    assert settings.quiesce == "yes"
     assert settings.uri == "qemu+ssh://root@host/system"
     assert settings.domains == ("web1", "db")
     assert settings.exclude == ("test-*",)
@@ -167,6 +170,11 @@ def test_every_problem_is_reported_at_once_sorted_by_line(tmp_path):
             "[general]\nmerge_timout = 5",
             "line 2: [general] merge_timout: unknown key (did you mean merge_timeout?)",
             id="misspelt-key",
+        ),
+        pytest.param(
+            "[general]\nquiesce = always",
+            'line 2: [general] quiesce: the value "always" is unacceptable (one of: auto, yes, no)',
+            id="quiesce-value",
         ),
         pytest.param(
             "[general]\nbandwidth = fast",

@@ -8,6 +8,7 @@ import pytest
 
 from backupninja_kvm.disks import (
     Disk,
+    has_guest_agent,
     is_our_overlay,
     overlay_path,
     parse_disks,
@@ -371,3 +372,19 @@ def test_top_paths_maps_targets_to_their_top_image():
         "sdb": None,
         "vdb": "/srv/vm/web1-data.img",
     }
+
+
+def test_a_guest_agent_channel_is_recognised_and_other_channels_are_not():
+    with_agent = """<domain><devices>
+      <channel type='spicevmc'><target type='virtio' name='com.redhat.spice.0'/></channel>
+      <channel type='unix'>
+        <source mode='bind' path='/run/libvirt/qemu/channel/1-web1/org.qemu.guest_agent.0'/>
+        <target type='virtio' name='org.qemu.guest_agent.0' state='connected'/></channel>
+    </devices></domain>"""
+    spice_only = """<domain><devices>
+      <channel type='spicevmc'><target type='virtio' name='com.redhat.spice.0'/></channel>
+    </devices></domain>"""
+
+    assert has_guest_agent(with_agent)
+    assert not has_guest_agent(spice_only)
+    assert not has_guest_agent("<domain><devices/></domain>")

@@ -66,3 +66,16 @@ def test_an_unusable_journal_is_an_error_and_is_left_in_place(state_dir, content
     with pytest.raises(JournalError, match=message):
         journal.read(UUID)
     assert path.exists()
+
+
+def test_a_journal_without_the_quiesce_field_reads_as_not_quiesced(state_dir):
+    # Journals written before quiesce existed lack the field.
+    written = sample()
+    journal.write(written)
+    path = state_dir / "journal" / f"{UUID}.json"
+    data = json.loads(path.read_text())
+    del data["quiesce"]
+    path.write_text(json.dumps(data))
+
+    assert journal.read(UUID) == written
+    assert written.quiesce is False
