@@ -215,7 +215,9 @@ def _back_up_locked(
 
 def _open_set(settings: Settings, domain_dir: str, stamp: str) -> destination.AnySet:
     if settings.dest == "remote":
-        return destination.RemoteBackupSet(domain_dir, stamp, settings.remote())
+        return destination.RemoteBackupSet(
+            domain_dir, stamp, settings.remote(), delta=settings.delta
+        )
     return destination.BackupSet(domain_dir, stamp)
 
 

@@ -84,6 +84,10 @@ host = string(default='')
 user = string(default='root')
 port = integer(min=1, max=65535, default=22)
 sshoptions = string(default='')
+# dest = remote: send only what changed since the previous set (rsync's delta
+# transfer, the previous set's image as the basis; the remote host reads that
+# image). "no": send whole images (less CPU; faster on a fast network).
+delta = boolean(default=True)
 # Number of complete backup sets kept per domain; older ones are removed.
 keep = integer(min=1, default=7)
 """
@@ -115,6 +119,7 @@ class Settings:
     user: str
     port: int
     sshoptions: str
+    delta: bool
     lines: dict[tuple[str, str], int]  # (section, key) -> line number, for messages
 
     def where(self, section: str, key: str) -> str:
@@ -262,6 +267,7 @@ def load(
         user=dest["user"].strip(),
         port=dest["port"],
         sshoptions=dest["sshoptions"].strip(),
+        delta=dest["delta"],
         lines=index,
     )
     return settings

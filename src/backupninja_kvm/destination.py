@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import blake3
 
 from backupninja_kvm.errors import TransferError
+from backupninja_kvm.report import human_bytes, log
 from backupninja_kvm.transfer import Remote, copy_sparse, data_bytes, data_extents, sync_file
 
 MANIFEST = "B3SUMS"
@@ -237,11 +238,12 @@ ln -sfn "$2" latest.new
 mv -T latest.new latest
 sync
 """
-_COMPLETE_SETS = """cd "$1" 2>/dev/null || exit 0
+_LIST_SETS = """
 for name in *; do
   if [ -f "$name/B3SUMS" ] || [ -f "$name/SHA256SUMS" ]; then echo "$name"; fi
 done; exit 0
 """
+_COMPLETE_SETS = 'cd "$1" 2>/dev/null || exit 0' + _LIST_SETS
 _PARTIALS = """cd "$1" 2>/dev/null || exit 0
 for name in *.partial; do [ -d "$name" ] && echo "$name"; done; exit 0
 """
@@ -257,7 +259,9 @@ class RemoteBackupSet(SetLayout):
     """
 
     remote: Remote
+    delta: bool = True  # rsync against the previous set's images
     flush_seconds: float = 0.0  # the remote host flushes; not measured here
+    basis: str = ""  # the newest complete set before this one, found by begin()
 
     @property
     def final_path(self) -> str:
@@ -265,11 +269,13 @@ class RemoteBackupSet(SetLayout):
 
     def begin(self) -> str:
         try:
-            self.remote.run(_BEGIN, self.domain_dir, self.stamp)
+            listed = self.remote.run(_BEGIN + 'cd "$1"' + _LIST_SETS, self.domain_dir, self.stamp)
         except TransferError as error:
             if error.status == 3:
                 raise SetExists(str(error)) from None
             raise OSError(0, str(error)) from None
+        earlier = [n for n in listed.split() if _STAMP.match(n) and n < self.stamp]
+        self.basis = max(earlier, default="")
         return self.partial_path
 
     def discard(self) -> None:
@@ -282,9 +288,18 @@ class RemoteBackupSet(SetLayout):
         self.remote.run('cat > "$1"', os.path.join(self.partial_path, name), stdin=text)
 
     def copy_image(self, source: str, name: str, progress: Callable[[int], None]) -> int:
-        self.remote.send(source, os.path.join(self.partial_path, name))
+        basis = f"../{self.basis}" if self.delta and self.basis else None
+        stats = self.remote.send(source, os.path.join(self.partial_path, name), basis)
         copied = data_bytes(source)
         progress(copied)
+        log.debug(
+            "%s: %s: rsync sent %s of new data%s, %s on the wire",
+            os.path.basename(self.domain_dir),
+            name,
+            human_bytes(stats.literal),
+            f", {human_bytes(stats.matched)} matched in the set {self.basis}" if basis else "",
+            human_bytes(stats.sent),
+        )
         return copied
 
     def complete(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shlex
 import subprocess
 from collections.abc import Callable, Iterator
@@ -175,14 +176,24 @@ class Remote:
             )
         return result.stdout
 
-    def send(self, source: str, target: str) -> None:
-        """Copy one local file to *target* on the host with rsync, holes kept."""
+    def send(self, source: str, target: str, basis: str | None = None) -> RsyncStats:
+        """Copy one local file to *target* on the host with rsync, holes kept.
+
+        With *basis* (a folder on the host, relative to the target's), rsync
+        sends only what differs from the file of the same name there (delta
+        transfer); without, the whole file. The quick check (size and time)
+        is never trusted: a frozen image may match the previous one in both.
+        """
+        delta = [f"--copy-dest={basis}", "--no-whole-file"] if basis else ["--whole-file"]
         result = subprocess.run(
             [
                 "rsync",
                 "--sparse",
                 "--times",
+                "--ignore-times",
                 "--chmod=F600",
+                "--stats",
+                *delta,
                 "-e",
                 shlex.join(self._ssh()),
                 source,
@@ -197,6 +208,24 @@ class Remote:
                 f"(exit status {result.returncode}): {_last_line(result.stderr)}",
                 result.returncode,
             )
+        return RsyncStats.parse(result.stdout)
+
+
+@dataclass(frozen=True)
+class RsyncStats:
+    """What one rsync sent: new data, data found in the basis, bytes on the wire."""
+
+    literal: int
+    matched: int
+    sent: int
+
+    @classmethod
+    def parse(cls, output: str) -> RsyncStats:
+        def number(label: str) -> int:
+            found = re.search(rf"^{label}: ([\d,.]+)", output, re.MULTILINE)
+            return int(re.sub(r"[,.]", "", found.group(1))) if found else 0
+
+        return cls(number("Literal data"), number("Matched data"), number("Total bytes sent"))
 
 
 def _last_line(text: str) -> str:

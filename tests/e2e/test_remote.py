@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import time
 
 import pytest
 
 from backupninja_kvm import destination
+from tests.conftest import write_action
+from tests.integration.test_faults import helper
 from tests.support import sshd
 from tests.support.ninja import Ninja
 from tests.support.vms import DiskSpec, MiB, Write, reference_image, same_content
@@ -96,3 +100,65 @@ def test_missing_remote_directory_is_fatal(server, new_vm, scratch):
         for line in result.lines("Fatal")
     ), result.log
     assert vm.tops() == vm.paths and vm.tagged_files() == []
+
+
+def rsync_lines(result, name: str) -> list[str]:
+    return [line for line in result.stdout.splitlines() if f"{name}: rsync sent" in line]
+
+
+def sent_bytes(line: str, what: str) -> float:
+    """The size before *what* in a Debug line, in MiB."""
+    value, unit = re.search(rf"([\d.]+) (B|KiB|MiB|GiB) {what}", line).groups()
+    return float(value) * {"B": 1 / MiB, "KiB": 1 / 1024, "MiB": 1, "GiB": 1024}[unit]
+
+
+def next_second() -> None:
+    """Sets are named by the second: let the next run start in a new one."""
+    now = time.strftime("%Y%m%dT%H%M%S")
+    while time.strftime("%Y%m%dT%H%M%S") == now:
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("delta", ["yes", "no"])
+def test_delta_sends_only_what_changed_since_the_previous_set(server, new_vm, scratch, delta):
+    vm = new_vm([DiskSpec("vda", "qcow2", 64 * MiB), DiskSpec("vdb", "raw", 64 * MiB)])
+    vm.write("vda", Write(0x11, 0, 16 * MiB))
+    vm.write("vdb", Write(0x21, 0, 16 * MiB))
+    backups = os.path.join(scratch, "remote-backups")
+    os.makedirs(backups)
+    text = remote_action(backups, vm, server, keep=3) + f"delta = {delta}\n"
+    action = write_action(os.path.join(scratch, "remote.kvm"), text)
+
+    first = helper("run", action)
+    assert first.returncode == 0, first.stdout + first.stderr
+    vm.write("vdb", Write(0x22, 32 * MiB, MiB))  # 1 MiB changes; vda does not change
+    next_second()
+    second = helper("run", action)
+    assert second.returncode == 0, second.stdout + second.stderr
+
+    domain_dir = os.path.join(backups, vm.name)
+    sets = destination.complete_sets(domain_dir)
+    assert len(sets) == 2
+    [vdb_line] = rsync_lines(second, "vdb-vdb.raw")
+    if delta == "yes":
+        assert f"matched in the set {sets[0]}" in vdb_line, second.stdout
+        assert sent_bytes(vdb_line, "of new data") <= 2  # the changed MiB, not 17
+        assert 0 < sent_bytes(vdb_line, "on the wire") <= 3
+    else:
+        assert "matched" not in vdb_line
+        assert sent_bytes(vdb_line, "of new data") >= 17
+        assert sent_bytes(vdb_line, "on the wire") >= 17
+    # Either way the set is whole: checksums, holes and content.
+    latest = os.path.join(domain_dir, sets[-1])
+    subprocess.run(["b3sum", "--quiet", "-c", "B3SUMS"], cwd=latest, check=True)
+    raw = os.path.join(latest, "vdb-vdb.raw")
+    assert os.stat(raw).st_blocks * 512 < 24 * MiB  # holes stay holes
+    spec = DiskSpec("vdb", "raw", 64 * MiB)
+    expected = reference_image(
+        scratch, "vdb", spec, [Write(0x21, 0, 16 * MiB), Write(0x22, 32 * MiB, MiB)]
+    )
+    assert same_content(expected, "raw", raw, "raw")
+    vda = reference_image(
+        scratch, "vda", DiskSpec("vda", "qcow2", 64 * MiB), [Write(0x11, 0, 16 * MiB)]
+    )
+    assert same_content(vda, "qcow2", os.path.join(latest, "vda-vda.qcow2"), "qcow2")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from backupninja_kvm.errors import TransferError
-from backupninja_kvm.transfer import copy_sparse, data_extents
+from backupninja_kvm.transfer import RsyncStats, copy_sparse, data_extents
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
@@ -243,3 +243,21 @@ def test_a_source_that_shrinks_during_the_copy_is_an_error(sparse_image, tmp_pat
 
     assert "ended early" in str(info.value)
     assert not target.exists()
+
+
+def test_rsync_stats_are_read_with_or_without_digit_separators():
+    output = """
+Number of files: 1 (reg: 1)
+Number of regular files transferred: 1
+Total file size: 67,108,864 bytes
+Total transferred file size: 67,108,864 bytes
+Literal data: 1,048,576 bytes
+Matched data: 66,060,288 bytes
+File list size: 0
+Total bytes sent: 1,110,123
+Total bytes received: 35
+"""
+    assert RsyncStats.parse(output) == RsyncStats(1_048_576, 66_060_288, 1_110_123)
+    plain = "Literal data: 5 bytes\nMatched data: 0 bytes\nTotal bytes sent: 99\n"
+    assert RsyncStats.parse(plain) == RsyncStats(5, 0, 99)
+    assert RsyncStats.parse("") == RsyncStats(0, 0, 0)
