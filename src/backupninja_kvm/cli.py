@@ -254,17 +254,34 @@ def status(args: argparse.Namespace) -> int:
         for summary in hypervisor.list_domains():
             domain = hypervisor.domain(summary.name)
             xml = domain.xml() if summary.active else domain.xml(inactive=True)
-            pending = journal.journal_path(summary.uuid) if journal.read(summary.uuid) else ""
+            state = "running" if summary.active else "shut off"
+            try:
+                entry = journal.read(summary.uuid)
+            except journal.JournalError as error:
+                found += 1
+                print(f"{summary.name} ({state}): {error}")
+                entry = None
+            pending = journal.journal_path(summary.uuid) if entry else ""
+            on_overlay = 0
             for disk in parse_disks(xml):
                 if disk.path and is_our_overlay(disk.path) and disk.backing:
-                    found += 1
+                    on_overlay += 1
                     since = overlay_created(disk.path)
-                    state = "running" if summary.active else "shut off"
                     print(
                         f"{summary.name} ({state}): {disk.target} on overlay {disk.path} "
                         f"since {since}, {human_bytes(allocated_bytes(disk.path))}"
                         + (f", journal {pending}" if pending else "")
                     )
+            found += on_overlay
+            if entry and not on_overlay:
+                found += 1
+                frozen = entry.quiesce and summary.active
+                print(
+                    f"{summary.name} ({state}): journal {pending} of a backup interrupted in "
+                    f"phase {entry.phase} (pid {entry.pid})"
+                    + (", the guest's filesystems may still be frozen" if frozen else "")
+                    + f"; `backupninja-kvm recover {summary.name}` repairs it"
+                )
         if not found:
             print("no domain runs on an overlay of backupninja-kvm")
         return EXIT_OK if not found else EXIT_DOMAIN_ERRORS
@@ -317,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     recover_parser.set_defaults(function=recover)
 
     status_parser = commands.add_parser(
-        "status", help="list domains running on an overlay of ours (exit 4 when any)"
+        "status",
+        help="list domains on an overlay of ours or with the journal of an interrupted backup"
+        " (exit 4 when any)",
     )
     status_parser.add_argument("-c", "--connect", dest="uri", default="qemu:///system")
     status_parser.set_defaults(function=status)
