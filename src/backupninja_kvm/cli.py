@@ -167,6 +167,7 @@ def _back_up_all(
                         outcome.bytes_copied,
                         outcome.overlay_seconds,
                         outcome.total_seconds,
+                        outcome.quiesced is not None,
                     )
                 )
     finally:

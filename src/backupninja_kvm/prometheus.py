@@ -23,6 +23,7 @@ METRICS = [
     ("bytes_copied", "Bytes of image data copied by the last backup"),
     ("overlay_seconds", "Seconds the domain ran on overlays during the last backup"),
     ("duration_seconds", "Seconds the last backup of the domain took"),
+    ("quiesced", "1 when the last backup froze the guest's filesystems, 0 crash-consistent"),
 ]
 
 
@@ -33,6 +34,7 @@ class DomainFigures:
     bytes_copied: int = 0
     overlay_seconds: float = 0.0
     duration_seconds: float = 0.0
+    quiesced: bool = False
 
 
 _SUCCESS_LINE = re.compile(
@@ -68,6 +70,7 @@ def render(figures: list[DomainFigures], successes: dict[str, float]) -> str:
         values["bytes_copied"][figure.domain] = figure.bytes_copied
         values["overlay_seconds"][figure.domain] = round(figure.overlay_seconds, 3)
         values["duration_seconds"][figure.domain] = round(figure.duration_seconds, 3)
+        values["quiesced"][figure.domain] = int(figure.quiesced)
     values["last_success_timestamp_seconds"] = dict(successes)
     out = []
     for name, help_text in METRICS:

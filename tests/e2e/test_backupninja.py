@@ -177,6 +177,7 @@ def test_reportprom_writes_per_domain_figures_beside_backupninjas(new_vm, scratc
         <= values["backupninja_kvm_duration_seconds"][vm.name]
     )
     assert values["backupninja_kvm_last_success_timestamp_seconds"][vm.name] > 1.7e9
+    assert values["backupninja_kvm_quiesced"] == {vm.name: 0}  # no guest agent here
     assert all(f.type == "gauge" for f in families.values())
 
 

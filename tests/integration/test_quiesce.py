@@ -138,9 +138,13 @@ def test_a_run_killed_while_the_guest_is_frozen_is_thawed_by_the_next_run(agent_
         for line in status.stdout.splitlines()
     ), status.stdout
 
-    again = helper("run", action)
+    prom = os.path.join(scratch, "prom")
+    os.makedirs(prom)
+    again = helper("run", "--prometheus-dir", prom, action)
 
     assert again.returncode == 0, again.stdout + again.stderr
+    with open(os.path.join(prom, "backupninja_kvm.prom")) as handle:
+        assert f'backupninja_kvm_quiesced{{domain="{vm.name}"}} 1\n' in handle.read()
     warnings = [line for line in again.stdout.splitlines() if line.startswith("Warning:")]
     assert any("thawed 1 guest filesystem(s) left frozen" in w for w in warnings), again.stdout
     assert any(

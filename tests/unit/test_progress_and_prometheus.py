@@ -54,7 +54,7 @@ def test_prometheus_file_is_well_formed_and_keeps_the_last_success(tmp_path):
     prometheus.write(str(tmp_path), first, now=1_800_000_000)
     second = [
         prometheus.DomainFigures("web1", prometheus.ERROR, duration_seconds=0.5),
-        prometheus.DomainFigures('db"1', prometheus.OK, MiB, 0.5, 1.0),
+        prometheus.DomainFigures('db"1', prometheus.OK, MiB, 0.5, 1.0, quiesced=True),
     ]
     path = prometheus.write(str(tmp_path), second, now=1_800_086_400)
 
@@ -70,6 +70,7 @@ def test_prometheus_file_is_well_formed_and_keeps_the_last_success(tmp_path):
         'db"1': 1_800_086_400,
     }
     assert values["backupninja_kvm_overlay_seconds"]['db"1'] == 0.5
+    assert values["backupninja_kvm_quiesced"] == {"web1": 0, 'db"1': 1}
     assert not list(tmp_path.glob("*.prom.*"))  # no temporary left
 
 
