@@ -59,7 +59,6 @@ test: test-host venv lint
 # Benchmark on a throwaway VM; BENCH_ARGS e.g. --size 2G --data 1G --window 64M --runs 5
 BENCH_ARGS ?=
 bench: venv
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check matplotlib
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 example: venv

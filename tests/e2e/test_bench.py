@@ -1,0 +1,46 @@
+"""make bench's script, with tiny images: it runs and writes its table, JSON and chart.
+
+No figure is judged here (the machines are shared and noisy): only that the
+benchmark works and reports every figure the README shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.libvirt
+
+
+def test_the_benchmark_runs_and_writes_its_results(connection, scratch):
+    results = os.path.join(scratch, "results")
+    command = [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--results", results]
+    command += ["--size", "64M", "--data", "32M", "--window", "4M", "--runs", "2"]
+    command += ["--pull-runs", "1"]
+
+    result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for label in (
+        "time on the overlay",
+        "merge by commit",
+        "merge by pull",
+        "flush of the copy to disk",
+        "helper overhead per domain",
+        "time on overlay / cp baseline",
+    ):
+        assert label in result.stdout, result.stdout
+    with open(os.path.join(results, "latest.json")) as handle:
+        figures = json.load(handle)
+    assert figures["figures"]["overlay"]["runs"] == 2
+    assert figures["figures"]["merge_pull"]["runs"] == 1
+    assert figures["ratios"]["overlay_vs_cp"]["median"] > 0
+    with open(os.path.join(results, "latest.png"), "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not [d for d in connection.listAllDomains() if d.name().startswith("bnkvm-bench-")]
