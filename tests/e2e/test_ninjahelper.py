@@ -128,6 +128,7 @@ def wizard_action(ninjahelper_conf, scratch):
         dialogs.answer("Domains to back up", ENTER)
         dialogs.answer("How to merge the overlay back", DOWN + " " + ENTER)
         dialogs.answer("Freeze the guests' filesystems", DOWN + " " + ENTER)
+        dialogs.answer("Where do the backup sets go?", ENTER)  # local
         dialogs.answer("Directory where the backup sets go", CLEAR_LINE + backups + ENTER)
         dialogs.answer(f"{backups} does not exist. Create it now", ENTER)
         dialogs.answer("How many complete backup sets to keep", CLEAR_LINE + "3" + ENTER)
@@ -182,3 +183,35 @@ def test_helper_accepts_the_wizard_action(wizard_action):
     assert any(
         line.startswith("Info: test run, would ") or "no domain selected" in line for line in lines
     ), output
+
+
+def test_wizard_writes_a_remote_action(ninjahelper_conf):
+    conf, configdir = ninjahelper_conf
+    dialogs = Dialogs(conf)
+    try:
+        dialogs.answer("create a new backup action", "n" + ENTER)
+        dialogs.answer("live backup of libvirt/KVM virtual machines", "k" + ENTER)
+        dialogs.answer("When to run this action?", ENTER)
+        dialogs.answer("Domains to back up", ENTER)
+        dialogs.answer("How to merge the overlay back", ENTER)
+        dialogs.answer("Freeze the guests' filesystems", ENTER)
+        dialogs.answer("Where do the backup sets go?", DOWN + " " + ENTER)
+        dialogs.answer("Remote host", "backup.example.org" + ENTER)
+        dialogs.answer("ssh user on backup.example.org", CLEAR_LINE + "kvmbackup" + ENTER)
+        dialogs.answer("Directory where the backup sets go", CLEAR_LINE + "/srv/kvm" + ENTER)
+        dialogs.answer("How many complete backup sets to keep", ENTER)
+        dialogs.answer(f"{configdir}/50.kvm", "q" + ENTER)
+        assert dialogs.wait_exit() == 0
+    finally:
+        dialogs.child.close(force=True)
+
+    settings = config.load(os.path.join(configdir, "50.kvm"))
+
+    assert (settings.dest, settings.host, settings.user) == (
+        "remote",
+        "backup.example.org",
+        "kvmbackup",
+    )
+    assert (settings.directory, settings.keep) == ("/srv/kvm", 7)
+    assert (settings.merge, settings.quiesce) == ("commit", "auto")
+    assert not os.path.exists("/srv/kvm")  # nothing created here for a remote directory
