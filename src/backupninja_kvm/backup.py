@@ -391,30 +391,80 @@ def _filesystems_frozen(
     domain: Domain, wanted: bool, settings: Settings, outcome: Outcome
 ) -> Iterator[None]:
     """Freeze the guest's filesystems around the body (the snapshot) when
-    *wanted*; thaw them however the body ends."""
+    *wanted*; thaw them however the body ends.
+
+    libvirt waits for the agent without limit by default: the freeze and the
+    thaw get ``quiesce_timeout`` each. A freeze given up after that may still
+    complete in the guest, so the agent is asked to thaw until it answers
+    before the snapshot is taken (crash-consistent then).
+    """
     if not wanted:
         yield
         return
+    timeout = settings.quiesce_timeout
     try:
-        outcome.quiesced = domain.fs_freeze()
-    except HypervisorError as error:
-        if settings.quiesce == "yes":
-            raise DomainError(
-                f"{domain.name}: could not freeze the guest's filesystems ({error.reason}); "
-                f"quiesce = yes: nothing done, domain skipped"
-            ) from None
-        log.warning(
-            "%s: could not freeze the guest's filesystems (%s); the snapshot is crash-consistent",
-            domain.name,
-            error.reason,
-        )
-        yield
-        return
-    try:
-        faults.checkpoint("after-fsfreeze")
-        yield
+        domain.set_agent_timeout(timeout)
+        asked = time.monotonic()
+        try:
+            outcome.quiesced = domain.fs_freeze()
+        except HypervisorError as error:
+            late = time.monotonic() - asked >= timeout
+            reason = f"no answer within {timeout} s" if late else error.reason
+            if late:
+                _thaw_a_late_freeze(domain, timeout, outcome)
+            if settings.quiesce == "yes":
+                raise DomainError(
+                    "; ".join(
+                        [
+                            f"{domain.name}: could not freeze the guest's filesystems "
+                            f"({reason}); quiesce = yes: nothing done, domain skipped",
+                            *outcome.problems,
+                        ]
+                    )
+                ) from None
+            log.warning(
+                "%s: could not freeze the guest's filesystems (%s); the snapshot is "
+                "crash-consistent",
+                domain.name,
+                reason,
+            )
+            yield
+            return
+        try:
+            faults.checkpoint("after-fsfreeze")
+            yield
+        finally:
+            _thaw(domain, outcome)
     finally:
-        _thaw(domain, outcome)
+        try:
+            domain.set_agent_timeout(None)
+        except HypervisorError as error:
+            log.debug("%s: could not reset the guest agent timeout: %s", domain.name, error)
+
+
+def _thaw_a_late_freeze(domain: Domain, timeout: int, outcome: Outcome) -> None:
+    """The agent did not finish the freeze in time and may finish it later:
+    ask it to thaw until it answers (at most max(timeout, 60) s)."""
+    deadline = time.monotonic() + max(timeout, 60)
+    while True:
+        try:
+            thawed = domain.fs_thaw()
+        except HypervisorError:
+            if time.monotonic() < deadline:
+                time.sleep(1)
+                continue
+            outcome.problems.append(
+                f"{domain.name}: the guest agent finished neither the freeze nor a thaw in "
+                f"time; if the guest's writes hang, run `virsh domfsthaw {domain.name}`"
+            )
+            return
+        if thawed:
+            log.warning(
+                "%s: the guest agent finished the freeze late; thawed %d filesystem(s)",
+                domain.name,
+                thawed,
+            )
+        return
 
 
 def _thaw(domain: Domain, outcome: Outcome) -> None:

@@ -53,6 +53,11 @@ bandwidth = integer(min=0, default=0)
 # "yes": required; a domain that cannot be frozen is an Error, not backed up.
 # "no": never; crash-consistent snapshots, as after a power cut.
 quiesce = option('auto', 'yes', 'no', default='auto')
+# Seconds to wait for the guest agent to freeze the filesystems (its fsfreeze
+# hooks included). A freeze not done in time counts as not answered; as it may
+# still complete in the guest, the agent is then asked to thaw for up to this
+# long again (at least a minute) before the snapshot is taken.
+quiesce_timeout = integer(min=1, default=60)
 
 [source]
 # libvirt connection URI.
@@ -107,6 +112,7 @@ class Settings:
     merge_timeout: int
     bandwidth: int
     quiesce: str
+    quiesce_timeout: int
     uri: str
     domains: tuple[str, ...]  # empty tuple means "all"
     exclude: tuple[str, ...]
@@ -255,6 +261,7 @@ def load(
         merge_timeout=general["merge_timeout"],
         bandwidth=general["bandwidth"],
         quiesce=general["quiesce"],
+        quiesce_timeout=general["quiesce_timeout"],
         uri=source["uri"],
         domains=() if domains in ((), ("all",)) else domains,
         exclude=_clean_list(source["exclude"]),

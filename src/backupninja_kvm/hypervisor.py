@@ -280,6 +280,12 @@ class Domain:
         """True when the live XML shows the job on *target* ready to pivot."""
         return any(d.target == target and d.mirror_ready for d in parse_disks(self.xml()))
 
+    def set_agent_timeout(self, seconds: int | None) -> None:
+        """How long libvirt waits for the guest agent's answers; None: libvirt's
+        default, which waits without limit."""
+        value = libvirt.VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT if seconds is None else seconds
+        self._call("guest agent timeout", "agentSetResponseTimeout", value, 0)
+
     def fs_freeze(self) -> int:
         """Freeze the guest's filesystems (guest agent); returns how many."""
         return int(self._call("freeze of the guest's filesystems", "fsFreeze", None, 0))

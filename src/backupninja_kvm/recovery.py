@@ -182,12 +182,19 @@ def recover_domain(
     return done
 
 
+THAW_TIMEOUT = 60  # seconds for the guest agent to answer a thaw during recovery
+
+
 def _thaw_left_frozen(domain: Domain) -> list[str]:
     """A run killed between freezing the guest's filesystems and thawing
     them leaves the guest's writes blocked: thaw first (harmless when
     nothing is frozen)."""
     try:
-        thawed = domain.fs_thaw()
+        domain.set_agent_timeout(THAW_TIMEOUT)  # libvirt's default waits without limit
+        try:
+            thawed = domain.fs_thaw()
+        finally:
+            domain.set_agent_timeout(None)
     except HypervisorError as error:
         log.warning(
             "%s: could not thaw the guest's filesystems (%s); if its writes hang, run "

@@ -10,6 +10,7 @@ the other tests cover the agent-less cases.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -59,8 +60,8 @@ def wait_for_agent(vm: TestVM, timeout: float = 120) -> None:
             time.sleep(0.5)
 
 
-@pytest.fixture
-def agent_guest(connection, scratch):
+@contextlib.contextmanager
+def running_agent_guest(cmdline: str = ""):
     assert guest.kernel(), "no kernel in /boot: scripts/setup-host installs linux-image-amd64"
     assert os.path.exists(guest.AGENT), "scripts/setup-host installs qemu-guest-agent"
     name = PREFIX + uuid.uuid4().hex[:8]
@@ -77,7 +78,9 @@ def agent_guest(connection, scratch):
         open(console, "w").close()
         os.chmod(console, 0o666)
         disks = {"vda": (vm.paths["vda"], "raw")}
-        connect().defineXML(guest.guest_xml(name, directory, disks, console, agent_channel=True))
+        connect().defineXML(
+            guest.guest_xml(name, directory, disks, console, agent_channel=True, cmdline=cmdline)
+        )
         vm.start()
         guest.wait_for_line(console, "guest: tick 3")
         wait_for_agent(vm)
@@ -87,12 +90,25 @@ def agent_guest(connection, scratch):
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def settings_for(scratch: str, vm: TestVM, quiesce: str) -> config.Settings:
+@pytest.fixture
+def agent_guest(connection, scratch):
+    with running_agent_guest() as running:
+        yield running
+
+
+@pytest.fixture
+def slow_freeze_guest(connection, scratch):
+    """Its agent's fsfreeze hook takes 8 s: a freeze that finishes late."""
+    with running_agent_guest("slowfreeze") as running:
+        yield running
+
+
+def settings_for(scratch: str, vm: TestVM, quiesce: str, timeout: int = 60) -> config.Settings:
     backups = os.path.join(scratch, "backups")
     os.makedirs(backups, exist_ok=True)
     text = (
-        f"[general]\nquiesce = {quiesce}\n[source]\ndomains = {vm.name}\n"
-        f"[dest]\ndirectory = {backups}\n"
+        f"[general]\nquiesce = {quiesce}\nquiesce_timeout = {timeout}\n"
+        f"[source]\ndomains = {vm.name}\n[dest]\ndirectory = {backups}\n"
     )
     return config.load(write_action(os.path.join(scratch, "q.kvm"), text))
 
@@ -235,3 +251,38 @@ def test_a_test_run_warns_that_quiesce_yes_would_skip_a_domain(new_vm, scratch):
         for w in output_lines(result, "Warning:")
     ), result.stdout
     assert not os.path.exists(os.path.join(scratch, "backups", vm.name))
+
+
+@pytest.mark.parametrize("quiesce", ["auto", "yes"])
+def test_a_freeze_not_done_in_time_is_given_up_and_the_guest_thawed(
+    slow_freeze_guest, scratch, quiesce
+):
+    # The agent takes 8 s to freeze, the helper waits 2: it gives up, and as
+    # the freeze then completes in the guest, it asks for a thaw until the
+    # agent answers; only then is the snapshot taken (crash-consistent).
+    vm, console = slow_freeze_guest
+
+    result = helper("run", settings_for(scratch, vm, quiesce, timeout=2).path)
+
+    output = result.stdout + result.stderr
+    reason = "could not freeze the guest's filesystems (no answer within 2 s)"
+    late = f"{vm.name}: the guest agent finished the freeze late; thawed 1 filesystem(s)"
+    assert any(late in w for w in output_lines(result, "Warning:")), output
+    if quiesce == "auto":
+        assert result.returncode == 0, output
+        assert any(reason in w for w in output_lines(result, "Warning:")), output
+        assert any(
+            "backed up vda" in line and "crash-consistent" in line
+            for line in output_lines(result, "Info:")
+        ), output
+    else:
+        assert result.returncode == 4, output
+        assert any(
+            f"{vm.name}: {reason}; quiesce = yes: nothing done" in e
+            for e in output_lines(result, "Error:")
+        ), output
+    assert freeze_status(vm) == "thawed"
+    ticks = last_tick(console)
+    guest.wait_for_line(console, f"guest: tick {ticks + 3}")
+    assert vm.tops() == vm.paths and vm.tagged_files() == []
+    assert journal.read(vm.domain.UUIDString()) is None

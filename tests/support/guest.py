@@ -81,7 +81,12 @@ port=""
 for p in /sys/class/virtio-ports/*; do
    [ "$(/bin/busybox cat $p/name)" = org.qemu.guest_agent.0 ] && port=/dev/${{p##*/}}
 done
-{agent} -m virtio-serial -p "$port" -t /tmp &
+# The freeze hook is slow when the kernel command line says so: a guest whose
+# agent accepts a freeze and takes long to finish it.
+printf '#!/bin/busybox sh\ncase "$1 $(/bin/busybox cat /proc/cmdline)" in\n' > /hook
+printf '  "freeze "*slowfreeze*) /bin/busybox sleep 8 ;;\nesac\nexit 0\n' >> /hook
+/bin/busybox chmod 755 /hook
+{agent} -m virtio-serial -p "$port" -t /tmp -F/hook &
 echo "guest: ready"
 i=0
 while true; do
@@ -185,6 +190,7 @@ def guest_xml(
     disks: dict[str, tuple[str, str]],
     console: str,
     agent_channel: bool = False,
+    cmdline: str = "",
 ) -> str:
     """disks: target -> (path, format)."""
     devices = "".join(
@@ -207,7 +213,7 @@ def guest_xml(
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{directory}/vmlinuz</kernel>
     <initrd>{directory}/initramfs.gz</initrd>
-    <cmdline>console=ttyS0 panic=-1</cmdline>
+    <cmdline>console=ttyS0 panic=-1 {cmdline}</cmdline>
   </os>
   <on_crash>destroy</on_crash>
   <devices>{devices}

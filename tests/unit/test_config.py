@@ -44,7 +44,7 @@ def test_a_file_with_only_the_destination_directory_gets_the_documented_defaults
     assert settings.dest == "local"
     assert settings.directory == str(tmp_path)
     assert settings.keep == 7
-    assert settings.quiesce == "auto"
+    assert (settings.quiesce, settings.quiesce_timeout) == ("auto", 60)
 
 
 def test_every_key_can_be_set(tmp_path):
@@ -59,6 +59,7 @@ def test_every_key_can_be_set(tmp_path):
         merge_timeout = 30
         bandwidth = 50
         quiesce = yes
+        quiesce_timeout = 30
         [source]
         uri = qemu+ssh://root@host/system
         domains = web1, db
@@ -74,7 +75,7 @@ def test_every_key_can_be_set(tmp_path):
     settings = config.load(path)
 
     assert (settings.merge, settings.merge_timeout, settings.bandwidth) == ("pull", 30, 50)
-    assert settings.quiesce == "yes"
+    assert (settings.quiesce, settings.quiesce_timeout) == ("yes", 30)
     assert settings.uri == "qemu+ssh://root@host/system"
     assert settings.domains == ("web1", "db")
     assert settings.exclude == ("test-*",)
