@@ -24,6 +24,7 @@ from backupninja_kvm.disks import (
     GUEST_AGENT_CHANNEL,
     Disk,
     SkippedDisk,
+    guest_agent_connected,
     has_guest_agent,
     is_our_overlay,
     overlay_paths,
@@ -404,13 +405,12 @@ def _filesystems_frozen(
     timeout = settings.quiesce_timeout
     try:
         domain.set_agent_timeout(timeout)
-        asked = time.monotonic()
         try:
             outcome.quiesced = domain.fs_freeze()
         except HypervisorError as error:
-            late = time.monotonic() - asked >= timeout
-            reason = f"no answer within {timeout} s" if late else error.reason
-            if late:
+            reason = error.reason
+            if _agent_connected(domain):  # it may finish the freeze later
+                reason += f"; quiesce_timeout {timeout} s"
                 _thaw_a_late_freeze(domain, timeout, outcome)
             if settings.quiesce == "yes":
                 raise DomainError(
@@ -442,9 +442,17 @@ def _filesystems_frozen(
             log.debug("%s: could not reset the guest agent timeout: %s", domain.name, error)
 
 
+def _agent_connected(domain: Domain) -> bool:
+    try:
+        return guest_agent_connected(domain.xml())
+    except HypervisorError:
+        return True  # cannot tell: ask for the thaw anyway
+
+
 def _thaw_a_late_freeze(domain: Domain, timeout: int, outcome: Outcome) -> None:
-    """The agent did not finish the freeze in time and may finish it later:
-    ask it to thaw until it answers (at most max(timeout, 60) s)."""
+    """The freeze failed with an agent connected: if it timed out, the agent
+    may still finish it. Ask for a thaw until the agent answers (at once
+    when it is idle; at most max(timeout, 60) s)."""
     deadline = time.monotonic() + max(timeout, 60)
     while True:
         try:

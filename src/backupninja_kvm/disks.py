@@ -186,6 +186,16 @@ def has_guest_agent(domain_xml: str) -> bool:
     )
 
 
+def guest_agent_connected(domain_xml: str) -> bool:
+    """True when an agent is connected on the guest agent channel (libvirt
+    tracks it in the live XML: state='connected')."""
+    root = ET.fromstring(domain_xml)
+    return any(
+        target.get("name") == GUEST_AGENT_CHANNEL and target.get("state") == "connected"
+        for target in root.findall("./devices/channel/target")
+    )
+
+
 def top_paths(domain_xml: str) -> dict[str, str | None]:
     """target -> path of the top image, for every disk of a domain XML."""
     return {disk.target: disk.path for disk in parse_disks(domain_xml)}

@@ -8,6 +8,7 @@ import pytest
 
 from backupninja_kvm.disks import (
     Disk,
+    guest_agent_connected,
     has_guest_agent,
     is_our_overlay,
     overlay_path,
@@ -388,3 +389,15 @@ def test_a_guest_agent_channel_is_recognised_and_other_channels_are_not():
     assert has_guest_agent(with_agent)
     assert not has_guest_agent(spice_only)
     assert not has_guest_agent("<domain><devices/></domain>")
+
+
+def test_a_connected_guest_agent_is_told_from_a_silent_channel():
+    def domain(state: str) -> str:
+        return (
+            "<domain><devices><channel type='unix'><target type='virtio' "
+            f"name='org.qemu.guest_agent.0' state='{state}'/></channel></devices></domain>"
+        )
+
+    assert guest_agent_connected(domain("connected"))
+    assert not guest_agent_connected(domain("disconnected"))
+    assert not guest_agent_connected("<domain><devices/></domain>")
