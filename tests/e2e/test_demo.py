@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import uuid
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.support.cli import HELPER
 from tests.support.vms import PREFIX
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.backupninja]
@@ -22,7 +22,7 @@ def test_the_demo_backs_up_its_vm_checks_the_set_and_removes_the_vm(connection, 
         DEMO_NAME=name,
         DEMO_DIR=os.path.join(scratch, "demo"),
         DEMO_SCRIPTDIR=os.path.join(ROOT, "handlers"),
-        BACKUPNINJA_KVM=os.path.join(os.path.dirname(sys.executable), "backupninja-kvm"),
+        BACKUPNINJA_KVM=HELPER,
     )
 
     result = subprocess.run(

@@ -20,19 +20,19 @@ import os
 import re
 import stat
 import subprocess
-import sys
 import time
 
 import pexpect
 import pytest
 
 from backupninja_kvm import config
+from tests.support.cli import HELPER
 from tests.support.ninja import HANDLERS
 
 pytestmark = [pytest.mark.backupninja]
 
 SHIPPED = "/usr/share/backupninja"
-HELPER = os.path.join(os.path.dirname(sys.executable), "backupninja-kvm")
+
 TIMEOUT = 30
 _ESCAPE = re.compile(r"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>78cDEHM])")
 _SPACE = re.compile(r"\s+")
@@ -78,6 +78,14 @@ class Dialogs:
         self.raw = ""
         self.child.send(keys)
 
+    def open_kvm_wizard(self) -> None:
+        """From the main menu to the kvm wizard's first own question, with the
+        default schedule and domains ("all" checked, or typed when virsh lists none)."""
+        self.answer("create a new backup action", "n" + ENTER)
+        self.answer("live backup of libvirt/KVM virtual machines", "k" + ENTER)
+        self.answer("When to run this action?", ENTER)
+        self.answer("Domains to back up", ENTER)
+
     def screen(self) -> str:
         return _ESCAPE.sub("", self.raw)[-2000:]
 
@@ -121,11 +129,7 @@ def wizard_action(ninjahelper_conf, scratch):
     backups = os.path.join(scratch, "backups")
     dialogs = Dialogs(conf)
     try:
-        dialogs.answer("create a new backup action", "n" + ENTER)
-        dialogs.answer("live backup of libvirt/KVM virtual machines", "k" + ENTER)
-        dialogs.answer("When to run this action?", ENTER)
-        # A checklist of virsh's domains ("all" checked) or an input box ("all").
-        dialogs.answer("Domains to back up", ENTER)
+        dialogs.open_kvm_wizard()
         dialogs.answer("How to merge the overlay back", DOWN + " " + ENTER)
         dialogs.answer("Freeze the guests' filesystems", DOWN + " " + ENTER)
         dialogs.answer("Where do the backup sets go?", ENTER)  # local
@@ -189,10 +193,7 @@ def test_wizard_writes_a_remote_action(ninjahelper_conf):
     conf, configdir = ninjahelper_conf
     dialogs = Dialogs(conf)
     try:
-        dialogs.answer("create a new backup action", "n" + ENTER)
-        dialogs.answer("live backup of libvirt/KVM virtual machines", "k" + ENTER)
-        dialogs.answer("When to run this action?", ENTER)
-        dialogs.answer("Domains to back up", ENTER)
+        dialogs.open_kvm_wizard()
         dialogs.answer("How to merge the overlay back", ENTER)
         dialogs.answer("Freeze the guests' filesystems", ENTER)
         dialogs.answer("Where do the backup sets go?", DOWN + " " + ENTER)

@@ -11,8 +11,8 @@ import pytest
 
 from backupninja_kvm import destination
 from tests.conftest import write_action
-from tests.integration.test_faults import helper
 from tests.support import sshd
+from tests.support.cli import helper
 from tests.support.ninja import Ninja
 from tests.support.vms import DiskSpec, MiB, Write, reference_image, same_content
 

@@ -13,7 +13,6 @@ import io
 import logging
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -21,25 +20,16 @@ import pytest
 from backupninja_kvm import config, destination, faults, journal, report
 from backupninja_kvm.errors import OverlayLeftError
 from tests.conftest import ROOT, write_action
+from tests.support.cli import helper
 from tests.support.cycle import back_up
 from tests.support.vms import DiskSpec, MiB, Write, reference_image, same_content
 
 pytestmark = pytest.mark.libvirt
 
-HELPER = os.path.join(os.path.dirname(sys.executable), "backupninja-kvm")
 DISKS = [DiskSpec("vda", "qcow2", 32 * MiB), DiskSpec("vdb", "raw", 16 * MiB)]
 BEFORE = {"vda": [Write(0x11, 0, MiB)], "vdb": [Write(0x21, 0, MiB)]}
 BETWEEN = {"vda": [Write(0x12, 2 * MiB, MiB)], "vdb": [Write(0x22, 2 * MiB, MiB)]}
 AFTER = {"vda": [Write(0x13, 4 * MiB, MiB)], "vdb": [Write(0x23, 4 * MiB, MiB)]}
-
-
-def helper(*args: str, fault: str | None = None, signal: str = "KILL"):
-    env = dict(os.environ)
-    if fault:
-        env.update(BACKUPNINJA_KVM_FAULT=fault, BACKUPNINJA_KVM_FAULT_SIGNAL=signal)
-    return subprocess.run(
-        [HELPER, *args], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL
-    )
 
 
 def action_for(scratch: str, vm, **general: str) -> str:

@@ -25,8 +25,8 @@ import pytest
 
 from backupninja_kvm import config, destination, journal
 from tests.conftest import write_action
-from tests.integration.test_faults import helper
 from tests.support import guest
+from tests.support.cli import helper
 from tests.support.cycle import back_up
 from tests.support.vms import IMAGE_ROOT, PREFIX, DiskSpec, MiB, TestVM, connect
 

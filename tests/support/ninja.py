@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
+
+from tests.support.cli import HELPER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HANDLERS = os.path.join(ROOT, "handlers")
-HELPER = os.path.join(os.path.dirname(sys.executable), "backupninja-kvm")
 
 
 @dataclass
