@@ -21,8 +21,10 @@ import libvirt
 import libvirt_qemu
 
 URI = "qemu:///system"
-PREFIX = "bnkvm-t-"
-IMAGE_ROOT = "/var/lib/libvirt/images/bnkvm-tests"
+# Two checkouts may run their suites side by side on one libvirtd: each run
+# removes only the VMs and images of its own prefix (BNKVM_TEST_PREFIX).
+PREFIX = os.environ.get("BNKVM_TEST_PREFIX", "bnkvm-t-")
+IMAGE_ROOT = f"/var/lib/libvirt/images/{PREFIX}images"
 
 MiB = 1024 * 1024
 
