@@ -142,17 +142,21 @@ class Hypervisor:
     def list_domains(self) -> list[DomainSummary]:
         try:
             domains = self._connection.listAllDomains(0)
-            return sorted(
-                (
+        except libvirt.libvirtError as error:
+            raise _translate(error, "cannot list domains") from None
+        summaries = []
+        for d in domains:
+            try:
+                summaries.append(
                     DomainSummary(
                         d.name(), d.UUIDString(), bool(d.isActive()), bool(d.isPersistent())
                     )
-                    for d in domains
-                ),
-                key=lambda d: d.name,
-            )
-        except libvirt.libvirtError as error:
-            raise _translate(error, "cannot list domains") from None
+                )
+            except libvirt.libvirtError as error:
+                if error.get_error_code() == ERR_NO_DOMAIN:
+                    continue  # a transient domain that stopped since the listing: gone
+                raise _translate(error, "cannot list domains") from None
+        return sorted(summaries, key=lambda d: d.name)
 
     def domain(self, name: str) -> Domain:
         try:
@@ -218,8 +222,12 @@ class Domain:
     def id(self) -> int:
         return int(self._call("id", "ID"))
 
-    def xml(self, inactive: bool = False) -> str:
+    def xml(self, inactive: bool = False, secure: bool = False) -> str:
+        """The domain's XML; *secure* keeps what libvirt hides by default
+        (VNC/SPICE passwords), for a definition that restores as it was."""
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        if secure:
+            flags |= libvirt.VIR_DOMAIN_XML_SECURE
         return self._call("read XML", "XMLDesc", flags)
 
     def create_overlays(self, snapshot_xml: str) -> None:
