@@ -195,7 +195,9 @@ def load(
     when the remote destination is unusable), the remote host and directory.
     """
     path = str(path)
-    raw_lines = read_text(path).splitlines()
+    # "\n" only, as backupninja counts lines (str.splitlines also splits at
+    # form feeds and other separators, and line numbers would drift).
+    raw_lines = read_text(path).replace("\r\n", "\n").split("\n")
     lines = [("" if _WHEN_LINE.match(line) else line) for line in raw_lines]
     index = _index_lines(lines)
     try:
@@ -204,7 +206,7 @@ def load(
         errors = getattr(parse_error, "errors", [parse_error])
         raise ConfigError(path, [_describe_parse_error(path, lines, e) for e in errors]) from None
 
-    problems: list[tuple[int, str]] = []
+    problems = _remove_nested_sections(path, lines, config)
     result = config.validate(Validator(), preserve_errors=True)
     invalid: set[tuple[str, str]] = set()
     for sections, key, failure in flatten_errors(config, result):
@@ -286,6 +288,28 @@ def load(
         lines=index,
     )
     return settings
+
+
+def _remove_nested_sections(
+    path: str, lines: list[str], config: ConfigObj
+) -> list[tuple[int, str]]:
+    """Our dialect has one level of sections; a ``[[sub]]`` is a problem, and
+    is removed before validation (configobj's validate fails on some)."""
+    problems = []
+    for section in [config[name] for name in config.sections]:
+        for name in list(section.sections):
+            pattern = re.compile(rf"^\s*\[\[+\s*{re.escape(name)}\s*\]")
+            line = next((n for n, text in enumerate(lines, 1) if pattern.match(text)), 0)
+            at = f" line {line}" if line else ""
+            problems.append(
+                (
+                    line,
+                    f"{path}{at}: [[{name}]]: nested sections are not used "
+                    "(one level of [section])",
+                )
+            )
+            del section[name]
+    return problems
 
 
 def read_text(path: str) -> str:

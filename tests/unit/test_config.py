@@ -699,3 +699,49 @@ def test_permissions_are_checked_as_backupninja_checks_them(
     for problem, word in zip(problems, refused, strict=True):
         assert problem.startswith("/etc/backup.d/20.kvm: ") and word in problem
         assert "backupninja refuses" in problem
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "name"),
+    [
+        pytest.param("[dest]\nkeep = 2\n[[dest]]\n", 3, "dest", id="named-like-a-key"),
+        pytest.param("[general]\n[[merge]]\nx = 1\n", 2, "merge", id="general-merge"),
+        pytest.param("[source]\ndomains = a\n  [[ sub ]]\n", 3, "sub", id="indented"),
+    ],
+)
+def test_a_nested_section_is_a_config_error_not_a_traceback(tmp_path, text, line, name):
+    path = write(tmp_path, text)
+
+    problems = problems_of(path)
+
+    expected = f"{path} line {line}: [[{name}]]: nested sections are not used"
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_line_numbers_count_newlines_only_as_backupninja_does(tmp_path):
+    path = write(tmp_path, f"[general]\n\x0c\nbandwidht = 3\n[dest]\ndirectory = {tmp_path}\n")
+
+    assert problems_of(path) == [
+        f"{path} line 3: [general] bandwidht: unknown key (did you mean bandwidth?)"
+    ]
+
+
+def test_whatever_the_bytes_loading_raises_only_a_config_error(tmp_path):
+    import random
+
+    rng = random.Random(8)
+    pieces = ["[general]", "[source]", "[dest]", "[[dest]]", "[", "domains = a", "keep = 3"]
+    pieces += ["merge = pull", '"', "'", "a = b = c", "\x0c", "\x00", "é", "\xe9", "=x"]
+    pieces += [f"directory = {tmp_path}", "exclude = ,,", "port = -1", "[[[x]]]", "\\"]
+    path = tmp_path / "fuzz.kvm"
+    for case in range(600):
+        if case % 3 == 0:
+            data = bytes(rng.randrange(256) for _ in range(rng.randrange(80)))
+        else:
+            lines = [rng.choice(pieces) for _ in range(rng.randrange(10))]
+            data = "\n".join(lines).encode("utf-8", "surrogateescape")
+        path.write_bytes(data)
+        try:
+            config.load(str(path))
+        except ConfigError:
+            pass
