@@ -174,3 +174,21 @@ def test_the_saved_definition_keeps_the_console_password(new_vm, scratch):
         if name != "B3SUMS":  # the manifest holds nothing secret
             assert stat.S_IMODE(os.stat(os.path.join(set_path, name)).st_mode) == 0o600, name
     assert vm.tops() == vm.paths and vm.tagged_files() == []
+
+
+def test_backupninjas_admingroup_may_read_the_action_file(scratch):
+    # backupninja accepts a file open to its admingroup; so does the helper,
+    # which the handler tells the admingroup.
+    ninja = Ninja(scratch, "admingroup = users\n")
+    os.chown(ninja.configdir, 0, 100)
+    os.chmod(ninja.configdir, 0o750)
+    stale = stale_name()
+    action = ninja.action("20-vms.kvm", action_text(backups_dir(scratch), stale))
+    os.chown(action, 0, 100)  # group users
+    os.chmod(action, 0o640)
+
+    result = ninja.run(action)
+
+    assert "refuses" not in result.log, result.log
+    assert result.lines("Fatal") == [], result.log
+    assert any(f"unknown domain '{stale}'" in line for line in result.lines("Error")), result.log
