@@ -190,9 +190,11 @@ def load(
 
     Raises ConfigError listing every problem, each with its line and key.
     With *list_domains* (uri -> names of the domains libvirt knows, raising
-    BackupNinjaKvmError when it cannot tell), the domain names are checked
-    too, in the same pass; with *check_remote* (raising BackupNinjaKvmError
-    when the remote destination is unusable), the remote host and directory.
+    BackupNinjaKvmError when it cannot tell), libvirt must answer at the
+    (local) uri; a name it does not know is left to the run, which reports
+    it as an Error of its own. With *check_remote* (raising
+    BackupNinjaKvmError when the remote destination is unusable), the remote
+    host and directory are checked too, in the same pass.
     """
     path = str(path)
     # "\n" only, as backupninja counts lines (str.splitlines also splits at
