@@ -332,6 +332,14 @@ def read_text(path: str) -> str:
             path,
             [f"{path}: not UTF-8 text (byte {byte:#04x} at line {line}); save it as UTF-8"],
         ) from None
+    if text.startswith("\ufeff"):  # what some Windows editors write
+        raise ConfigError(
+            path,
+            [
+                f"{path}: starts with a byte order mark (BOM), which backupninja's parser "
+                "does not expect: save it as UTF-8 without BOM"
+            ],
+        )
     if "\0" in text:
         line = text.count("\n", 0, text.index("\0")) + 1
         raise ConfigError(path, [f"{path}: not a text file (a NUL byte at line {line})"])

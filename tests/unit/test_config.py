@@ -533,6 +533,12 @@ def test_the_upper_bounds_themselves_are_accepted(tmp_path):
             "not a text file (a NUL byte at line 3)",
             id="nul-bytes",
         ),
+        pytest.param(
+            b"\xef\xbb\xbf[source]\ndomains = all\n",
+            "starts with a byte order mark (BOM), which backupninja's parser does not expect: "
+            "save it as UTF-8 without BOM",
+            id="bom",
+        ),
     ],
 )
 def test_a_file_that_is_not_utf8_text_is_a_config_error_naming_the_line(tmp_path, data, expected):
