@@ -319,6 +319,7 @@ def _recover_one(hypervisor, name: str, left_by, quiet: bool) -> int | None:
     under its lock, and report it. Returns EXIT_OK when something was
     repaired, None when nothing was to do, else the exit status."""
     from backupninja_kvm import journal, recovery
+    from backupninja_kvm.hypervisor import ERR_NO_DOMAIN
     from backupninja_kvm.lock import domain_lock
 
     try:
@@ -332,7 +333,12 @@ def _recover_one(hypervisor, name: str, left_by, quiet: bool) -> int | None:
     except OverlayLeftError as error:
         log.critical("%s", error)
         return EXIT_FATAL
-    except (DomainError, HypervisorError, journal.JournalError, OSError) as error:
+    except HypervisorError as error:
+        if quiet and left_by is None and error.code == ERR_NO_DOMAIN:
+            return None  # gone since listed: a journal it left is for the next recover
+        log.error("%s", error)
+        return EXIT_DOMAIN_ERRORS
+    except (DomainError, journal.JournalError, OSError) as error:
         log.error("%s", error)
         return EXIT_DOMAIN_ERRORS
     if not done:
