@@ -22,6 +22,7 @@ import pytest
 from backupninja_kvm import config, journal, report
 from backupninja_kvm.errors import OverlayLeftError
 from tests.integration.test_faults import action_for, write_all
+from tests.support import vms
 from tests.support.cli import HELPER, helper
 from tests.support.cycle import back_up
 from tests.support.vms import DiskSpec, MiB, Write, reference_image, same_content
@@ -189,3 +190,31 @@ def test_the_merge_fatal_for_a_vanished_domain_gives_the_command_that_works(new_
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
     assert vm.tagged_files() == []
     assert has_every_write(vm, scratch, BEFORE, BETWEEN)
+
+
+def test_a_vanished_domains_overlay_is_not_committed_while_its_image_is_in_use(new_vm, scratch):
+    """The domain was created again (new UUID) on the same images: committing
+    the old overlay into an image a VM runs on would corrupt it."""
+    vm = new_vm(DISKS, transient=True)
+    uuid = vm.domain.UUIDString()
+    write_all(vm, BEFORE)
+    kill_on_the_overlay(vm, action_for(scratch, vm))
+    overlays = sorted(vm.tops().values())
+    vm.domain.destroy()
+    again = vms.connect().createXML(
+        vms.domain_xml(vm.name + "-again", [(s, vm.paths[s.target]) for s in DISKS]), 0
+    )
+    try:
+        refused = helper("recover", uuid)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "is in use by a running domain" in refused.stdout, refused.stdout
+        assert "recovery touched nothing" in refused.stdout
+        assert all(os.path.exists(overlay) for overlay in overlays)
+        assert journal.read(uuid) is not None
+    finally:
+        again.destroy()
+
+    repaired = helper("recover", vm.name)
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert not any(os.path.exists(overlay) for overlay in overlays)
+    assert journal.read(uuid) is None
