@@ -379,7 +379,7 @@ def _recover_first(domain: Domain, settings: Settings) -> None:
         ) from None
     except (OverlayLeftError, DomainError):
         raise
-    except Exception as error:  # noqa: BLE001 - a bug or libvirt-python must not hide the state
+    except Exception as error:  # a bug, or libvirt-python: never hide the state
         raise _repair_failed(domain, error) from None
 
 
@@ -679,7 +679,7 @@ def merge(
                 back_on_images = _merge_by_commit(domain, disks, overlays, settings, journal)
         except (OverlayLeftError, DomainError):
             raise
-        except Exception as error:  # noqa: BLE001 - no traceback may hide the overlays
+        except Exception as error:  # a bug, or libvirt-python: no traceback hides the overlays
             raise _merge_failed(domain, overlays, error) from None
         journals.remove(domain.uuid)
         log.info("%s: merged %s by %s", domain.name, ", ".join(overlays), settings.merge)

@@ -203,7 +203,7 @@ def _state_after_interrupt(domain) -> tuple[str, bool]:
     from backupninja_kvm import journal, recovery
 
     if domain is None:
-        return "no set was made for it", False
+        return "nothing was done to it yet", False
     name = domain.name
     in_use = recovery.overlays_in_use(domain)
     if in_use:
