@@ -44,7 +44,12 @@ def _acquire(name: str, path: str) -> int:
     """Open and flock *path*; returns the descriptor. Raises DomainError
     naming the holder when another process holds it."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as error:
+            raise DomainError(
+                f"{name}: cannot open the lock file {path}: {error.strerror}; skipped"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

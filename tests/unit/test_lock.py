@@ -63,3 +63,14 @@ def test_a_waiter_on_a_removed_file_takes_the_new_one(lock_dir, monkeypatch):
     assert opened
     os.close(stale)
     assert os.listdir(lock_dir) == []
+
+
+def test_a_symlink_in_place_of_the_lock_file_is_refused_not_followed(lock_dir, tmp_path):
+    os.makedirs(lock_dir)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.symlink(victim, lock.lock_path("uuid-1"))
+    with pytest.raises(DomainError) as raised, lock.domain_lock("vm", "uuid-1"):
+        pass
+    assert "cannot open the lock file" in str(raised.value)
+    assert victim.read_text() == "precious\n"
