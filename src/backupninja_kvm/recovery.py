@@ -167,7 +167,14 @@ def recover_domain(
         done += _thaw_left_frozen(domain)
     refusals: list[str] = []
     for entry in journal.disks:
-        for step in decide(entry, observe(domain, entry), journal.merge):
+        steps = decide(entry, observe(domain, entry), journal.merge)
+        interrupted_before_merge = from_journal and journal.phase == journals.FROZEN
+        if interrupted_before_merge and [step.kind for step in steps] == [DELETE]:
+            unmerged = unmerged_writes(entry)
+            if unmerged:
+                refusals.append(f"{entry.target}: {unmerged}")
+                continue
+        for step in steps:
             if step.kind == REFUSE:
                 refusals.append(f"{entry.target}: {step.detail}")
                 break
@@ -569,3 +576,36 @@ def _locked_info(path: str) -> tuple[dict, str]:
         return json.loads(result.stdout), ""
     except ValueError:
         return {}, f"{path}: qemu-img info gave no JSON"
+
+
+def unmerged_writes(entry: DiskEntry) -> str:
+    """Why the overlay of *entry* may not simply be deleted, "" when it may.
+
+    A backup interrupted before its merge, whose domain no longer uses the
+    overlay: either the overlay was merged by hand, or the domain was created
+    again on its own image (a transient domain destroyed and re-created from
+    its definition), and the guest's writes since the freeze exist only in
+    the overlay. Only when the overlay shows the same bytes as its base were
+    they merged.
+    """
+    overlay, base = entry.overlay, entry.base
+    base_format = entry.base_format if entry.base_format != "unknown" else "raw"
+    result = subprocess.run(
+        ["qemu-img", "compare", "-U", "-f", "qcow2", "-F", base_format, overlay, base],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode == 0:
+        return ""
+    why = (
+        "holds writes made after the freeze that are not in"
+        if result.returncode == 1
+        else f"cannot be compared ({result.stderr.strip()}) with"
+    )
+    return (
+        f"{overlay} was never merged and {why} {base}, which the domain runs on again "
+        f"(created again from a definition naming its own image?); merging it now would mix "
+        f"two histories, so it is kept: copy it if those writes matter (`qemu-img convert -U "
+        f"-O qcow2 {overlay} COPY` gives the disk as of the interruption), then delete it "
+        f"and run `backupninja-kvm recover` again"
+    )

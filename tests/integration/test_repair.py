@@ -35,6 +35,15 @@ BETWEEN = {"vda": [Write(0x42, 2 * MiB, MiB)], "vdb": [Write(0x52, 2 * MiB, MiB)
 AFTER = {"vda": [Write(0x43, 4 * MiB, MiB)], "vdb": [Write(0x53, 4 * MiB, MiB)]}
 
 
+@pytest.fixture(autouse=True)
+def no_journal_left_behind():
+    """Journals of vanished test domains would outlive a failed test."""
+    before = set(journal.all_journals())
+    yield
+    for uuid in set(journal.all_journals()) - before:
+        journal.remove(uuid)
+
+
 def kill_on_the_overlay(vm, action: str) -> None:
     """A run killed right after the freeze: the VM stays on its overlays."""
     killed = helper("run", action, fault="after-freeze")
@@ -219,4 +228,30 @@ def test_a_vanished_domains_overlay_is_not_committed_while_its_image_is_in_use(n
     repaired = helper("recover", vm.name)
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
     assert not any(os.path.exists(overlay) for overlay in overlays)
+    assert journal.read(uuid) is None
+
+
+def test_an_overlay_never_merged_is_kept_when_the_domain_came_back_on_its_image(new_vm, scratch):
+    """A transient domain destroyed on its overlay and created again from a
+    definition naming its own image (same UUID): the guest's writes since the
+    freeze exist only in the overlay, which must not be deleted silently."""
+    vm = new_vm(DISKS[:1], transient=True)
+    uuid = vm.domain.UUIDString()
+    kill_on_the_overlay(vm, action_for(scratch, vm))
+    (overlay,) = vm.tops().values()
+    vm.write("vda", Write(0x45, 0, MiB))  # only in the overlay
+    vm.domain.destroy()
+    definition = vms.domain_xml(vm.name, [(DISKS[0], vm.paths["vda"])])
+    vms.connect().createXML(definition.replace("<name>", f"<uuid>{uuid}</uuid><name>"), 0)
+    assert vm.tops() == vm.paths
+
+    kept = helper("recover", vm.name)
+
+    assert kept.returncode == 2, kept.stdout + kept.stderr
+    assert f"{overlay} was never merged and holds writes made after the freeze" in kept.stdout
+    assert os.path.exists(overlay)
+    assert journal.read(uuid) is not None
+    os.unlink(overlay)  # as the message says, once the writes are saved or not needed
+    cleaned = helper("recover", vm.name)
+    assert cleaned.returncode == 0, cleaned.stdout
     assert journal.read(uuid) is None
