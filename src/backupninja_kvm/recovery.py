@@ -267,7 +267,7 @@ def start_commit(domain: Domain, target: str, overlay: str, bandwidth: int) -> i
     A commit refused with the configured bandwidth (libvirt's own limit, or
     libvirt-python's OverflowError for a value beyond a C long) is started
     once more without a limit, with a warning: a bad value must never keep
-    a VM on its overlay, nor be tried again by every later repair.
+    a VM on its overlay.
     """
     try:
         domain.start_commit(target, bandwidth)
