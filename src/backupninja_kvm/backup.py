@@ -39,7 +39,7 @@ from backupninja_kvm.errors import (
     OverlayLeftError,
     TransferError,
 )
-from backupninja_kvm.hypervisor import Domain
+from backupninja_kvm.hypervisor import ERR_NO_DOMAIN, Domain
 from backupninja_kvm.lock import domain_lock
 from backupninja_kvm.progress import Board, Progress
 from backupninja_kvm.report import human_bytes, log, seconds
@@ -361,17 +361,59 @@ def _signature(path: str | None) -> tuple[int, int]:
 
 
 def _recover_first(domain: Domain, settings: Settings) -> None:
-    """Repair what an interrupted earlier run left, before anything else."""
+    """Repair what an interrupted earlier run left, before anything else.
+
+    The repair is a merge: a signal waits until it is done (or has failed).
+    Raises DomainError when the domain runs on its own images but was not
+    repaired, OverlayLeftError (with the state found) when it may not.
+    """
     try:
-        repaired = recovery.recover_domain(domain, settings.merge_timeout, settings.bandwidth)
+        with interrupts.critical():
+            repaired = recovery.recover_domain(domain, settings.merge_timeout, settings.bandwidth)
+            if repaired:
+                log.warning(
+                    "%s: repaired what an interrupted backup left: %s",
+                    domain.name,
+                    "; ".join(repaired),
+                )
     except journals.JournalError as error:
         raise DomainError(
             f"{domain.name}: {error}; remove it once checked; domain skipped"
         ) from None
-    if repaired:
-        log.warning(
-            "%s: repaired what an interrupted backup left: %s", domain.name, "; ".join(repaired)
+    except (OverlayLeftError, DomainError):
+        raise
+    except Exception as error:  # a bug, or libvirt-python: never hide the state
+        raise _repair_failed(domain, error) from None
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, HypervisorError | OSError | journals.JournalError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"  # not ours: name it, it is a bug
+
+
+def _repair_failed(domain: Domain, error: Exception) -> DomainError | OverlayLeftError:
+    """The error to report when the repair before the backup failed with
+    *error*, saying the state found afterwards."""
+    why = _describe(error)
+    journal = journals.journal_path(domain.uuid)
+    in_use = recovery.overlays_in_use(domain)
+    if in_use == []:
+        return DomainError(
+            f"{domain.name}: the repair of what an interrupted backup left failed ({why}); "
+            f"the domain runs on its own images, its journal {journal} is left: run "
+            f"`backupninja-kvm recover {domain.name}`; domain skipped"
         )
+    state = (
+        f"it still runs on the overlay(s) {', '.join(in_use)}"
+        if in_use
+        else "its state could not be read, it may still run on an overlay"
+    )
+    return OverlayLeftError(
+        f"{domain.name}: the repair of what an interrupted backup left failed ({why}); "
+        f"{state}; nothing is lost, do not delete them: run `backupninja-kvm recover "
+        f"{domain.name}` (journal {journal}); domain skipped"
+    )
 
 
 def quiesce_wanted(plan: Plan, settings: Settings) -> bool:
@@ -522,6 +564,10 @@ def _back_up_running(
             for d in plan.disks
         ),
         quiesce=quiesce,
+        partial=backup_set.partial_path,
+        partial_host=backup_set.remote.label
+        if isinstance(backup_set, destination.RemoteBackupSet)
+        else "",
     )
     all_disks = parse_disks(domain.xml())
     frozen_at = time.monotonic()
@@ -634,16 +680,40 @@ def merge(
                 back_on_images = time.monotonic()
             else:
                 back_on_images = _merge_by_commit(domain, disks, overlays, settings, journal)
-        except HypervisorError as error:
-            raise OverlayLeftError(
-                f"{domain.name}: the merge of {', '.join(overlays)} failed ({error}); the "
-                f"domain may still use the overlays {', '.join(overlays.values())}; nothing is "
-                f"lost, do not delete them: run `backupninja-kvm recover {domain.name}` "
-                f"(journal {journals.journal_path(domain.uuid)})"
-            ) from None
+        except (OverlayLeftError, DomainError):
+            raise
+        except Exception as error:  # a bug, or libvirt-python: no traceback hides the overlays
+            raise _merge_failed(domain, overlays, error) from None
         journals.remove(domain.uuid)
         log.info("%s: merged %s by %s", domain.name, ", ".join(overlays), settings.merge)
     return back_on_images
+
+
+def _merge_failed(domain: Domain, overlays: dict[str, str], error: Exception) -> OverlayLeftError:
+    """The error for a merge that failed with *error* (a HypervisorError, or
+    anything else escaping from libvirt-python or a bug), naming the state."""
+    name = domain.name
+    journal = journals.journal_path(domain.uuid)
+    files = ", ".join(overlays.values())
+    text = f"{name}: the merge of {', '.join(overlays)} failed ({_describe(error)}); "
+    if isinstance(error, HypervisorError) and error.code == ERR_NO_DOMAIN:
+        return OverlayLeftError(
+            text + f"the domain no longer exists (destroyed during the backup?): the guest's "
+            f"last writes are only in the overlays {files}; do not delete them and do not "
+            f"start the domain again before they are merged: run `backupninja-kvm recover "
+            f"{name}`, which commits them offline into the images named in the journal {journal}"
+        )
+    in_use = recovery.overlays_in_use(domain)
+    if in_use:
+        state = f"the domain still runs on the overlay(s) {', '.join(in_use)}"
+    elif in_use == []:
+        state = f"the domain shows its own images on top, but the merge was not verified ({files})"
+    else:
+        state = f"the domain may still use the overlays {files}"
+    return OverlayLeftError(
+        text + f"{state}; nothing is lost, do not delete them: run "
+        f"`backupninja-kvm recover {name}` (journal {journal})"
+    )
 
 
 def _merge_offline(domain: Domain) -> None:

@@ -160,19 +160,25 @@ def _back_up_all(
         for position, name in enumerate(names):
             stamp = time.strftime("%Y%m%dT%H%M%S")
             started = time.monotonic()
+            left = ", ".join(names[position + 1 :]) or "none"
+            domain = None
             try:
                 domain = hypervisor.domain(name)
                 outcome = back_up_domain(domain, settings, stamp)
             except Interrupted as interrupt:
-                left = ", ".join(names[position + 1 :]) or "none"
+                state, on_overlay = _state_after_interrupt(domain)
                 log.critical(
-                    "interrupted by %s during the backup of %s: it runs on its own images "
-                    "again, no set was made for it; domains not backed up: %s",
+                    "interrupted by %s during the backup of %s: %s; domains not backed up: %s",
                     interrupt.signame,
                     name,
+                    state,
                     left,
                 )
-                figures.append(prometheus.DomainFigures(name, prometheus.ERROR))
+                figures.append(
+                    prometheus.DomainFigures(
+                        name, prometheus.FATAL if on_overlay else prometheus.ERROR
+                    )
+                )
                 return EXIT_FATAL
             except OverlayLeftError as error:
                 log.critical("%s", error)
@@ -202,6 +208,15 @@ def _back_up_all(
                         outcome.quiesced is not None,
                     )
                 )
+            signame = interrupts.received()
+            if signame:  # it came during a merge or a repair that then failed (see above)
+                log.critical(
+                    "interrupted by %s during the backup of %s; domains not backed up: %s",
+                    signame,
+                    name,
+                    left,
+                )
+                return EXIT_FATAL
     finally:
         if prometheus_dir:
             _write_prometheus(prometheus_dir, figures)
@@ -212,6 +227,34 @@ def _back_up_all(
         log.error("%d of %d domain(s) failed: %s", len(failed), total, ", ".join(failed))
         return EXIT_DOMAIN_ERRORS
     return EXIT_OK
+
+
+def _state_after_interrupt(domain) -> tuple[str, bool]:
+    """What an interrupted backup left of *domain* (None: not looked up yet),
+    as the message says it, and whether it may still be on an overlay."""
+    from backupninja_kvm import journal, recovery
+
+    if domain is None:
+        return "nothing was done to it yet", False
+    name = domain.name
+    in_use = recovery.overlays_in_use(domain)
+    if in_use:
+        return (
+            f"it is still on the overlay(s) {', '.join(in_use)} and no set was made for it; "
+            f"nothing is lost, do not delete them: run `backupninja-kvm recover {name}`"
+        ), True
+    if in_use is None:
+        return (
+            f"its state could not be read, it may still be on an overlay, and no set was "
+            f"made for it: see `backupninja-kvm status`, run `backupninja-kvm recover {name}`"
+        ), True
+    pending = journal.journal_path(domain.uuid)
+    if os.path.exists(pending):
+        return (
+            f"it runs on its own images again, no set was made for it, but the journal "
+            f"{pending} is left: run `backupninja-kvm recover {name}`"
+        ), False
+    return "it runs on its own images again, no set was made for it", False
 
 
 def _write_prometheus(directory: str, figures: list[prometheus.DomainFigures]) -> None:
@@ -234,44 +277,109 @@ def _hypervisor_or_fatal(uri: str):
 
 
 def recover(args: argparse.Namespace) -> int:
-    """``recover [DOMAIN...]``: bring domains back onto their own images."""
+    """``recover [DOMAIN...]``: bring domains back onto their own images.
+
+    Also handles the journals of domains that no longer exist (a transient
+    domain destroyed during its backup), named by the domain name or UUID
+    the journal records: their overlays are merged offline.
+    """
     from backupninja_kvm import journal, recovery
-    from backupninja_kvm.lock import domain_lock
 
     hypervisor = _hypervisor_or_fatal(args.uri)
     if hypervisor is None:
         return EXIT_FATAL
     try:
         known = hypervisor.list_domains()
-        names = args.domains or [d.name for d in known]
-        unknown = sorted(set(names) - {d.name for d in known})
-        if unknown:
-            log.critical("unknown domain(s): %s", ", ".join(unknown))
-            return EXIT_FATAL
+        vanished, unreadable = recovery.vanished_journals(hypervisor)
         status = EXIT_OK
+        if args.domains:
+            targets, unknown = _recover_targets(args.domains, known, vanished)
+            if unknown:
+                log.critical(
+                    "unknown domain(s): %s (neither a domain at %s nor the domain name or "
+                    "UUID of a journal in %s)",
+                    ", ".join(unknown),
+                    args.uri,
+                    journal.journal_dir(),
+                )
+                return EXIT_FATAL
+        else:
+            targets = [(d.name, None) for d in known] + [(j.domain, j) for j in vanished]
+            for problem in unreadable:
+                log.error("%s; remove it once checked", problem)
+                status = EXIT_DOMAIN_ERRORS
         repaired = 0
-        for name in names:
-            domain = hypervisor.domain(name)
+        for position, (name, left_by) in enumerate(targets):
             try:
-                with domain_lock(name, domain.uuid):
-                    done = recovery.recover_domain(domain)
-            except OverlayLeftError as error:
-                log.critical("%s", error)
-                status = EXIT_FATAL
-            except (DomainError, HypervisorError, journal.JournalError) as error:
-                log.error("%s", error)
-                status = max(status, EXIT_DOMAIN_ERRORS)
-            else:
-                if done:
-                    repaired += 1
-                    log.warning("%s: repaired: %s", name, "; ".join(done))
-                elif args.domains:
-                    log.info("%s: nothing to repair", name)
+                with interrupts.critical():  # a signal waits until this domain is done
+                    result = _recover_one(hypervisor, name, left_by, quiet=not args.domains)
+            except Interrupted as interrupt:
+                log.critical(
+                    "interrupted by %s after the recovery of %s; not handled: %s",
+                    interrupt.signame,
+                    name,
+                    ", ".join(n for n, _ in targets[position + 1 :]) or "none",
+                )
+                return EXIT_FATAL
+            if result == EXIT_OK:
+                repaired += 1
+            elif result == EXIT_FATAL or (result is not None and status != EXIT_FATAL):
+                status = result  # a Fatal outranks an Error
         if not repaired and not args.domains and status == EXIT_OK:
             log.info("nothing to repair: no domain runs on an overlay of ours, no journal left")
         return status
     finally:
         hypervisor.close()
+
+
+def _recover_targets(wanted: list[str], known, vanished) -> tuple[list, list[str]]:
+    """(domain name, journal of a vanished domain or None) for each name or
+    UUID asked for, and the names that match nothing."""
+    targets: list = []
+    unknown = []
+    for item in wanted:
+        matched = [(d.name, None) for d in known if item in (d.name, d.uuid)]
+        matched += [(j.domain, j) for j in vanished if item in (j.domain, j.uuid)]
+        if not matched:
+            unknown.append(item)
+        targets += [target for target in matched if target not in targets]
+    return targets, unknown
+
+
+def _recover_one(hypervisor, name: str, left_by, quiet: bool) -> int | None:
+    """Repair one domain (or, with *left_by*, the journal of a vanished one)
+    under its lock, and report it. Returns EXIT_OK when something was
+    repaired, None when nothing was to do, else the exit status."""
+    from backupninja_kvm import journal, recovery
+    from backupninja_kvm.hypervisor import ERR_NO_DOMAIN
+    from backupninja_kvm.lock import domain_lock
+
+    try:
+        if left_by is not None:
+            with domain_lock(name, left_by.uuid):
+                done = recovery.recover_vanished(hypervisor, left_by)
+        else:
+            domain = hypervisor.domain(name)
+            with domain_lock(name, domain.uuid):
+                done = recovery.recover_domain(domain)
+    except OverlayLeftError as error:
+        log.critical("%s", error)
+        return EXIT_FATAL
+    except HypervisorError as error:
+        if quiet and left_by is None and error.code == ERR_NO_DOMAIN:
+            return None  # gone since listed: a journal it left is for the next recover
+        log.error("%s", error)
+        return EXIT_DOMAIN_ERRORS
+    except (DomainError, journal.JournalError, OSError) as error:
+        log.error("%s", error)
+        return EXIT_DOMAIN_ERRORS
+    if not done:
+        if not quiet:
+            log.info("%s: nothing to repair", name)
+        return None
+    label = f"{name} (no longer exists)" if left_by is not None else name
+    log.warning("%s: repaired: %s", label, "; ".join(done))
+    return EXIT_OK
 
 
 def status(args: argparse.Namespace) -> int:

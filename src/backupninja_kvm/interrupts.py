@@ -56,6 +56,15 @@ def critical() -> Iterator[None]:
         raise Interrupted(_pending)
 
 
+def received() -> str | None:
+    """The name of the signal received so far (acted on or not), else None.
+
+    A critical section that ends with an error of its own does not raise
+    the deferred Interrupted: the caller checks this to stop all the same.
+    """
+    return signal.Signals(_pending).name if _pending is not None else None
+
+
 def reset() -> None:
     """Forget a pending signal (for tests)."""
     global _pending, _raised

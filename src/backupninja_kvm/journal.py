@@ -46,6 +46,8 @@ class Journal:
     merge: str  # commit or pull
     disks: tuple[DiskEntry, ...]
     quiesce: bool = False  # the guest's filesystems are frozen around the snapshot
+    partial: str = ""  # the set being written (DIRECTORY/DOMAIN/STAMP.partial)
+    partial_host: str = ""  # where *partial* is, for dest = remote; "" when local
     started: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
     schema: int = SCHEMA

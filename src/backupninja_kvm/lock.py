@@ -4,6 +4,12 @@ work on the same VM at once.
 A lock is an ``flock`` on ``LOCK_DIR/UUID.lock``: the kernel releases it when
 its holder exits, however it exits, so a crash never leaves a stale lock.
 The file names the holder for the message the next one prints.
+
+The holder removes the file on release, while it still holds the lock, so
+that the folder does not keep one file per domain ever backed up. Someone
+who opened the file just before may then lock an inode that no longer has
+that name: after taking the lock we check that the path still names the
+locked inode, and start again on the new file otherwise.
 """
 
 from __future__ import annotations
@@ -24,26 +30,56 @@ def lock_path(uuid: str) -> str:
     return os.path.join(LOCK_DIR, f"{uuid}.lock")
 
 
+def _still_named(fd: int, path: str) -> bool:
+    """True when *path* is the file open as *fd* (not removed or replaced)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _acquire(name: str, path: str) -> int:
+    """Open and flock *path*; returns the descriptor. Raises DomainError
+    naming the holder when another process holds it."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as error:
+            raise DomainError(
+                f"{name}: cannot open the lock file {path}: {error.strerror}; skipped"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DomainError(
+                f"{name}: another backup holds this domain's lock ({holder}); skipped"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _still_named(fd, path):
+            return fd
+        os.close(fd)  # its holder removed it as we opened it: take the new file
+
+
 @contextmanager
 def domain_lock(name: str, uuid: str) -> Iterator[None]:
     """Hold the lock of one domain, or raise DomainError naming its holder."""
     os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
     path = lock_path(uuid)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = _acquire(name, path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-            raise DomainError(
-                f"{name}: another backup holds this domain's lock ({holder}); skipped"
-            ) from None
-        os.ftruncate(fd, 0)
         since = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)}, since {since}\n".encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)
+        yield
     finally:
+        try:
+            os.unlink(path)  # still holding the lock: see the module's docstring
+        except FileNotFoundError:
+            pass
         os.close(fd)  # releases the flock

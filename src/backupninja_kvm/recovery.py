@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -24,8 +25,14 @@ from backupninja_kvm.disks import (
     with_disk_source,
 )
 from backupninja_kvm.errors import HypervisorError, OverlayLeftError
-from backupninja_kvm.hypervisor import ERR_BLOCK_COPY_ACTIVE, Domain, wait_until
-from backupninja_kvm.journal import DiskEntry, Journal
+from backupninja_kvm.hypervisor import (
+    ERR_BLOCK_COPY_ACTIVE,
+    ERR_NO_DOMAIN,
+    Domain,
+    Hypervisor,
+    wait_until,
+)
+from backupninja_kvm.journal import DISK_MERGED, DiskEntry, Journal
 from backupninja_kvm.progress import Progress
 from backupninja_kvm.report import log
 
@@ -160,7 +167,14 @@ def recover_domain(
         done += _thaw_left_frozen(domain)
     refusals: list[str] = []
     for entry in journal.disks:
-        for step in decide(entry, observe(domain, entry), journal.merge):
+        steps = decide(entry, observe(domain, entry), journal.merge)
+        interrupted_before_merge = from_journal and journal.phase == journals.FROZEN
+        if interrupted_before_merge and [step.kind for step in steps] == [DELETE]:
+            unmerged = unmerged_writes(entry)
+            if unmerged:
+                refusals.append(f"{entry.target}: {unmerged}")
+                continue
+        for step in steps:
             if step.kind == REFUSE:
                 refusals.append(f"{entry.target}: {step.detail}")
                 break
@@ -174,6 +188,7 @@ def recover_domain(
         )
     journals.remove(domain.uuid)
     if from_journal and interrupted:
+        done += remove_partial(journal)
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(journal.started))
         done.append(
             f"closed the journal of the backup interrupted in phase {journal.phase} "
@@ -246,17 +261,40 @@ def left_on_overlay(domain: Domain, target: str, overlay: str, why: str) -> Over
     )
 
 
-def start_commit(domain: Domain, target: str, overlay: str, bandwidth: int) -> None:
+def start_commit(domain: Domain, target: str, overlay: str, bandwidth: int) -> int:
+    """Start the active commit of *target*; returns the bandwidth it runs with.
+
+    A commit refused with the configured bandwidth (libvirt's own limit, or
+    libvirt-python's OverflowError for a value beyond a C long) is started
+    once more without a limit, with a warning: a bad value must never keep
+    a VM on its overlay.
+    """
     try:
         domain.start_commit(target, bandwidth)
+        return bandwidth
+    except (HypervisorError, OverflowError) as error:
+        if not bandwidth:
+            raise left_on_overlay(domain, target, overlay, f"commit refused: {error}") from None
+        refusal = str(error) if isinstance(error, HypervisorError) else repr(error)
+    log.warning(
+        "%s: %s: the commit with bandwidth = %s MiB/s was refused (%s); committing "
+        "without a bandwidth limit instead",
+        domain.name,
+        target,
+        bandwidth,
+        refusal,
+    )
+    try:
+        domain.start_commit(target, 0)
     except HypervisorError as error:
         raise left_on_overlay(domain, target, overlay, f"commit refused: {error}") from None
+    return 0
 
 
 def commit_and_pivot(
     domain: Domain, target: str, overlay: str, timeout: int, bandwidth: int
 ) -> None:
-    start_commit(domain, target, overlay, bandwidth)
+    bandwidth = start_commit(domain, target, overlay, bandwidth)
     wait_ready_and_pivot(domain, target, overlay, timeout, bandwidth)
 
 
@@ -286,7 +324,7 @@ def wait_ready_and_pivot(
                 domain.abort_job(target)
                 wait_until(partial(domain.job_finished, target), 30, wake=domain.job_changed)
                 if attempt == 1:
-                    domain.start_commit(target, bandwidth)
+                    bandwidth = start_commit(domain, target, overlay, bandwidth)
                     continue
             except HypervisorError as error:
                 raise left_on_overlay(domain, target, overlay, str(error)) from None
@@ -368,3 +406,206 @@ def delete_overlay(domain: Domain, target: str, overlay: str) -> None:
         os.unlink(overlay)
     except FileNotFoundError:
         pass
+
+
+def remove_partial(journal: Journal) -> list[str]:
+    """Remove the incomplete set that the interrupted backup of *journal*
+    was writing; returns what was done. Call only with the domain's lock
+    held and the backup that wrote it gone (never during a backup)."""
+    path = journal.partial
+    if not path or not path.endswith(".partial"):
+        return []
+    if journal.partial_host:
+        return [
+            f"the incomplete set {journal.partial_host}:{path} is left on the remote "
+            f"destination; the next backup removes it"
+        ]
+    if os.path.islink(path) or not os.path.isdir(path):
+        return []
+    shutil.rmtree(path)
+    return [f"removed the incomplete set {path}"]
+
+
+def overlays_in_use(domain: Domain) -> list[str] | None:
+    """The overlays of ours that the domain's live or persistent XML still
+    shows: those named in its journal, or without a journal, tagged tops with
+    a backing file. None when that cannot be read."""
+    try:
+        journal = journals.read(domain.uuid)
+        xmls = [domain.xml()] if domain.is_active() else []
+        if domain.is_persistent():
+            xmls.append(domain.xml(inactive=True))
+    except (HypervisorError, journals.JournalError):
+        return None
+    found: set[str] = set()
+    for xml in xmls:
+        if journal is not None:
+            found |= referenced_paths(xml) & {d.overlay for d in journal.disks}
+        else:
+            found |= {
+                d.path for d in parse_disks(xml) if d.path and is_our_overlay(d.path) and d.backing
+            }
+    return sorted(found)
+
+
+def vanished_journals(hypervisor: Hypervisor) -> tuple[list[Journal], list[str]]:
+    """Journals of domains that no longer exist (a transient domain destroyed
+    during its backup), and the problems of unreadable ones (uuid: error)."""
+    known = {summary.uuid for summary in hypervisor.list_domains()}
+    found, problems = [], []
+    for uuid in journals.all_journals():
+        if uuid in known:
+            continue
+        try:
+            journal = journals.read(uuid)
+        except journals.JournalError as error:
+            problems.append(f"{uuid}: {error}")
+            continue
+        if journal is not None:
+            found.append(journal)
+    return found, problems
+
+
+def recover_vanished(hypervisor: Hypervisor, journal: Journal) -> list[str]:
+    """Merge offline what the backup of a domain that no longer exists left:
+    commit each overlay (``qemu-img commit``) into the base its journal
+    names, delete it, then the incomplete set and the journal. Returns what
+    was done.
+
+    Touches nothing of a disk, and keeps the journal, when the overlay's
+    backing file is not the recorded base, or when a running domain, or any
+    other process (QEMU's image locks), uses the base or the overlay; raises
+    OverlayLeftError saying so after handling the other disks.
+    """
+    name = journal.domain
+    summaries = hypervisor.list_domains()
+    if any(summary.uuid == journal.uuid for summary in summaries):
+        raise OverlayLeftError(
+            f"{name}: the domain with UUID {journal.uuid} exists again; nothing done: "
+            f"run `backupninja-kvm recover {name}` again"
+        )
+    running: set[str] = set()  # files any running domain's chain uses
+    defined: set[str] = set()  # files any persistent definition names
+    for summary in summaries:
+        try:
+            other = hypervisor.domain(summary.name)
+            if summary.active:
+                running |= referenced_paths(other.xml())
+            if summary.persistent:
+                defined |= referenced_paths(other.xml(inactive=True))
+        except HypervisorError as error:
+            if error.code != ERR_NO_DOMAIN:
+                raise
+    done: list[str] = []
+    refusals: list[str] = []
+    for entry in journal.disks:
+        try:
+            done += _merge_vanished_disk(entry, journal.merge, running, defined)
+        except _Refused as refusal:
+            refusals.append(f"{entry.target}: {refusal}")
+    path = journals.journal_path(journal.uuid)
+    if refusals:
+        raise OverlayLeftError(
+            f"{name} (no longer exists): recovery touched nothing on "
+            + "; ".join(refusals)
+            + f" (journal {path}); once nothing uses them, run `backupninja-kvm recover "
+            f"{journal.uuid}` again, or by hand `qemu-img commit OVERLAY` (it writes into "
+            f"its backing file), then delete the overlay and the journal"
+        )
+    done += remove_partial(journal)
+    journals.remove(journal.uuid)
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(journal.started))
+    done.append(
+        f"closed the journal of the backup interrupted in phase {journal.phase} "
+        f"(pid {journal.pid}, started {started}); the domain no longer exists"
+    )
+    return done
+
+
+class _Refused(Exception):
+    """A disk of a vanished domain that recovery may not touch: why."""
+
+
+def _merge_vanished_disk(
+    entry: DiskEntry, merge: str, running: set[str], defined: set[str]
+) -> list[str]:
+    target, base, overlay = entry.target, entry.base, entry.overlay
+    if not os.path.lexists(overlay):
+        return []  # deleted after its merge, or never made
+    for path in (base, overlay):
+        if path in running:
+            raise _Refused(f"{path} is in use by a running domain")
+    if overlay in defined:
+        raise _Refused(f"{overlay} is named by a domain's definition")
+    info, problem = _locked_info(overlay)
+    if problem:
+        raise _Refused(problem)
+    backing = info.get("full-backing-filename") or info.get("backing-filename")
+    if merge == "commit" and entry.state == DISK_MERGED:
+        # Pivoted back before the domain went away: the base holds every write.
+        os.unlink(overlay)
+        return [f"{target}: deleted {overlay} (merged before the domain went away)"]
+    if merge == "pull" and backing is None:
+        raise _Refused(
+            f"{overlay} has no backing file any more (a finished pull: it is the disk's "
+            f"image now, and {base} is stale)"
+        )
+    if backing != base:
+        raise _Refused(f"{overlay} has the backing file {backing}, not {base} as the journal says")
+    _info, problem = _locked_info(base)
+    if problem:
+        raise _Refused(problem)
+    result = subprocess.run(
+        ["qemu-img", "commit", "-q", "-f", "qcow2", overlay], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise _Refused(f"qemu-img commit of {overlay} failed: {result.stderr.strip()}")
+    os.unlink(overlay)
+    return [f"{target}: committed {overlay} into {base} offline (the domain no longer exists)"]
+
+
+def _locked_info(path: str) -> tuple[dict, str]:
+    """``qemu-img info`` taking QEMU's image lock, which fails while a
+    process (a VM) has the image open for writing; returns (info, problem)."""
+    result = subprocess.run(
+        ["qemu-img", "info", "--output=json", path], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        return {}, f"{path}: {result.stderr.strip() or 'qemu-img info failed'}"
+    try:
+        return json.loads(result.stdout), ""
+    except ValueError:
+        return {}, f"{path}: qemu-img info gave no JSON"
+
+
+def unmerged_writes(entry: DiskEntry) -> str:
+    """Why the overlay of *entry* may not simply be deleted, "" when it may.
+
+    A backup interrupted before its merge, whose domain no longer uses the
+    overlay: either the overlay was merged by hand, or the domain was created
+    again on its own image (a transient domain destroyed and re-created from
+    its definition), and the guest's writes since the freeze exist only in
+    the overlay. Only when the overlay shows the same bytes as its base were
+    they merged.
+    """
+    overlay, base = entry.overlay, entry.base
+    base_format = entry.base_format if entry.base_format != "unknown" else "raw"
+    result = subprocess.run(
+        ["qemu-img", "compare", "-U", "-f", "qcow2", "-F", base_format, overlay, base],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode == 0:
+        return ""
+    why = (
+        "holds writes made after the freeze that are not in"
+        if result.returncode == 1
+        else f"cannot be compared ({result.stderr.strip()}) with"
+    )
+    return (
+        f"{overlay} was never merged and {why} {base}, which the domain runs on again "
+        f"(created again from a definition naming its own image?); merging it now would mix "
+        f"two histories, so it is kept: copy it if those writes matter (`qemu-img convert -U "
+        f"-O qcow2 {overlay} COPY` gives the disk as of the interruption), then delete it "
+        f"and run `backupninja-kvm recover` again"
+    )

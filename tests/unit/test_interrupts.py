@@ -49,3 +49,13 @@ def test_repeated_signals_are_ignored_while_the_merge_runs():
             os.kill(os.getpid(), signal.SIGTERM)
         done = True
     assert done
+
+
+def test_a_signal_deferred_past_a_failing_section_is_still_received():
+    """A merge that fails after a signal raises its own error, not
+    Interrupted: the caller must still see the signal and stop."""
+    assert interrupts.received() is None
+    with pytest.raises(ValueError), interrupts.critical():
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise ValueError("the merge failed")
+    assert interrupts.received() == "SIGTERM"
