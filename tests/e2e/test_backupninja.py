@@ -13,6 +13,7 @@ import stat
 import pytest
 
 from backupninja_kvm import destination
+from tests.support.cli import helper
 from tests.support.ninja import Ninja
 from tests.support.vms import DiskSpec, MiB, Write
 
@@ -126,6 +127,36 @@ def test_helper_crash_fails_the_action(ninja, new_vm, scratch):
     fatals = result.lines("Fatal")
     assert any("backupninja-kvm crashed (exit status 137)" in line for line in fatals), result.log
     assert any("finished action" in line and "FAILED" in line for line in fatals)
+
+
+def test_helper_killed_mid_copy_reports_each_overlay_and_the_recover_command(
+    ninja, new_vm, scratch, monkeypatch
+):
+    # Two disks: the mid-copy fault point is reached once the first copy is done.
+    vm = new_vm([DiskSpec("vda", "qcow2", 32 * MiB), DiskSpec("vdb", "raw", 16 * MiB)])
+    action = ninja.action("20-vms.kvm", action_text(backups_dir(scratch), vm.name))
+    monkeypatch.setenv("BACKUPNINJA_KVM_FAULT", "mid-copy")
+    monkeypatch.setenv("BACKUPNINJA_KVM_FAULT_SIGNAL", "KILL")
+    try:
+        result = ninja.run(action)
+        overlays = vm.tagged_files()
+    finally:
+        monkeypatch.delenv("BACKUPNINJA_KVM_FAULT")
+        repaired = helper("recover", vm.name)
+
+    assert len(overlays) == 2, result.log  # the helper really died on the overlays
+    fatals = result.lines("Fatal")
+    assert any("backupninja-kvm crashed (exit status 137)" in line for line in fatals), result.log
+    # Other suites' domains may be listed too: look at this VM's lines only.
+    mine = [line for line in fatals if f"left behind: {vm.name} " in line]
+    for overlay in overlays:
+        assert any(overlay in line for line in mine), (overlay, result.log)
+    assert any("run 'backupninja-kvm recover'" in line for line in fatals), result.log
+    assert not any("run --test" in line for line in fatals)
+    assert any("finished action" in line and "FAILED" in line for line in fatals)
+    assert "Traceback" not in result.log
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert vm.tops() == vm.paths and vm.tagged_files() == []
 
 
 def test_failed_domain_is_an_error_and_the_next_domain_still_runs(ninja, new_vm, scratch):
