@@ -328,6 +328,7 @@ def _copy_disks(plan: Plan, backup_set: destination.AnySet, outcome: Outcome) ->
     finally:
         stop.set()
         pool.shutdown(wait=True)  # each copy stops at its next chunk
+        board.close()  # later log lines go below it
     outcome.bytes_copied += sum(copied.values())
     outcome.copy_seconds = time.monotonic() - started
 
