@@ -304,10 +304,12 @@ def _copy_disks(plan: Plan, backup_set: destination.AnySet, outcome: Outcome) ->
         copied[disk.target] = backup_set.copy_image(disk.path, backup_file_name(disk), update)
         progress.finish()
         log.debug(
-            "%s: %s: copied %s of data from %s in %s",
+            "%s: %s: %s from %s in %s",
             plan.name,
             disk.target,
-            human_bytes(copied[disk.target]),
+            f"sent {human_bytes(copied[disk.target])} over the wire"
+            if isinstance(backup_set, destination.RemoteBackupSet)
+            else f"copied {human_bytes(copied[disk.target])} of data",
             disk.path,
             seconds(time.monotonic() - disk_started),
         )

@@ -13,7 +13,7 @@ import stat
 import pytest
 
 from backupninja_kvm import destination
-from tests.support.cli import helper
+from tests.support.cli import HELPER, helper
 from tests.support.ninja import Ninja
 from tests.support.vms import DiskSpec, MiB, Write
 
@@ -157,6 +157,34 @@ def test_helper_killed_mid_copy_reports_each_overlay_and_the_recover_command(
     assert "Traceback" not in result.log
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
     assert vm.tops() == vm.paths and vm.tagged_files() == []
+
+
+def test_helper_exit_4_without_an_error_line_is_fatal_and_checks_for_overlays(
+    ninja, new_vm, scratch
+):
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)], start=False)
+    action = ninja.action("20-vms.kvm", action_text(backups_dir(scratch), vm.name))
+    silent = os.path.join(scratch, "silent-helper")
+    with open(silent, "w") as handle:  # `run` says nothing; `status` is the real one
+        handle.write(
+            f'#!/bin/sh\n[ "$1" = status ] && exec {HELPER} "$@"\necho \'Info: starting\'\nexit 4\n'
+        )
+    os.chmod(silent, stat.S_IRWXU)
+
+    result = ninja.run(action, helper=silent)
+
+    fatals = result.lines("Fatal")
+    assert any(
+        "backupninja-kvm exited with status 4 without saying why" in line for line in fatals
+    ), result.log
+    # status ran (it sees the whole host): nothing needs repair, or what does is
+    # listed with the command.
+    assert any(
+        "no domain was left on an overlay" in line
+        or "run 'backupninja-kvm recover' to repair what is listed above" in line
+        for line in fatals
+    ), result.log
+    assert any("finished action" in line and "FAILED" in line for line in fatals)
 
 
 def test_failed_domain_is_an_error_and_the_next_domain_still_runs(ninja, new_vm, scratch):

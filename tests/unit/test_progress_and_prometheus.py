@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backupninja_kvm import prometheus, report
 from backupninja_kvm.progress import Progress
+from tests.support.terminal import screen
 
 MiB = 1024 * 1024
 
@@ -150,40 +151,6 @@ def test_a_merge_with_nothing_to_do_shows_no_byte_figures():
     assert text.endswith("web1: vda: commit: nothing to copy, 0:00\n")
 
 
-def _screen(text: str) -> list[str]:
-    """What a terminal shows after *text*: the few control sequences progress uses."""
-    rows: list[str] = [""]
-    row = column = 0
-    position = 0
-    while position < len(text):
-        char = text[position]
-        if char == "\033":
-            end = position + 2
-            while not text[end].isalpha():
-                end += 1
-            argument, command = text[position + 2 : end], text[end]
-            if command == "K":
-                rows[row] = rows[row][:column]
-            elif command == "F":
-                row, column = max(0, row - int(argument or 1)), 0
-            elif command == "J":
-                rows[row] = rows[row][:column]
-                del rows[row + 1 :]
-            position = end + 1
-            continue
-        if char == "\r":
-            column = 0
-        elif char == "\n":
-            row, column = row + 1, 0
-        else:
-            rows[row] = rows[row][:column].ljust(column) + char + rows[row][column + 1 :]
-            column += 1
-        while len(rows) <= row:
-            rows.append("")
-        position += 1
-    return [line for line in rows if line] if rows else []
-
-
 def test_log_lines_during_a_board_go_above_it():
     from backupninja_kvm.progress import Board
 
@@ -203,11 +170,11 @@ def test_log_lines_during_a_board_go_above_it():
         report.log.info("web1: merged vda, vdb by commit")
     finally:
         report.setup()
-    screen = _screen(terminal.getvalue())
-    assert screen[:2] == ["Debug: web1: vdb: a debug line", "Info: web1: vda: copied 4.0 MiB"]
-    assert screen[2].startswith("web1: vda: copy 100% 4.0 MiB of 4.0 MiB")
-    assert screen[3].startswith("web1: vdb: copy 100% 2.0 MiB of 2.0 MiB")
-    assert screen[4:] == ["Info: web1: merged vda, vdb by commit"]
+    rows = screen(terminal.getvalue())
+    assert rows[:2] == ["Debug: web1: vdb: a debug line", "Info: web1: vda: copied 4.0 MiB"]
+    assert rows[2].startswith("web1: vda: copy 100% 4.0 MiB of 4.0 MiB")
+    assert rows[3].startswith("web1: vdb: copy 100% 2.0 MiB of 2.0 MiB")
+    assert rows[4:] == ["Info: web1: merged vda, vdb by commit"]
 
 
 def test_log_lines_during_a_single_progress_line_go_above_it():
@@ -222,7 +189,7 @@ def test_log_lines_during_a_single_progress_line_go_above_it():
         report.log.info("web1: done")
     finally:
         report.setup()
-    screen = _screen(terminal.getvalue())
-    assert screen[0] == "Warning: web1: vda: a warning"
-    assert screen[1].startswith("web1: vda: commit 100% 4.0 MiB of 4.0 MiB")
-    assert screen[2:] == ["Info: web1: done"]
+    rows = screen(terminal.getvalue())
+    assert rows[0] == "Warning: web1: vda: a warning"
+    assert rows[1].startswith("web1: vda: commit 100% 4.0 MiB of 4.0 MiB")
+    assert rows[2:] == ["Info: web1: done"]
