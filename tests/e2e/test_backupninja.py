@@ -259,8 +259,12 @@ def test_progress_is_shown_on_a_terminal(new_vm, scratch):
     redrawn = [part for line in screen.split("\n") for part in line.split("\r")]
     copy = [p for p in redrawn if f"{vm.name}: vda: copy 100%" in p]
     assert copy, screen
-    assert re.search(r"copy 100% 3\d\.\d MiB of 3\d\.\d MiB, [\d.]+ [KMG]?i?B/s, 0:\d\d$", copy[-1])
-    assert any(f"{vm.name}: vda: commit 100%" in p for p in redrawn), screen
+    assert re.search(
+        r"copy 100% 3\d\.\d MiB of 3\d\.\d MiB, [\d.]+ [KMG]?i?B/s, in 0:\d\d$", copy[-1]
+    )
+    # Nothing wrote to the overlay: the commit has nothing to copy, and says so.
+    assert any(f"{vm.name}: vda: commit: nothing to copy" in p for p in redrawn), screen
+    assert "1 B of 1 B" not in screen
 
 
 def test_all_with_exclude_backs_up_every_domain_but_the_excluded(ninja, new_vm, scratch):
