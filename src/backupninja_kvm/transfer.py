@@ -147,6 +147,9 @@ def _control_path() -> str:
     global _control_dir
     if _control_dir is None:
         _control_dir = tempfile.mkdtemp(prefix="bnkvm-ssh-")
+        if len(_control_dir) > 60:  # a socket path has at most 107 bytes; %C takes 40
+            os.rmdir(_control_dir)
+            _control_dir = tempfile.mkdtemp(prefix="bnkvm-ssh-", dir="/tmp")
         atexit.register(close_connections)
     return os.path.join(_control_dir, "%C")  # %C: a hash of host, port and user
 
