@@ -78,7 +78,8 @@ class Outcome:
 
     name: str
     disks: list[str] = field(default_factory=list)
-    bytes_copied: int = 0
+    bytes_copied: int = 0  # data copied; for a remote set, bytes rsync sent over the wire
+    remote: bool = False  # the summary then says "sent"
     overlay_seconds: float = 0.0  # from the freeze until verified back on its images
     merge: str = ""
     merge_seconds: float = 0.0
@@ -95,7 +96,8 @@ class Outcome:
 
     def summary(self) -> str:
         disks = ", ".join(self.disks) or "no disk"
-        text = f"{self.name}: backed up {disks}, {human_bytes(self.bytes_copied)} copied"
+        verb = "sent" if self.remote else "copied"
+        text = f"{self.name}: backed up {disks}, {human_bytes(self.bytes_copied)} {verb}"
         if self.live:
             text += (
                 f", {'quiesced' if self.quiesced is not None else 'crash-consistent'}"
@@ -305,10 +307,12 @@ def _copy_disks(plan: Plan, backup_set: destination.AnySet, outcome: Outcome) ->
         copied[disk.target] = backup_set.copy_image(disk.path, backup_file_name(disk), update)
         progress.finish()
         log.debug(
-            "%s: %s: copied %s of data from %s in %s",
+            "%s: %s: %s from %s in %s",
             plan.name,
             disk.target,
-            human_bytes(copied[disk.target]),
+            f"sent {human_bytes(copied[disk.target])} over the wire"
+            if isinstance(backup_set, destination.RemoteBackupSet)
+            else f"copied {human_bytes(copied[disk.target])} of data",
             disk.path,
             seconds(time.monotonic() - disk_started),
         )
@@ -331,7 +335,9 @@ def _copy_disks(plan: Plan, backup_set: destination.AnySet, outcome: Outcome) ->
     finally:
         stop.set()
         pool.shutdown(wait=True)  # each copy stops at its next chunk
+        board.close()  # later log lines go below it
     outcome.bytes_copied += sum(copied.values())
+    outcome.remote = isinstance(backup_set, destination.RemoteBackupSet)
     outcome.copy_seconds = time.monotonic() - started
 
 

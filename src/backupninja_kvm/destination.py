@@ -290,10 +290,12 @@ class RemoteBackupSet(SetLayout):
         self.remote.run('umask 077; cat > "$1"', os.path.join(self.partial_path, name), stdin=text)
 
     def copy_image(self, source: str, name: str, progress: Callable[[int], None]) -> int:
+        """Send an image into the set; returns the bytes rsync sent over the
+        wire (a raw image's holes count as zeros on a first set; a delta
+        only what changed)."""
         basis = f"../{self.basis}" if self.delta and self.basis else None
         stats = self.remote.send(source, os.path.join(self.partial_path, name), basis)
-        copied = data_bytes(source)
-        progress(copied)
+        progress(data_bytes(source))
         log.debug(
             "%s: %s: rsync sent %s of new data%s, %s on the wire",
             os.path.basename(self.domain_dir),
@@ -302,7 +304,7 @@ class RemoteBackupSet(SetLayout):
             f", {human_bytes(stats.matched)} matched in the set {self.basis}" if basis else "",
             human_bytes(stats.sent),
         )
-        return copied
+        return stats.sent
 
     def complete(self) -> str:
         self.remote.run(_COMPLETE, self.domain_dir, self.stamp)

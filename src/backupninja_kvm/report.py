@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 log = logging.getLogger("backupninja_kvm")
 
@@ -39,8 +41,41 @@ class PrefixFormatter(logging.Formatter):
         return f"{prefix}: {text}"
 
 
+class LiveDisplay(Protocol):
+    """Status lines redrawn in place on a terminal (progress.Board, Progress)."""
+
+    def interlude(self) -> AbstractContextManager[None]:
+        """Take the lines off the screen for the block, draw them again after."""
+        ...
+
+
+_live: list[LiveDisplay] = []  # the display on the terminal now, at most one
+
+
+def show_live(display: LiveDisplay) -> None:
+    """While *display* is on the terminal, log lines go above it."""
+    _live[:] = [display]
+
+
+def hide_live(display: LiveDisplay) -> None:
+    if display in _live:
+        _live.clear()
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 class CountingHandler(logging.StreamHandler):
-    """A stream handler that remembers the worst level it has written."""
+    """A stream handler that remembers the worst level it has written.
+
+    On a terminal, a record written while status lines are drawn (progress)
+    goes above them: without that, the next redraw would overwrite it, or be
+    drawn over the wrong lines.
+    """
 
     def __init__(self, stream=None) -> None:
         super().__init__(stream if stream is not None else sys.stdout)
@@ -48,8 +83,14 @@ class CountingHandler(logging.StreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.counts[record.levelno] = self.counts.get(record.levelno, 0) + 1
-        super().emit(record)
-        self.flush()
+        live = _live[:1]
+        if live and _is_terminal(self.stream):
+            with live[0].interlude():
+                super().emit(record)
+                self.flush()
+        else:
+            super().emit(record)
+            self.flush()
 
     def count(self, level: int) -> int:
         return sum(n for lvl, n in self.counts.items() if lvl >= level)

@@ -3,15 +3,21 @@
 For a local destination we copy only the allocated extents of the image
 (``SEEK_DATA``/``SEEK_HOLE``) with ``copy_file_range``, so the kernel moves
 the bytes and holes stay holes; measured faster than rsync for local copies.
+
+A remote destination is reached with ssh; every ssh and rsync of a run to
+one host shares one connection (ControlMaster), closed at the end of the run.
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import re
 import shlex
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -128,6 +134,47 @@ def data_bytes(path: str) -> int:
         os.close(fd)
 
 
+CONTROL_PERSIST = 60  # seconds an idle shared ssh connection stays open
+
+# The shared ssh connections of this run: their sockets live in a private
+# folder (mkdtemp: mode 0700, a name nobody can take first), made on first
+# use and removed, with the connections, by close_connections().
+_control_dir: str | None = None
+_connections: set[tuple[str, ...]] = set()  # ssh argv + destination of each
+
+
+def _control_path() -> str:
+    global _control_dir
+    if _control_dir is None:
+        _control_dir = tempfile.mkdtemp(prefix="bnkvm-ssh-")
+        if len(_control_dir) > 60:  # a socket path has at most 107 bytes; %C takes 40
+            os.rmdir(_control_dir)
+            _control_dir = tempfile.mkdtemp(prefix="bnkvm-ssh-", dir="/tmp")
+        atexit.register(close_connections)
+    return os.path.join(_control_dir, "%C")  # %C: a hash of host, port and user
+
+
+def close_connections() -> None:
+    """Close this run's shared ssh connections (``ssh -O exit``) and remove
+    their folder. Idempotent; also runs at exit. A run killed with SIGKILL
+    leaves its connections, which close after CONTROL_PERSIST idle seconds."""
+    global _control_dir
+    for argv in sorted(_connections):
+        try:
+            subprocess.run(
+                [*argv[:-1], "-O", "exit", argv[-1]],
+                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                timeout=30,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            pass  # the connection closes by itself once idle
+    _connections.clear()
+    if _control_dir is not None:
+        shutil.rmtree(_control_dir, ignore_errors=True)
+        _control_dir = None
+
+
 @dataclass(frozen=True)
 class Remote:
     """A destination host reached with ssh; files go there with rsync.
@@ -146,16 +193,28 @@ class Remote:
         return f"{self.user}@{self.host}"
 
     def _ssh(self) -> list[str]:
-        return [
+        """ssh's argv up to the destination. The user's options come before
+        ours but after BatchMode: for ssh the first value of an option wins,
+        so sshoptions may change the timeout or turn connection sharing off
+        (``-o ControlMaster=no``), but never ask for a password."""
+        argv = [
             "ssh",
             "-p",
             str(self.port),
             "-o",
             "BatchMode=yes",
+            *self.options,
             "-o",
             "ConnectTimeout=15",
-            *self.options,
+            "-o",
+            "ControlMaster=auto",
+            "-o",
+            f"ControlPath={_control_path()}",
+            "-o",
+            f"ControlPersist={CONTROL_PERSIST}",
         ]
+        _connections.add((*argv, self.label))
+        return argv
 
     def run(self, script: str, *args: str, stdin: str | None = None) -> str:
         """Run a POSIX shell *script* on the host with positional *args*.

@@ -13,6 +13,7 @@ import stat
 import pytest
 
 from backupninja_kvm import destination
+from tests.support.cli import HELPER, helper
 from tests.support.ninja import Ninja
 from tests.support.vms import DiskSpec, MiB, Write
 
@@ -127,6 +128,64 @@ def test_helper_crash_fails_the_action(ninja, new_vm, scratch):
     assert any("finished action" in line and "FAILED" in line for line in fatals)
 
 
+def test_helper_killed_mid_copy_reports_each_overlay_and_the_recover_command(
+    ninja, new_vm, scratch, monkeypatch
+):
+    # Two disks: the mid-copy fault point is reached once the first copy is done.
+    vm = new_vm([DiskSpec("vda", "qcow2", 32 * MiB), DiskSpec("vdb", "raw", 16 * MiB)])
+    action = ninja.action("20-vms.kvm", action_text(backups_dir(scratch), vm.name))
+    monkeypatch.setenv("BACKUPNINJA_KVM_FAULT", "mid-copy")
+    monkeypatch.setenv("BACKUPNINJA_KVM_FAULT_SIGNAL", "KILL")
+    try:
+        result = ninja.run(action)
+        overlays = vm.tagged_files()
+    finally:
+        monkeypatch.delenv("BACKUPNINJA_KVM_FAULT")
+        repaired = helper("recover", vm.name)
+
+    assert len(overlays) == 2, result.log  # the helper really died on the overlays
+    fatals = result.lines("Fatal")
+    assert any("backupninja-kvm crashed (exit status 137)" in line for line in fatals), result.log
+    # Other suites' domains may be listed too: look at this VM's lines only.
+    mine = [line for line in fatals if f"left behind: {vm.name} " in line]
+    for overlay in overlays:
+        assert any(overlay in line for line in mine), (overlay, result.log)
+    assert any("run 'backupninja-kvm recover'" in line for line in fatals), result.log
+    assert not any("run --test" in line for line in fatals)
+    assert any("finished action" in line and "FAILED" in line for line in fatals)
+    assert "Traceback" not in result.log
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert vm.tops() == vm.paths and vm.tagged_files() == []
+
+
+def test_helper_exit_4_without_an_error_line_is_fatal_and_checks_for_overlays(
+    ninja, new_vm, scratch
+):
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)], start=False)
+    action = ninja.action("20-vms.kvm", action_text(backups_dir(scratch), vm.name))
+    silent = os.path.join(scratch, "silent-helper")
+    with open(silent, "w") as handle:  # `run` says nothing; `status` is the real one
+        handle.write(
+            f'#!/bin/sh\n[ "$1" = status ] && exec {HELPER} "$@"\necho \'Info: starting\'\nexit 4\n'
+        )
+    os.chmod(silent, stat.S_IRWXU)
+
+    result = ninja.run(action, helper=silent)
+
+    fatals = result.lines("Fatal")
+    assert any(
+        "backupninja-kvm exited with status 4 without saying why" in line for line in fatals
+    ), result.log
+    # status ran (it sees the whole host): nothing needs repair, or what does is
+    # listed with the command.
+    assert any(
+        "no domain was left on an overlay" in line
+        or "run 'backupninja-kvm recover' to repair what is listed above" in line
+        for line in fatals
+    ), result.log
+    assert any("finished action" in line and "FAILED" in line for line in fatals)
+
+
 def test_failed_domain_is_an_error_and_the_next_domain_still_runs(ninja, new_vm, scratch):
     broken = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
     healthy = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
@@ -199,8 +258,12 @@ def test_progress_is_shown_on_a_terminal(new_vm, scratch):
     redrawn = [part for line in screen.split("\n") for part in line.split("\r")]
     copy = [p for p in redrawn if f"{vm.name}: vda: copy 100%" in p]
     assert copy, screen
-    assert re.search(r"copy 100% 3\d\.\d MiB of 3\d\.\d MiB, [\d.]+ [KMG]?i?B/s, 0:\d\d$", copy[-1])
-    assert any(f"{vm.name}: vda: commit 100%" in p for p in redrawn), screen
+    assert re.search(
+        r"copy 100% 3\d\.\d MiB of 3\d\.\d MiB, [\d.]+ [KMG]?i?B/s, in 0:\d\d$", copy[-1]
+    )
+    # Nothing wrote to the overlay: the commit has nothing to copy, and says so.
+    assert any(f"{vm.name}: vda: commit: nothing to copy" in p for p in redrawn), screen
+    assert "1 B of 1 B" not in screen
 
 
 def test_all_with_exclude_backs_up_every_domain_but_the_excluded(ninja, new_vm, scratch):

@@ -47,8 +47,8 @@ def _squash(text: str) -> str:
 class Dialogs:
     """ninjahelper on a pseudo-terminal: wait for a dialog's text, then send keys."""
 
-    def __init__(self, conf: str) -> None:
-        env = dict(os.environ, TERM="xterm", LC_ALL="C", DIALOGRC="/dev/null")
+    def __init__(self, conf: str, **environment: str) -> None:
+        env = dict(os.environ, TERM="xterm", LC_ALL="C", DIALOGRC="/dev/null", **environment)
         script = 'mount --bind "$1" /etc/backupninja.conf && exec /usr/sbin/ninjahelper'
         self.child = pexpect.spawn(
             "unshare",
@@ -61,11 +61,12 @@ class Dialogs:
         )
         self.raw = ""
 
-    def answer(self, text: str, keys: str) -> None:
-        """Wait until *text* is on the screen, then type *keys*."""
-        needle = _squash(text)
+    def answer(self, text: str, keys: str, **alternatives: str) -> str:
+        """Wait until *text* (or a text of *alternatives*, text -> keys) is on the
+        screen, then type its keys; returns the text seen."""
+        choices = {text: keys, **alternatives}
         deadline = time.monotonic() + TIMEOUT
-        while needle not in _squash(self.raw):
+        while not (seen := [t for t in choices if _squash(t) in _squash(self.raw)]):
             left = deadline - time.monotonic()
             if left <= 0:
                 pytest.fail(f"no dialog showing {text!r} in {TIMEOUT} s: {self.screen()!r}")
@@ -76,15 +77,20 @@ class Dialogs:
             except pexpect.EOF:
                 pytest.fail(f"ninjahelper ended before showing {text!r}: {self.screen()!r}")
         self.raw = ""
-        self.child.send(keys)
+        self.child.send(choices[seen[0]])
+        return seen[0]
 
     def open_kvm_wizard(self) -> None:
         """From the main menu to the kvm wizard's first own question, with the
-        default schedule and domains ("all" checked, or typed when virsh lists none)."""
+        default schedule and all domains (chosen, or typed when virsh lists none)."""
         self.answer("create a new backup action", "n" + ENTER)
         self.answer("live backup of libvirt/KVM virtual machines", "k" + ENTER)
         self.answer("When to run this action?", ENTER)
-        self.answer("Domains to back up", ENTER)
+        self.answer(
+            "Which domains does this action back up?",
+            " " + ENTER,  # the first item: all
+            **{"Domains to back up: all, or a comma-separated list": "all" + ENTER},
+        )
 
     def screen(self) -> str:
         return _ESCAPE.sub("", self.raw)[-2000:]
@@ -216,3 +222,79 @@ def test_wizard_writes_a_remote_action(ninjahelper_conf):
     assert (settings.directory, settings.keep) == ("/srv/kvm", 7)
     assert (settings.merge, settings.quiesce) == ("commit", "auto")
     assert not os.path.exists("/srv/kvm")  # nothing created here for a remote directory
+
+
+NAMES = ["probe-sp ace", "probe-a,b", "probe-c#d", "plain"]
+
+
+@pytest.fixture
+def test_driver(scratch):
+    """libvirt's test driver with domains whose names hold a space, a comma and a #:
+    the same libvirt API as the system daemon, and no other suite's domains."""
+    node = os.path.join(scratch, "node.xml")
+    with open(node, "w") as handle:
+        handle.write("<node>\n")
+        for name in NAMES:
+            handle.write(
+                f"<domain type='test'><name>{name}</name><memory>65536</memory>"
+                "<os><type>hvm</type></os></domain>\n"
+            )
+        handle.write("</node>\n")
+    uri = f"test://{node}"
+    listed = subprocess.run(
+        ["virsh", "-c", uri, "list", "--all", "--name"], capture_output=True, text=True
+    )
+    assert listed.stdout.split("\n")[: len(NAMES)] == NAMES, listed
+    return uri
+
+
+def test_wizard_writes_names_with_spaces_commas_and_hashes_that_both_parsers_read(
+    ninjahelper_conf, test_driver, scratch
+):
+    conf, configdir = ninjahelper_conf
+    backups = os.path.join(scratch, "backups")
+    dialogs = Dialogs(conf, LIBVIRT_DEFAULT_URI=test_driver)
+    try:
+        dialogs.answer("create a new backup action", "n" + ENTER)
+        dialogs.answer("live backup of libvirt/KVM virtual machines", "k" + ENTER)
+        dialogs.answer("When to run this action?", ENTER)
+        # Nothing is preselected: Enter alone is not a choice.
+        dialogs.answer("Which domains does this action back up?", ENTER)
+        dialogs.answer('Choose "all" or "some" with the space bar', ENTER)
+        dialogs.answer("Which domains does this action back up?", DOWN + " " + ENTER)  # some
+        # One item per domain: the first three are the three odd names.
+        dialogs.answer("Domains to back up (space selects)", " " + DOWN + " " + DOWN + " " + ENTER)
+        dialogs.answer("How to merge the overlay back", ENTER)
+        dialogs.answer("Freeze the guests' filesystems", ENTER)
+        dialogs.answer("Where do the backup sets go?", ENTER)
+        dialogs.answer("Directory where the backup sets go", CLEAR_LINE + backups + ENTER)
+        dialogs.answer(f"{backups} does not exist. Create it now", ENTER)
+        dialogs.answer("How many complete backup sets to keep", ENTER)
+        dialogs.answer(f"{configdir}/50.kvm", "q" + ENTER)
+        assert dialogs.wait_exit() == 0
+    finally:
+        dialogs.child.close(force=True)
+    action = os.path.join(configdir, "50.kvm")
+
+    settings = config.load(action)
+
+    assert settings.domains == ("probe-sp ace", "probe-a,b", "probe-c#d")
+    assert settings.uri == test_driver
+    # backupninja's own parser still reads its key, when, from the same file.
+    when = subprocess.run(
+        ["awk", "-f", "/usr/lib/backupninja/parseini", "S=", "P=when", action],
+        capture_output=True,
+        text=True,
+    )
+    assert when.stdout == "everyday at 01:00\n"
+    # The helper finds each name among libvirt's domains.
+    result = subprocess.run(
+        [HELPER, "run", "--test", action], capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    planned = [line for line in result.stdout.splitlines() if "test run, would" in line]
+    assert [line.split("would ", 1)[1].split(" (")[0] for line in planned] == [
+        "probe-sp ace",
+        "probe-a,b",
+        "probe-c#d",
+    ], result.stdout

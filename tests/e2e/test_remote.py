@@ -162,3 +162,55 @@ def test_delta_sends_only_what_changed_since_the_previous_set(server, new_vm, sc
         scratch, "vda", DiskSpec("vda", "qcow2", 64 * MiB), [Write(0x11, 0, 16 * MiB)]
     )
     assert same_content(vda, "qcow2", os.path.join(latest, "vda-vda.qcow2"), "qcow2")
+
+
+def ssh_masters(port: int) -> list[str]:
+    """Command lines of ssh processes still holding a shared connection to *port*."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                argv = handle.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if argv[0].endswith("ssh") and str(port) in argv and "ControlMaster=auto" in argv:
+            found.append(" ".join(argv))
+    return found
+
+
+def test_a_run_shares_one_ssh_connection_and_the_summary_says_what_was_sent(
+    server, new_vm, scratch
+):
+    vm = new_vm([DiskSpec("vda", "qcow2", 32 * MiB), DiskSpec("vdb", "raw", 64 * MiB)])
+    vm.write("vdb", Write(0x21, 8 * MiB, MiB))
+    backups = os.path.join(scratch, "remote-backups")
+    os.makedirs(backups)
+    ninja = Ninja(scratch)
+    action = ninja.action("20-vms.kvm", remote_action(backups, vm, server, keep=3))
+    sshd_log = os.path.join(scratch, "ssh", "sshd.log")
+
+    summaries, logins = [], []
+    for _ in range(2):
+        with open(sshd_log) as handle:
+            before = handle.read().count("Accepted publickey")
+        result = ninja.run(action)
+        assert result.returncode == 0, result.output
+        assert any("SUCCESS" in line for line in result.lines("Info")), result.log
+        with open(sshd_log) as handle:
+            logins.append(handle.read().count("Accepted publickey") - before)
+        summaries += [line for line in result.lines("Info") if f"{vm.name}: backed up" in line]
+        deadline = time.monotonic() + 10  # `ssh -O exit` is asynchronous for the master
+        while ssh_masters(server.port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ssh_masters(server.port) == []  # closed at the end of the run
+        next_second()
+
+    # One login per run: the check, the set's steps and each rsync share it.
+    assert logins == [1, 1]
+    first, second = summaries
+    assert " copied, " not in first and " sent, " in first
+    # A first set sends whole images: the 64 MiB raw image with its holes as
+    # zeros, though it holds 1 MiB of data.
+    assert sent_bytes(first, "sent") >= 64
+    # The second sends only what differs from the first set (delta).
+    assert sent_bytes(second, "sent") < 1

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backupninja_kvm import prometheus, report
 from backupninja_kvm.progress import Progress
+from tests.support.terminal import screen
 
 MiB = 1024 * 1024
 
@@ -205,3 +206,95 @@ def test_a_textfile_directory_of_the_exporters_own_user_is_no_warning(tmp_path, 
 
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert (directory / prometheus.FILE_NAME).stat().st_uid == 0
+
+
+def test_progress_never_says_0_00_left_before_the_work_is_done():
+    # The finding: "commit 99% 32.0 MiB of 32.0 MiB, 3.1 MiB/s, 0:00 left" with 20 s to go.
+    progress = Progress("web1: vda: commit", 32 * MiB, stream=io.StringIO(), interactive=False)
+    progress.done = 32 * MiB - 4096
+    line = progress.line(now=progress.started + 10.3)
+    assert " 99% " in line and "0:00 left" not in line
+    assert line.endswith(", 0:01 left")  # at least one second while not done
+    progress.finish()
+    assert " 100% 32.0 MiB of 32.0 MiB" in progress.line()
+
+
+def test_progress_gives_no_estimate_from_too_few_samples():
+    progress = Progress("web1: vda: copy", 100 * MiB, stream=io.StringIO(), interactive=False)
+    progress.done = MiB
+    line = progress.line(now=progress.started + 0.5)
+    assert "left" not in line and line.endswith("so far")
+
+
+def test_progress_estimates_from_the_recent_rate_and_none_while_stalled():
+    now = [0.0]
+    progress = Progress(
+        "web1: vda: commit", 100 * MiB, interactive=False, interval=1e9, clock=lambda: now[0]
+    )
+    for second in range(1, 21):  # 2 MiB/s for 20 s
+        now[0] = float(second)
+        progress.update(second * 2 * MiB)
+    assert progress.line().endswith(", 0:30 left")
+    for second in range(21, 41):  # then 1 MiB/s: the estimate follows the last 10 s
+        now[0] = float(second)
+        progress.update(40 * MiB + (second - 20) * MiB)
+    assert progress.line().endswith(", 0:40 left")
+    now[0] = 60.0  # no progress for 20 s: no estimate rather than a wrong one
+    progress.update(60 * MiB)
+    assert progress.line().endswith(", 1:00 so far")
+
+
+def test_a_merge_with_nothing_to_do_shows_no_byte_figures():
+    # recovery rounds a job's end of 0 up to 1: Progress(label, 0), then total = 1.
+    stream = io.StringIO()
+    progress = Progress("web1: vda: commit", 0, stream=stream, interactive=True)
+    progress.total = max(0, 1)
+    progress.update(0)
+    progress.finish()
+    text = stream.getvalue()
+    assert "1 B of 1 B" not in text and "B/s" not in text
+    assert text.endswith("web1: vda: commit: nothing to copy, 0:00\n")
+
+
+def test_log_lines_during_a_board_go_above_it():
+    from backupninja_kvm.progress import Board
+
+    terminal = _Terminal()
+    report.setup(terminal)
+    try:
+        board = Board(terminal)
+        vda = board.add("web1: vda: copy", 4 * MiB)
+        vdb = board.add("web1: vdb: copy", 2 * MiB)
+        vda.update(MiB)
+        report.log.debug("web1: vdb: a debug line")
+        vdb.update(MiB)
+        vda.finish()
+        report.log.info("web1: vda: copied 4.0 MiB")
+        vdb.finish()
+        board.close()
+        report.log.info("web1: merged vda, vdb by commit")
+    finally:
+        report.setup()
+    rows = screen(terminal.getvalue())
+    assert rows[:2] == ["Debug: web1: vdb: a debug line", "Info: web1: vda: copied 4.0 MiB"]
+    assert rows[2].startswith("web1: vda: copy 100% 4.0 MiB of 4.0 MiB")
+    assert rows[3].startswith("web1: vdb: copy 100% 2.0 MiB of 2.0 MiB")
+    assert rows[4:] == ["Info: web1: merged vda, vdb by commit"]
+
+
+def test_log_lines_during_a_single_progress_line_go_above_it():
+    terminal = _Terminal()
+    report.setup(terminal)
+    try:
+        progress = Progress("web1: vda: commit", 4 * MiB, stream=terminal)
+        progress.update(MiB)
+        report.log.warning("web1: vda: a warning")
+        progress.update(2 * MiB)
+        progress.finish()
+        report.log.info("web1: done")
+    finally:
+        report.setup()
+    rows = screen(terminal.getvalue())
+    assert rows[0] == "Warning: web1: vda: a warning"
+    assert rows[1].startswith("web1: vda: commit 100% 4.0 MiB of 4.0 MiB")
+    assert rows[2:] == ["Info: web1: done"]

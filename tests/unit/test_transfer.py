@@ -261,3 +261,24 @@ Total bytes received: 35
     plain = "Literal data: 5 bytes\nMatched data: 0 bytes\nTotal bytes sent: 99\n"
     assert RsyncStats.parse(plain) == RsyncStats(5, 0, 99)
     assert RsyncStats.parse("") == RsyncStats(0, 0, 0)
+
+
+def test_ssh_shares_a_connection_in_a_private_folder_and_sshoptions_still_win():
+    from backupninja_kvm import transfer
+
+    remote = transfer.Remote("backup.example.org", options=("-o", "ControlMaster=no"))
+    argv = remote._ssh()
+    try:
+        [path] = [a.split("=", 1)[1] for a in argv if a.startswith("ControlPath=")]
+        folder = os.path.dirname(path)
+        assert (
+            stat.S_IMODE(os.stat(folder).st_mode) == 0o700 and os.stat(folder).st_uid == os.getuid()
+        )
+        assert "ControlMaster=auto" in argv and "ControlPersist=60" in argv
+        # ssh takes the first value of an option: the user's, except BatchMode.
+        assert argv.index("BatchMode=yes") < argv.index("ControlMaster=no")
+        assert argv.index("ControlMaster=no") < argv.index("ControlMaster=auto")
+    finally:
+        transfer.close_connections()
+    assert not os.path.exists(folder)
+    transfer.close_connections()  # idempotent
