@@ -15,6 +15,7 @@ import pytest
 from backupninja_kvm import config, destination
 from backupninja_kvm.errors import DomainError
 from tests.conftest import write_action
+from tests.support import vms
 from tests.support.cli import helper
 from tests.support.cycle import back_up
 from tests.support.vms import (
@@ -34,17 +35,8 @@ pytestmark = pytest.mark.libvirt
 
 @pytest.fixture
 def loop_device(scratch):
-    """A real block device: a loop device on a 64 MiB file, detached afterwards."""
-    backing = os.path.join(scratch, "loop.raw")
-    with open(backing, "wb") as handle:
-        handle.truncate(64 * MiB)
-    device = subprocess.run(
-        ["losetup", "-f", "--show", backing], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    try:
+    with vms.loop_device(scratch) as device:
         yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False)
 
 
 def action(scratch: str, vm, **source: str) -> str:

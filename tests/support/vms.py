@@ -12,9 +12,12 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import libvirt
@@ -53,6 +56,21 @@ class DiskSpec:
 def data_file_path(image: str) -> str:
     """The external data file of a DiskSpec(data_file=True) image."""
     return os.path.splitext(image)[0] + ".data.raw"
+
+
+@contextmanager
+def loop_device(directory: str, size: int = 64 * MiB) -> Iterator[str]:
+    """A real block device for ``<disk type='block'>``: a loop device on a
+    file in *directory*, detached afterwards."""
+    backing = tempfile.mktemp(prefix="loop-", suffix=".raw", dir=directory)
+    with open(backing, "wb") as handle:
+        handle.truncate(size)
+    device = run("losetup", "-f", "--show", backing).strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+        os.unlink(backing)
 
 
 def run(*argv: str) -> str:
