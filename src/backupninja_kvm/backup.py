@@ -381,8 +381,8 @@ def _nothing_to_back_up(plan: Plan) -> str:
 
 def _skipped_text(skipped: SkippedDisk) -> str:
     disk = skipped.disk
-    source = f" {disk.path}" if disk.path else ""
-    return f"{disk.target}{source}: {skipped.reason}"
+    source = f" ({disk.path})" if disk.path else ""
+    return f"{disk.target}: {skipped.reason}{source}"
 
 
 def _report_skipped(name: str, skipped: SkippedDisk) -> str:

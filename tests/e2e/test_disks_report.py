@@ -36,7 +36,9 @@ def test_a_skipped_disk_is_a_warning_and_a_vm_without_backable_disk_an_error(new
 
     warnings = result.lines("Warning")
     assert any(
-        f"{partly.name}: disk vdb {data_device}" in line and "not in the set" in line
+        f"{partly.name}: disk vdb: block disk" in line
+        and f"({data_device})" in line
+        and "not in the set" in line
         for line in warnings
     ), result.log
     errors = result.lines("Error")

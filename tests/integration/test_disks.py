@@ -95,7 +95,9 @@ def test_a_block_disk_beside_a_file_disk_is_a_warning_naming_it(new_vm, scratch,
     assert result.returncode == 0, result.stdout + result.stderr
     warnings = lines(result, "Warning:")
     assert any(
-        f"{vm.name}: disk vdb {loop_device}" in line and "not in the set" in line
+        f"{vm.name}: disk vdb: block disk" in line
+        and f"({loop_device})" in line
+        and "not in the set" in line
         for line in warnings
     ), result.stdout
     assert sorted(os.listdir(latest_set(scratch, vm))) == ["B3SUMS", "domain.xml", "vda-vda.qcow2"]
