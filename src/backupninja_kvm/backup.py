@@ -70,6 +70,7 @@ class HeaderFix:
     refer to each other by relative names instead of to the domain's files."""
 
     target: str
+    image: str  # the copy changed, by its name in the set
     argv: tuple[str, ...]  # qemu-img's arguments, run in the set's folder
     what: str  # for messages
 
@@ -218,6 +219,7 @@ def _plan_files(plan: Plan, disk: Disk, chain: ChainPlan, backing: str) -> None:
             plan.fixes.append(
                 HeaderFix(
                     target,
+                    names[position],
                     tuple(images.data_file_argv(data_name, names[position])),
                     f"point {names[position]} at its data file {data_name}",
                 )
@@ -226,6 +228,7 @@ def _plan_files(plan: Plan, disk: Disk, chain: ChainPlan, backing: str) -> None:
         plan.fixes.append(
             HeaderFix(
                 target,
+                names[position - 1],
                 tuple(images.rebase_argv(names[position], layer.format, names[position - 1])),
                 f"point {names[position - 1]} at {names[position]}",
             )
@@ -238,6 +241,7 @@ def _plan_files(plan: Plan, disk: Disk, chain: ChainPlan, backing: str) -> None:
         plan.fixes.append(
             HeaderFix(
                 target,
+                names[-1],
                 tuple(images.rebase_argv(left[0].path, left[0].format, names[-1])),
                 f"point {names[-1]} at {left[0].path}",
             )
@@ -443,7 +447,18 @@ def _fix_headers(plan: Plan, backup_set: destination.AnySet, outcome: Outcome) -
     the copies only, after the merge. On a remote destination this needs
     qemu-img there; without it, each copy keeps the names of the domain's
     own files, which a Warning says with the command to run on a restore."""
+    failed: set[str] = set()
     for fix in plan.fixes:
+        if fix.image in failed:
+            # Its data file is still the domain's: qemu-img would open that one.
+            log.warning(
+                "%s: %s: did not %s in the set; after a restore, run `qemu-img %s`",
+                plan.name,
+                fix.target,
+                fix.what,
+                " ".join(fix.argv),
+            )
+            continue
         try:
             if isinstance(backup_set, destination.RemoteBackupSet):
                 backup_set.remote.run(
@@ -452,6 +467,7 @@ def _fix_headers(plan: Plan, backup_set: destination.AnySet, outcome: Outcome) -
             else:
                 images.run_in(backup_set.partial_path, list(fix.argv))
         except (TransferError, images.ImageError) as error:
+            failed.add(fix.image)
             log.warning(
                 "%s: %s: could not %s in the set (%s); after a restore, run "
                 "`qemu-img %s` in the set's folder",

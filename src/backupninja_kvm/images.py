@@ -53,10 +53,14 @@ def rebase_argv(backing_name: str, backing_format: str, image: str) -> list[str]
 def data_file_argv(data_file: str, image: str) -> list[str]:
     """Point the copy *image* (a qcow2) at the data file *data_file*.
 
-    The image is opened with *data_file* given explicitly: opened as it is,
-    it would open the data file its header names, the domain's own.
+    The image is opened with *data_file* given explicitly and without its
+    backing file: opened as it is, it would open the files its header names,
+    the domain's own.
     """
-    options = f"driver=qcow2,file.filename={_escape(image)},data-file.filename={_escape(data_file)}"
+    options = (
+        f"driver=qcow2,file.filename={_escape(image)},"
+        f"data-file.filename={_escape(data_file)},backing="
+    )
     return ["amend", "--image-opts", options, "-o", f"data_file={_escape(data_file)}"]
 
 

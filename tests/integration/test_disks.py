@@ -303,3 +303,33 @@ def test_the_overlay_of_a_symlinked_image_goes_beside_the_real_file(new_vm, scra
         if vm is not None:
             vm.remove()
         subprocess.run(["umount", real_dir], check=False)
+
+
+def test_the_free_space_check_counts_the_whole_chain_that_is_copied(new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 64 * MiB)], start=False)
+    write_offline(vm.paths["vda"], "qcow2", [Write(0x51, 0, 40 * MiB)])
+    vm.start()
+    _snapshot_disk_only(vm, os.path.join(vm.directory, "vda.s1.qcow2"))
+    small = os.path.join(scratch, "small")
+    os.makedirs(small)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", small], check=True)
+    try:
+
+        def settings(backing: str) -> config.Settings:
+            text = f"[source]\nbacking = {backing}\n[dest]\ndirectory = {small}\n"
+            return config.load(write_action(os.path.join(scratch, f"{backing}.kvm"), text))
+
+        # 40 MiB in the base plus the margin do not fit: refused before the freeze.
+        with pytest.raises(DomainError, match="not enough free space for the backup set"):
+            back_up(vm, settings("chain"))
+        assert vm.tagged_files() == [] and os.listdir(small) == []
+        # The top alone fits.
+        outcome = back_up(vm, settings("top"))
+        assert sorted(os.listdir(outcome.set_path)) == ["B3SUMS", "domain.xml", "vda-vda.s1.qcow2"]
+    finally:
+        subprocess.run(["umount", small], check=True)
+        subprocess.run(
+            ["virsh", "-q", "-c", URI, "snapshot-delete", vm.name, "s1", "--metadata"],
+            check=False,
+            capture_output=True,
+        )
