@@ -496,7 +496,10 @@ def _refuse_unsafe_chains(plan: Plan) -> None:
 
 
 def _write_definition(domain: Domain, backup_set: destination.AnySet) -> None:
-    xml = domain.xml(inactive=True) if domain.is_persistent() else domain.xml()
+    """Save the definition a restore needs, console passwords included (the
+    set is 0700, the file 0600). libvirt secrets (LUKS keys) are not in it."""
+    persistent = domain.is_persistent()
+    xml = domain.xml(inactive=persistent, secure=True)
     backup_set.write_file("domain.xml", xml)
 
 

@@ -10,6 +10,7 @@ Fatal.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -53,8 +54,19 @@ up; `backupninja-kvm status` shows domains still on an overlay, and
 
 
 def _selected(settings: config.Settings, known: list[str]) -> list[str]:
+    """The domains to back up, in the file's order, each once (a name listed
+    twice is a Warning: it may stand for a VM that was meant and is missing)."""
     names = list(settings.domains) if settings.domains else known
-    return [n for n in names if not settings.is_excluded(n)]
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            log.warning(
+                "%s: %s is listed more than once; it is backed up once",
+                settings.where("source", "domains"),
+                name,
+            )
+        seen.add(name)
+    return [n for n in dict.fromkeys(names) if not settings.is_excluded(n)]
 
 
 def _domain_names(uri: str) -> list[str]:
@@ -79,6 +91,7 @@ def _check_remote(remote: Remote, directory: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """``run ACTION``: back up the domains an action file selects."""
     try:
+        config.check_permissions(args.action, os.environ.get("BACKUPNINJA_KVM_ADMINGROUP", ""))
         settings = config.load(args.action, list_domains=_domain_names, check_remote=_check_remote)
     except ConfigError as error:
         for problem in error.problems:
@@ -94,13 +107,28 @@ def run(args: argparse.Namespace) -> int:
         log.critical("%s: %s", settings.where("source", "uri"), error)
         return EXIT_FATAL
     try:
-        names = _selected(settings, [d.name for d in hypervisor.list_domains()])
+        known = [d.name for d in hypervisor.list_domains()]
+        names = _selected(settings, known)
+        unknown = [name for name in names if name not in known]
+        for name in unknown:
+            log.error(
+                "%s: unknown domain %r: libvirt at %s does not know it, so it was not backed "
+                "up; remove it from domains if the VM was decommissioned, or fix the name",
+                settings.where("source", "domains"),
+                name,
+                settings.uri,
+            )
+        names = [name for name in names if name in known]
         if not names:
+            if unknown:
+                return EXIT_DOMAIN_ERRORS
             log.warning("%s: no domain selected, nothing to back up", settings.path)
             return EXIT_OK
         if args.test:
-            return _dry_run(hypervisor, settings, names)
-        return _back_up_all(hypervisor, settings, names, args.prometheus_dir)
+            status = _dry_run(hypervisor, settings, names)
+        else:
+            status = _back_up_all(hypervisor, settings, names, args.prometheus_dir, unknown)
+        return EXIT_DOMAIN_ERRORS if unknown and status == EXIT_OK else status
     except HypervisorError as error:
         log.critical("%s", error)
         return EXIT_FATAL
@@ -120,9 +148,13 @@ def _dry_run(hypervisor, settings: config.Settings, names: list[str]) -> int:
 
 
 def _back_up_all(
-    hypervisor, settings: config.Settings, names: list[str], prometheus_dir: str | None = None
+    hypervisor,
+    settings: config.Settings,
+    names: list[str],
+    prometheus_dir: str | None = None,
+    unknown: list[str] | None = None,
 ) -> int:
-    failed, fatal = [], []
+    failed, fatal = list(unknown or []), []
     figures: list[prometheus.DomainFigures] = []
     try:
         for position, name in enumerate(names):
@@ -176,7 +208,8 @@ def _back_up_all(
     if fatal:
         return EXIT_FATAL
     if failed:
-        log.error("%d of %d domain(s) failed: %s", len(failed), len(names), ", ".join(failed))
+        total = len(names) + len(unknown or [])
+        log.error("%d of %d domain(s) failed: %s", len(failed), total, ", ".join(failed))
         return EXIT_DOMAIN_ERRORS
     return EXIT_OK
 

@@ -14,15 +14,22 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import grp
 import os
 import re
 import shlex
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
-from validate import Validator
+from validate import (
+    Validator,
+    VdtValueError,
+    VdtValueTooBigError,
+    VdtValueTooSmallError,
+)
 
 from backupninja_kvm.errors import BackupNinjaKvmError, ConfigError
 from backupninja_kvm.transfer import Remote
@@ -43,9 +50,9 @@ stage = option('full', default='full')
 # qcow2); the former image file is left in place, unused.
 merge = option('commit', 'pull', default='commit')
 # Seconds to wait for a merge job to become ready (commit) or to finish (pull).
-merge_timeout = integer(min=1, default=600)
+merge_timeout = integer(min=1, max=604800, default=600)
 # Bandwidth cap for the merge job in MiB/s; 0 means unlimited.
-bandwidth = integer(min=0, default=0)
+bandwidth = integer(min=0, max=1048576, default=0)
 # Freeze the guest's filesystems (QEMU guest agent, fsfreeze) for the instant
 # of the snapshot, so that the images are clean, not only crash-consistent.
 # "auto": when the domain has a guest agent channel; an agent that does not
@@ -57,13 +64,13 @@ quiesce = option('auto', 'yes', 'no', default='auto')
 # hooks included). A freeze not done in time counts as not answered; as it may
 # still complete in the guest, the agent is then asked to thaw for up to this
 # long again (at least a minute) before the snapshot is taken.
-quiesce_timeout = integer(min=1, default=60)
+quiesce_timeout = integer(min=1, max=3600, default=60)
 
 [source]
-# libvirt connection URI.
+# libvirt connection URI: a local one (the images are read from this host's files).
 uri = string(default='qemu:///system')
-# Domains to back up: "all", or a comma-separated list of names.
-domains = force_list(default=list('all'))
+# Domains to back up (required): "all", or a comma-separated list of names.
+domains = force_list()
 # Domains to leave out: comma-separated names or shell patterns (web*, test-?).
 exclude = force_list(default=list())
 # Directory for the temporary overlays; empty means next to each image, which
@@ -71,7 +78,7 @@ exclude = force_list(default=list())
 overlaydir = string(default='')
 # Free space (MiB) required where the overlays go before a domain is frozen:
 # the guest's writes during the backup must fit, or QEMU pauses it. 0 = no check.
-overlay_reserve = integer(min=0, default=1024)
+overlay_reserve = integer(min=0, max=16777216, default=1024)
 # A disk's backing files (a chain made by `virsh snapshot-create-as
 # --disk-only`, or a base image) that belong to no other domain hold the VM's
 # own data. "chain": copy them into the set with the disk, each copy pointing
@@ -103,7 +110,7 @@ sshoptions = string(default='')
 # image). "no": send whole images (less CPU; faster on a fast network).
 delta = boolean(default=True)
 # Number of complete backup sets kept per domain; older ones are removed.
-keep = integer(min=1, default=7)
+keep = integer(min=1, max=100000, default=7)
 """
 
 _KEY_LINE = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*=")
@@ -193,26 +200,25 @@ def load(
 
     Raises ConfigError listing every problem, each with its line and key.
     With *list_domains* (uri -> names of the domains libvirt knows, raising
-    BackupNinjaKvmError when it cannot tell), the domain names are checked
-    too, in the same pass; with *check_remote* (raising BackupNinjaKvmError
-    when the remote destination is unusable), the remote host and directory.
+    BackupNinjaKvmError when it cannot tell), libvirt must answer at the
+    (local) uri; a name it does not know is left to the run, which reports
+    it as an Error of its own. With *check_remote* (raising
+    BackupNinjaKvmError when the remote destination is unusable), the remote
+    host and directory are checked too, in the same pass.
     """
     path = str(path)
-    try:
-        raw_lines = Path(path).read_text().splitlines()
-    except OSError as error:
-        raise ConfigError(
-            path, [f"{path}: cannot read the action file: {error.strerror}"]
-        ) from None
+    # "\n" only, as backupninja counts lines (str.splitlines also splits at
+    # form feeds and other separators, and line numbers would drift).
+    raw_lines = read_text(path).replace("\r\n", "\n").split("\n")
     lines = [("" if _WHEN_LINE.match(line) else line) for line in raw_lines]
     index = _index_lines(lines)
     try:
         config = ConfigObj(lines, configspec=_spec(), file_error=False, raise_errors=False)
     except ConfigObjError as parse_error:
         errors = getattr(parse_error, "errors", [parse_error])
-        raise ConfigError(path, [_describe_parse_error(path, e) for e in errors]) from None
+        raise ConfigError(path, [_describe_parse_error(path, lines, e) for e in errors]) from None
 
-    problems: list[tuple[int, str]] = []
+    problems = _remove_nested_sections(path, lines, config)
     result = config.validate(Validator(), preserve_errors=True)
     invalid: set[tuple[str, str]] = set()
     for sections, key, failure in flatten_errors(config, result):
@@ -221,8 +227,11 @@ def load(
             problems.append((0, f"{path}: section [{section}] is malformed"))
             continue
         invalid.add((section, key))
-        reason = str(failure).rstrip(".") if failure else "missing value"
-        reason += _allowed_values(section, key)
+        if (section, key) == ("source", "domains") and not failure:
+            reason = f"missing: {_WRITE_ALL}"
+        else:
+            reason = str(failure).rstrip(".") if failure else "missing value"
+            reason += _allowed_values(section, key) + _allowed_range(section, key, failure)
         line = index.get((section, key), 0)
         problems.append((line, f"{where(path, index, section, key)}: {reason}"))
     spec = _spec()
@@ -236,7 +245,7 @@ def load(
             problems.append((line, f"{path}{at}: unknown section [{name}]{hint}"))
         else:
             known = spec[section].scalars if section in spec else []
-            hint = _did_you_mean(name, known)
+            hint = _belongs_in(name, section, spec) or _did_you_mean(name, known)
             line = index.get((section, name), 0)
             problems.append((line, f"{where(path, index, section, name)}: unknown key{hint}"))
 
@@ -255,10 +264,13 @@ def load(
                     problems.append((line, problem))
     if remote and not invalid & {("dest", "host"), ("dest", "port"), ("dest", "directory")}:
         problems += _check_remote(path, index, config["dest"], check_remote)
-    if sections_ok and list_domains and not invalid & {("source", "uri"), ("source", "domains")}:
-        problems += _check_domain_names(
-            path, index, str(config["source"]["uri"]), config["source"]["domains"], list_domains
-        )
+    if sections_ok and ("source", "domains") not in invalid:
+        problems += _check_domain_list(path, index, config["source"]["domains"])
+    if sections_ok and ("source", "uri") not in invalid:
+        uri_problems = _check_uri(path, index, str(config["source"]["uri"]))
+        problems += uri_problems
+        if list_domains and not uri_problems:
+            problems += _check_hypervisor(path, index, str(config["source"]["uri"]), list_domains)
     if problems:
         raise ConfigError(path, [text for _, text in sorted(problems, key=lambda p: p[0])])
 
@@ -273,7 +285,7 @@ def load(
         quiesce=general["quiesce"],
         quiesce_timeout=general["quiesce_timeout"],
         uri=source["uri"],
-        domains=() if domains in ((), ("all",)) else domains,
+        domains=() if domains == ("all",) else domains,
         exclude=_clean_list(source["exclude"]),
         overlaydir=source["overlaydir"].strip(),
         overlay_reserve=source["overlay_reserve"],
@@ -291,10 +303,207 @@ def load(
     return settings
 
 
-def _describe_parse_error(path: str, error: Exception) -> str:
+def _remove_nested_sections(
+    path: str, lines: list[str], config: ConfigObj
+) -> list[tuple[int, str]]:
+    """Our dialect has one level of sections; a ``[[sub]]`` is a problem, and
+    is removed before validation (configobj's validate fails on some)."""
+    problems = []
+    for section in [config[name] for name in config.sections]:
+        for name in list(section.sections):
+            pattern = re.compile(rf"^\s*\[\[+\s*{re.escape(name)}\s*\]")
+            line = next((n for n, text in enumerate(lines, 1) if pattern.match(text)), 0)
+            at = f" line {line}" if line else ""
+            problems.append(
+                (
+                    line,
+                    f"{path}{at}: [[{name}]]: nested sections are not used "
+                    "(one level of [section])",
+                )
+            )
+            del section[name]
+    return problems
+
+
+def read_text(path: str) -> str:
+    """The action file's text; ConfigError when it cannot be read or is not
+    UTF-8 text (a Latin-1 comment, a binary file), naming the line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigError(
+            path, [f"{path}: cannot read the action file: {error.strerror}"]
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        byte = data[error.start]
+        raise ConfigError(
+            path,
+            [f"{path}: not UTF-8 text (byte {byte:#04x} at line {line}); save it as UTF-8"],
+        ) from None
+    if text.startswith("\ufeff"):  # what some Windows editors write
+        raise ConfigError(
+            path,
+            [
+                f"{path}: starts with a byte order mark (BOM), which backupninja's parser "
+                "does not expect: save it as UTF-8 without BOM"
+            ],
+        )
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise ConfigError(path, [f"{path}: not a text file (a NUL byte at line {line})"])
+    return text
+
+
+def permission_problems(
+    path: str, info: os.stat_result, group_name: str, admingroup: str = "root"
+) -> list[str]:
+    """What backupninja 1.2's check_perms refuses in a file or folder *info*
+    (stat following links): not owned by root; any permission for others;
+    any permission for a group other than root and *admingroup*."""
+    problems = []
+    mode = f"{stat.S_IMODE(info.st_mode):04o}"
+    if info.st_uid != 0:
+        problems.append(
+            f"{path}: owned by uid {info.st_uid}, not root, which backupninja refuses: "
+            f"chown root {path}"
+        )
+    if info.st_mode & stat.S_IRWXO:
+        problems.append(
+            f"{path}: mode {mode} opens it to every user, which backupninja refuses: "
+            f"chmod o= {path}"
+        )
+    if (
+        info.st_mode & stat.S_IRWXG
+        and info.st_gid != 0
+        and admingroup not in (str(info.st_gid), group_name)
+    ):
+        problems.append(
+            f"{path}: mode {mode} opens it to group {group_name}, which backupninja refuses: "
+            f"chmod g= {path}, or admingroup = {group_name} in backupninja.conf"
+        )
+    return problems
+
+
+def check_permissions(path: str, admingroup: str = "root") -> None:
+    """Refuse an action file that backupninja would refuse, as it does: the
+    file and the folder its path names (``${file%/*}``) must be root's and
+    closed to others, since its keys (sshoptions, uri) reach commands run as
+    root. Raises ConfigError; a file that cannot be read is left to load().
+    """
+    problems = []
+    folder = path.rsplit("/", 1)[0] if "/" in path else path
+    for checked in dict.fromkeys([folder or "/", path]):
+        try:
+            info = os.stat(checked)
+        except OSError:
+            continue
+        try:
+            group_name = grp.getgrgid(info.st_gid).gr_name
+        except KeyError:
+            group_name = str(info.st_gid)
+        problems += permission_problems(checked, info, group_name, admingroup or "root")
+    if problems:
+        raise ConfigError(path, problems)
+
+
+def _describe_parse_error(path: str, lines: list[str], error: Exception) -> str:
     line = getattr(error, "line_number", None)
     message = str(error).split(" at line")[0].rstrip(".")
+    text = lines[line - 1] if line and 0 < line <= len(lines) else ""
+    if message == "Duplicate keyword name" and (match := _KEY_LINE.match(text)):
+        key = match.group(1)
+        first = _first_line_of_key(lines, line or 0, key)
+        also = f" (first set on line {first}; lists are comma-separated)" if first else ""
+        return f"{path} line {line}: duplicate key {key}{also}"
+    if message == "Duplicate section name" and (match := _SECTION_LINE.match(text)):
+        return f"{path} line {line}: duplicate section [{match.group(1)}]"
     return f"{path} line {line}: {message}" if line else f"{path}: {message}"
+
+
+def _first_line_of_key(lines: list[str], duplicate: int, key: str) -> int:
+    """The line where *key* was first set in the section of line *duplicate*."""
+    first = 0
+    for number in range(duplicate - 1, 0, -1):
+        text = lines[number - 1]
+        if _SECTION_LINE.match(text):
+            break
+        if (match := _KEY_LINE.match(text)) and match.group(1) == key:
+            first = number
+    return first
+
+
+# Required keys (no default in the schema) and the value the example shows.
+_EXAMPLE_VALUES = {("source", "domains"): "all"}
+
+_WRITE_ALL = "write domains = all to back up every domain, or list their names (comma-separated)"
+
+
+def _check_domain_list(
+    path: str, index: dict[tuple[str, str], int], domains: list[str]
+) -> list[tuple[int, str]]:
+    names = _clean_list(domains)
+    place = where(path, index, "source", "domains")
+    line = index.get(("source", "domains"), 0)
+    if not names:
+        return [(line, f"{place}: empty: {_WRITE_ALL}")]
+    if "all" in names and len(names) > 1:
+        return [(line, f"{place}: use either all or a list of names, not both")]
+    return []
+
+
+def remote_uri_reason(uri: str) -> str:
+    """Why *uri* does not reach the libvirtd of this host ("" when it does).
+
+    The images are read from this host's files, so a connection to another
+    host (any transport but the local socket, or a host name in the URI)
+    would copy the wrong files or none.
+    """
+    match = re.fullmatch(r"([A-Za-z][A-Za-z0-9.-]*)(?:\+([A-Za-z0-9]+))?://([^/?#]*)(.*)", uri)
+    if not match:
+        return "not a URI of the form driver:///path"
+    transport, authority = (match.group(2) or "").lower(), match.group(3)
+    if transport not in ("", "unix"):
+        return f"transport {transport}"
+    if authority:
+        return f"host {authority}"
+    return ""
+
+
+def _check_uri(path: str, index: dict[tuple[str, str], int], uri: str) -> list[tuple[int, str]]:
+    reason = remote_uri_reason(uri.strip())
+    if not reason:
+        return []
+    place = where(path, index, "source", "uri")
+    return [
+        (
+            index.get(("source", "uri"), 0),
+            f"{place}: {uri.strip()!r} is not a local libvirt connection ({reason}); the images "
+            "are read from this host's files, so run the backup on the VMs' host with a local "
+            "URI such as qemu:///system",
+        )
+    ]
+
+
+def _allowed_range(section: str, key: str, failure) -> str:
+    check = _spec()[section][key] if section else _spec()[key]
+    if not isinstance(check, str) or not isinstance(failure, VdtValueError):
+        return ""
+    _, _, kwargs, _ = Validator()._parse_with_caching(check)
+    low, high = kwargs.get("min"), kwargs.get("max")
+    if isinstance(failure, VdtValueTooBigError) and high is not None:
+        return f" (at most {high})"
+    if isinstance(failure, VdtValueTooSmallError) and low is not None:
+        return f" (at least {low})"
+    return ""
+
+
+def _belongs_in(name: str, section: str, spec: ConfigObj) -> str:
+    """``(it belongs in [dest])`` for a known key written in another section."""
+    homes = [other for other in spec.sections if other != section and name in spec[other].scalars]
+    return f" (it belongs in [{homes[0]}])" if homes else ""
 
 
 def _allowed_values(section: str, key: str) -> str:
@@ -348,25 +557,22 @@ def _check_remote(
     return []
 
 
-def _check_domain_names(
+def _check_hypervisor(
     path: str,
     index: dict[tuple[str, str], int],
     uri: str,
-    domains: list[str],
     list_domains: Callable[[str], list[str]],
 ) -> list[tuple[int, str]]:
-    names = [n for n in _clean_list(domains) if n != "all"]
+    """libvirt answers at *uri*. Names it does not know are not a problem of
+    the file: each is an Error of its own at run time, the others are backed
+    up (a decommissioned VM must not stop the backup of the rest)."""
     try:
-        known = list_domains(uri)
+        list_domains(uri)
     except BackupNinjaKvmError as error:
         return [
             (index.get(("source", "uri"), 0), f"{where(path, index, 'source', 'uri')}: {error}")
         ]
-    place = where(path, index, "source", "domains")
-    line = index.get(("source", "domains"), 0)
-    if names and len(names) != len(_clean_list(domains)):
-        return [(line, f"{place}: use either all or a list of names, not both")]
-    return [(line, f"{place}: unknown domain {name!r}") for name in names if name not in known]
+    return []
 
 
 def render_example() -> str:
@@ -387,7 +593,10 @@ def render_example() -> str:
         out.append(f"[{section_name}]")
         for key in section.scalars:
             out += [c for c in section.comments.get(key, []) if c.strip()]
-            default = validator.get_default_value(section[key])
+            try:
+                default = validator.get_default_value(section[key])
+            except KeyError:  # a required key: show the value most files start with
+                default = _EXAMPLE_VALUES[(section_name, key)]
             if isinstance(default, list):
                 default = ", ".join(default)
             out.append(f"{key} = {default}".rstrip())

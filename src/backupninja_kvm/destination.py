@@ -118,7 +118,9 @@ class BackupSet(SetLayout):
         shutil.rmtree(self.partial_path, ignore_errors=True)
 
     def write_file(self, name: str, text: str) -> None:
-        with open(os.path.join(self.partial_path, name), "w") as handle:
+        # 0600 like the images: domain.xml holds console passwords (M12)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        with os.fdopen(os.open(os.path.join(self.partial_path, name), flags, 0o600), "w") as handle:
             handle.write(text)
 
     def copy_image(self, source: str, name: str, progress: Callable[[int], None]) -> int:
@@ -285,7 +287,7 @@ class RemoteBackupSet(SetLayout):
             pass  # the next run removes it
 
     def write_file(self, name: str, text: str) -> None:
-        self.remote.run('cat > "$1"', os.path.join(self.partial_path, name), stdin=text)
+        self.remote.run('umask 077; cat > "$1"', os.path.join(self.partial_path, name), stdin=text)
 
     def copy_image(self, source: str, name: str, progress: Callable[[int], None]) -> int:
         basis = f"../{self.basis}" if self.delta and self.basis else None

@@ -154,7 +154,7 @@ class Hypervisor:
                 )
             except libvirt.libvirtError as error:
                 if error.get_error_code() == ERR_NO_DOMAIN:
-                    continue  # destroyed (transient) or undefined while we listed
+                    continue  # a transient domain that stopped since the listing: gone
                 raise _translate(error, "cannot list domains") from None
         return sorted(summaries, key=lambda d: d.name)
 
@@ -251,8 +251,12 @@ class Domain:
     def id(self) -> int:
         return int(self._call("id", "ID"))
 
-    def xml(self, inactive: bool = False) -> str:
+    def xml(self, inactive: bool = False, secure: bool = False) -> str:
+        """The domain's XML; *secure* keeps what libvirt hides by default
+        (VNC/SPICE passwords), for a definition that restores as it was."""
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        if secure:
+            flags |= libvirt.VIR_DOMAIN_XML_SECURE
         return self._call("read XML", "XMLDesc", flags)
 
     def create_overlays(self, snapshot_xml: str) -> None:

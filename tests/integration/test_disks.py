@@ -274,7 +274,10 @@ def test_the_overlay_of_a_symlinked_image_goes_beside_the_real_file(new_vm, scra
         os.makedirs(backups)
 
         def settings(reserve: int) -> config.Settings:
-            text = f"[source]\noverlay_reserve = {reserve}\n[dest]\ndirectory = {backups}\n"
+            text = (
+                f"[source]\ndomains = {vm.name}\noverlay_reserve = {reserve}\n"
+                f"[dest]\ndirectory = {backups}\n"
+            )
             return config.load(write_action(os.path.join(scratch, f"r{reserve}.kvm"), text))
 
         # The reserve is checked where the overlay goes: the real file's filesystem.
@@ -316,7 +319,9 @@ def test_the_free_space_check_counts_the_whole_chain_that_is_copied(new_vm, scra
     try:
 
         def settings(backing: str) -> config.Settings:
-            text = f"[source]\nbacking = {backing}\n[dest]\ndirectory = {small}\n"
+            text = (
+                f"[source]\ndomains = {vm.name}\nbacking = {backing}\n[dest]\ndirectory = {small}\n"
+            )
             return config.load(write_action(os.path.join(scratch, f"{backing}.kvm"), text))
 
         # 40 MiB in the base plus the margin do not fit: refused before the freeze.

@@ -53,6 +53,8 @@ def settings_for(scratch: str, merge: str = "commit", **extra: str) -> config.Se
     os.makedirs(backups, exist_ok=True)
     lines = [
         "when = everyday at 01:00",
+        "[source]",
+        "domains = all",  # back_up() is given the VM; nothing is selected by name
         "[general]",
         f"merge = {merge}",
         "merge_timeout = 60",
@@ -263,7 +265,10 @@ def test_destination_without_room_is_refused_before_the_freeze(new_vm, scratch):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", small], check=True)
     try:
         settings = config.load(
-            write_action(os.path.join(scratch, "full.kvm"), f"[dest]\ndirectory = {small}\n")
+            write_action(
+                os.path.join(scratch, "full.kvm"),
+                f"[source]\ndomains = {vm.name}\n[dest]\ndirectory = {small}\n",
+            )
         )
         window = Window(vm, {})
         with pytest.raises(DomainError, match="not enough free space for the backup set"):
@@ -282,7 +287,7 @@ def test_overlay_reserve_is_checked_before_the_freeze(new_vm, scratch):
     os.makedirs(overlays)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", overlays], check=True)
     try:
-        lines = f"[source]\noverlaydir = {overlays}\noverlay_reserve = 64\n"
+        lines = f"[source]\ndomains = {vm.name}\noverlaydir = {overlays}\noverlay_reserve = 64\n"
         backups = os.path.join(scratch, "backups")
         os.makedirs(backups)
         lines += f"[dest]\ndirectory = {backups}\n"

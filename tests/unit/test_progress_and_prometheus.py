@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import stat
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backupninja_kvm import prometheus, report
@@ -100,3 +103,105 @@ def test_a_board_redraws_one_line_per_disk_in_place():
     last = frames[-1].split("\n")
     assert last[0].startswith("\033[Kweb1: vda: copy 100% 4.0 MiB of 4.0 MiB")
     assert last[1].startswith("\033[Kweb1: vdb: copy 100% 2.0 MiB of 2.0 MiB")
+
+
+def prometheus_values(path) -> dict[str, dict[str, float]]:
+    with open(path) as handle:
+        families = {f.name: f for f in text_string_to_metric_families(handle.read())}
+    return {
+        name: {s.labels["domain"]: s.value for s in family.samples}
+        for name, family in families.items()
+    }
+
+
+def test_prometheus_never_follows_a_link_planted_at_a_guessable_name(tmp_path):
+    directory = tmp_path / "textfile"
+    directory.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious root-only content\n")
+    victim.chmod(0o600)
+    planted = [f"{prometheus.FILE_NAME}.{pid}" for pid in range(os.getpid() - 50, os.getpid() + 50)]
+    planted += [f"{prometheus.FILE_NAME}.tmp", f".{prometheus.FILE_NAME}", prometheus.FILE_NAME]
+    for name in planted:
+        (directory / name).symlink_to(victim)
+
+    path = prometheus.write(str(directory), [prometheus.DomainFigures("web1", prometheus.OK)])
+
+    assert victim.read_text() == "precious root-only content\n"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600
+    assert not os.path.islink(path) and stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    assert prometheus_values(path)["backupninja_kvm_status"] == {"web1": 0}
+    left = sorted(p.name for p in directory.iterdir() if p.name not in planted)
+    assert left == []  # no temporary left; the file itself replaced the planted link
+
+
+def test_prometheus_keeps_the_series_of_an_earlier_actions_domains(tmp_path):
+    first_action = [prometheus.DomainFigures("web1", prometheus.ERROR, 3 * MiB, 0.5, 2.0)]
+    prometheus.write(str(tmp_path), first_action, now=1_800_000_000)
+    second_action = [prometheus.DomainFigures("db1", prometheus.OK, MiB, 0.25, 1.0, True)]
+    path = prometheus.write(str(tmp_path), second_action, now=1_800_000_100)
+
+    values = prometheus_values(path)
+
+    assert values["backupninja_kvm_status"] == {"web1": 1, "db1": 0}  # web1's failure stays
+    assert values["backupninja_kvm_bytes_copied"] == {"web1": 3 * MiB, "db1": MiB}
+    assert values["backupninja_kvm_duration_seconds"] == {"web1": 2.0, "db1": 1.0}
+    assert values["backupninja_kvm_quiesced"] == {"web1": 0, "db1": 1}
+    assert values["backupninja_kvm_last_success_timestamp_seconds"] == {"db1": 1_800_000_100}
+
+
+def test_prometheus_replaces_only_the_series_of_this_runs_domains(tmp_path):
+    prometheus.write(
+        str(tmp_path),
+        [
+            prometheus.DomainFigures("web1", prometheus.OK, 5 * MiB),
+            prometheus.DomainFigures("db1", prometheus.ERROR),
+        ],
+        now=1_800_000_000,
+    )
+    path = prometheus.write(
+        str(tmp_path), [prometheus.DomainFigures("db1", prometheus.OK, MiB)], now=1_800_000_200
+    )
+
+    values = prometheus_values(path)
+
+    assert values["backupninja_kvm_status"] == {"web1": 0, "db1": 0}
+    assert values["backupninja_kvm_bytes_copied"] == {"web1": 5 * MiB, "db1": MiB}
+    assert values["backupninja_kvm_last_success_timestamp_seconds"] == {
+        "web1": 1_800_000_000,
+        "db1": 1_800_000_200,
+    }
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o777, True), (0o1777, False), (0o755, False)])
+def test_a_textfile_directory_writable_by_others_is_a_warning(tmp_path, caplog, mode, warned):
+    directory = tmp_path / "textfile"
+    directory.mkdir()
+    directory.chmod(mode)
+
+    with caplog.at_level(logging.WARNING, logger="backupninja_kvm"):
+        prometheus.write(str(directory), [prometheus.DomainFigures("web1", prometheus.OK)])
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if warned:
+        assert warnings == [
+            f"Prometheus textfile directory: {directory} is writable by other users "
+            f"(mode {mode:04o}), who can replace or remove the figures written there: "
+            f"chmod go-w {directory}"
+        ]
+    else:
+        assert warnings == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_a_textfile_directory_of_the_exporters_own_user_is_no_warning(tmp_path, caplog):
+    # Debian's /var/lib/prometheus/node-exporter belongs to the prometheus user.
+    directory = tmp_path / "textfile"
+    directory.mkdir()
+    os.chown(directory, 65534, 65534)
+
+    with caplog.at_level(logging.WARNING, logger="backupninja_kvm"):
+        prometheus.write(str(directory), [prometheus.DomainFigures("web1", prometheus.OK)])
+
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert (directory / prometheus.FILE_NAME).stat().st_uid == 0
