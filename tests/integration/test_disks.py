@@ -39,13 +39,21 @@ def loop_device(scratch):
         yield device
 
 
+def action_path(scratch: str, name: str) -> str:
+    """A path for an action file in a folder of root's alone (the scratch
+    folder may be opened for QEMU to reach a template)."""
+    folder = os.path.join(scratch, "actions")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    return os.path.join(folder, name)
+
+
 def action(scratch: str, vm, **source: str) -> str:
     backups = os.path.join(scratch, "backups")
     os.makedirs(backups, exist_ok=True)
     lines = ["[general]", "merge_timeout = 60", "[source]", f"domains = {vm.name}"]
     lines += [f"{key} = {value}" for key, value in source.items()]
     lines += ["[dest]", f"directory = {backups}"]
-    return write_action(os.path.join(scratch, "vm.kvm"), "\n".join(lines) + "\n")
+    return write_action(action_path(scratch, "vm.kvm"), "\n".join(lines) + "\n")
 
 
 def lines(result, prefix: str) -> list[str]:
@@ -278,7 +286,7 @@ def test_the_overlay_of_a_symlinked_image_goes_beside_the_real_file(new_vm, scra
                 f"[source]\ndomains = {vm.name}\noverlay_reserve = {reserve}\n"
                 f"[dest]\ndirectory = {backups}\n"
             )
-            return config.load(write_action(os.path.join(scratch, f"r{reserve}.kvm"), text))
+            return config.load(write_action(action_path(scratch, f"r{reserve}.kvm"), text))
 
         # The reserve is checked where the overlay goes: the real file's filesystem.
         with pytest.raises(DomainError, match=rf"overlay_reserve\) in {real_dir}"):
@@ -322,7 +330,7 @@ def test_the_free_space_check_counts_the_whole_chain_that_is_copied(new_vm, scra
             text = (
                 f"[source]\ndomains = {vm.name}\nbacking = {backing}\n[dest]\ndirectory = {small}\n"
             )
-            return config.load(write_action(os.path.join(scratch, f"{backing}.kvm"), text))
+            return config.load(write_action(action_path(scratch, f"{backing}.kvm"), text))
 
         # 40 MiB in the base plus the margin do not fit: refused before the freeze.
         with pytest.raises(DomainError, match="not enough free space for the backup set"):
