@@ -17,11 +17,15 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from backupninja_kvm import destination, faults, interrupts, preflight, recovery
+from backupninja_kvm import destination, faults, images, interrupts, preflight, recovery
 from backupninja_kvm import journal as journals
 from backupninja_kvm.config import Settings
 from backupninja_kvm.disks import (
+    ERROR,
     GUEST_AGENT_CHANNEL,
+    INFO,
+    WARNING,
+    ChainPlan,
     Disk,
     SkippedDisk,
     guest_agent_connected,
@@ -29,6 +33,7 @@ from backupninja_kvm.disks import (
     is_our_overlay,
     overlay_paths,
     parse_disks,
+    plan_chain,
     referenced_paths,
     select_disks,
     snapshot_xml,
@@ -50,6 +55,26 @@ from backupninja_kvm.report import human_bytes, log, seconds
 WindowHook = Callable[[Domain, dict[str, str]], None]
 
 
+@dataclass(frozen=True)
+class SetFile:
+    """One file copied into the set: a disk's top, a backing layer, a data file."""
+
+    target: str
+    source: str
+    name: str  # its name in the set
+
+
+@dataclass(frozen=True)
+class HeaderFix:
+    """A ``qemu-img`` change on a copy in the set, so that the set's layers
+    refer to each other by relative names instead of to the domain's files."""
+
+    target: str
+    image: str  # the copy changed, by its name in the set
+    argv: tuple[str, ...]  # qemu-img's arguments, run in the set's folder
+    what: str  # for messages
+
+
 @dataclass
 class Plan:
     """What a backup of one domain will do."""
@@ -59,12 +84,18 @@ class Plan:
     disks: list[Disk]
     skipped: list[SkippedDisk]
     agent: bool = False  # has a guest agent channel
+    files: list[SetFile] = field(default_factory=list)  # what is copied, disks' tops first
+    fixes: list[HeaderFix] = field(default_factory=list)  # after the copy
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (level, message)
 
     def describe(self) -> str:
         state = "running" if self.active else "shut off"
         parts = [f"{d.target} ({d.path}, {d.format})" for d in self.disks]
         text = f"{self.name} ({state}): "
         text += ("back up " + ", ".join(parts)) if parts else "no disk to back up"
+        extra = [f.source for f in self.files[len(self.disks) :]]
+        if extra:
+            text += " with " + ", ".join(extra)
         if self.skipped:
             text += "; skip " + ", ".join(f"{s.disk.target} ({s.reason})" for s in self.skipped)
         if self.agent:
@@ -109,12 +140,142 @@ class Outcome:
         return text + f", set {self.set_path}"
 
 
-def make_plan(domain: Domain) -> Plan:
-    """Read the domain's live XML and choose its disks."""
+def make_plan(domain: Domain, backing: str = "chain") -> Plan:
+    """Read the domain's live XML and choose its disks, and for each disk
+    the files that go into the set (see ``_plan_files``)."""
     active = domain.is_active()
     xml = domain.xml()
     chosen, skipped = select_disks(parse_disks(xml))
-    return Plan(domain.name, active, chosen, skipped, has_guest_agent(xml))
+    plan = Plan(domain.name, active, [], skipped, has_guest_agent(xml))
+    owners: dict[str, set[str]] | None = None
+    for disk in chosen:
+        assert disk.path
+        try:
+            layers = images.chain(disk.path)
+        except images.ImageError as error:
+            plan.skipped.append(SkippedDisk(disk, str(error), ERROR))
+            continue
+        if len(layers) > 1 and owners is None:
+            owners = _owners_of_other_domains(domain)
+        chain = plan_chain(layers, owners or {}, backing)
+        problem = _unusable_data_file(disk, chain)
+        if problem:
+            plan.skipped.append(SkippedDisk(disk, problem, ERROR))
+            continue
+        plan.disks.append(disk)
+        _plan_files(plan, disk, chain, backing)
+    return plan
+
+
+def _owners_of_other_domains(domain: Domain) -> dict[str, set[str]]:
+    """real path -> the other domains whose disks use that file, in their
+    live or persistent chain (a persistent XML names only the top: the
+    layers below it are read from the images)."""
+    owners: dict[str, set[str]] = {}
+    for name, paths in domain.paths_of_other_domains().items():
+        for path in paths:
+            found = {path}
+            if os.path.isfile(path):
+                try:
+                    found |= {layer.path for layer in images.chain(path)}
+                except images.ImageError:
+                    pass
+            for each in found:
+                owners.setdefault(os.path.realpath(each), set()).add(name)
+    return owners
+
+
+def _unusable_data_file(disk: Disk, chain: ChainPlan) -> str:
+    for layer in chain.copied:
+        if layer.data_file and not os.path.isfile(layer.data_file):
+            return (
+                f"{layer.path} keeps its data in {layer.data_file}, which is not a regular "
+                f"file and cannot be copied: the disk is not in the set"
+            )
+    return ""
+
+
+def _plan_files(plan: Plan, disk: Disk, chain: ChainPlan, backing: str) -> None:
+    """The files of one disk in the set, the header fixes that make them
+    refer to each other, and what to say about the layers left out."""
+    name, target = plan.name, disk.target
+    used = {f.name for f in plan.files} | {"domain.xml"}
+
+    def set_name(path: str, first: str = "") -> str:
+        wanted = first or f"{target}-{os.path.basename(path)}"
+        candidate, number = wanted, 1
+        while candidate in used:
+            number += 1
+            candidate = f"{target}-{number}-{os.path.basename(path)}"
+        used.add(candidate)
+        return candidate
+
+    names = []
+    for position, layer in enumerate(chain.copied):
+        names.append(set_name(layer.path, backup_file_name(disk) if position == 0 else ""))
+        plan.files.append(SetFile(target, layer.path, names[-1]))
+    for position, layer in enumerate(chain.copied):
+        if layer.data_file:
+            data_name = set_name(layer.data_file)
+            plan.files.append(SetFile(target, layer.data_file, data_name))
+            plan.fixes.append(
+                HeaderFix(
+                    target,
+                    names[position],
+                    tuple(images.data_file_argv(data_name, names[position])),
+                    f"point {names[position]} at its data file {data_name}",
+                )
+            )
+    for position, layer in enumerate(chain.copied[1:], start=1):
+        plan.fixes.append(
+            HeaderFix(
+                target,
+                names[position - 1],
+                tuple(images.rebase_argv(names[position], layer.format, names[position - 1])),
+                f"point {names[position - 1]} at {names[position]}",
+            )
+        )
+    left = (*chain.own_left, *chain.shared)
+    lowest = chain.copied[-1]
+    if left and lowest.backing_name and not os.path.isabs(lowest.backing_name):
+        # The original names its backing file relative to its own folder; the
+        # copy is meant to find the very file the domain uses.
+        plan.fixes.append(
+            HeaderFix(
+                target,
+                names[-1],
+                tuple(images.rebase_argv(left[0].path, left[0].format, names[-1])),
+                f"point {names[-1]} at {left[0].path}",
+            )
+        )
+    if len(chain.copied) > 1:
+        plan.notes.append(
+            (
+                INFO,
+                f"{name}: {target}: its backing file(s) "
+                f"{', '.join(layer.path for layer in chain.copied[1:])} belong to no other "
+                f"domain: copied into the set with it (backing = chain)",
+            )
+        )
+    if chain.own_left:
+        plan.notes.append(
+            (
+                WARNING,
+                f"{name}: {target}: its backing file(s) "
+                f"{', '.join(layer.path for layer in chain.own_left)} belong to no other "
+                f"domain and are not in the set (backing = {backing}); the set cannot be "
+                f"restored without them: set [source] backing = chain to save them",
+            )
+        )
+    if chain.shared:
+        plan.notes.append(
+            (
+                INFO,
+                f"{name}: {target}: its backing file {chain.shared[0].path} is a template "
+                f"also used by {', '.join(chain.shared_with)}; it is not in the set, which "
+                f"needs it to be restored",
+            )
+        )
 
 
 def backup_file_name(disk: Disk) -> str:
@@ -145,21 +306,14 @@ def _back_up_locked(
     domain: Domain, settings: Settings, stamp: str, window_hook: WindowHook | None
 ) -> Outcome:
     _recover_first(domain, settings)
-    plan = make_plan(domain)
+    plan = make_plan(domain, settings.backing)
     name = plan.name
-    for skipped in plan.skipped:
-        log.info("%s: skipping disk %s: %s", name, skipped.disk.target, skipped.reason)
+    if not plan.disks:
+        raise DomainError(_nothing_to_back_up(plan))
+    unsaved = [_report_skipped(name, skipped) for skipped in plan.skipped]
     _refuse_unsafe_chains(plan)
-    for disk in plan.disks:
-        if disk.backing:
-            log.info(
-                "%s: %s has a backing file %s; the set holds %s's own layer and needs "
-                "that file to be restored",
-                name,
-                disk.target,
-                disk.backing,
-                disk.target,
-            )
+    for level, note in plan.notes:
+        (log.warning if level == WARNING else log.info)("%s", note)
 
     quiesce = quiesce_wanted(plan, settings)
     overlays = overlay_paths(plan.disks, stamp, settings.overlaydir, name)
@@ -180,6 +334,7 @@ def _back_up_locked(
         raise DomainError(f"{name}: cannot write to {domain_dir}: {error}") from None
 
     outcome = Outcome(name, disks=[d.target for d in plan.disks], merge=settings.merge)
+    outcome.problems += [text for text in unsaved if text]
     try:
         if plan.active:
             _back_up_running(
@@ -188,6 +343,7 @@ def _back_up_locked(
         else:
             outcome.live = False
             _back_up_shut_off(domain, plan, backup_set, outcome)
+        _fix_headers(plan, backup_set, outcome)
     except BaseException:
         backup_set.discard()  # failed or interrupted: never leave a half set behind
         raise
@@ -216,6 +372,40 @@ def _back_up_locked(
     return outcome
 
 
+def _nothing_to_back_up(plan: Plan) -> str:
+    if not plan.skipped:
+        return (
+            f"{plan.name}: the domain has no disk, nothing to back up; no set made "
+            f"(leave it out with [source] exclude if that is intended)"
+        )
+    reasons = "; ".join(_skipped_text(s) for s in plan.skipped)
+    return (
+        f"{plan.name}: no disk can be backed up ({reasons}); no set made, nothing frozen; "
+        f"its last sets are kept"
+    )
+
+
+def _skipped_text(skipped: SkippedDisk) -> str:
+    disk = skipped.disk
+    source = f" ({disk.path})" if disk.path else ""
+    return f"{disk.target}: {skipped.reason}{source}"
+
+
+def _report_skipped(name: str, skipped: SkippedDisk) -> str:
+    """Info for what holds none of the VM's data, a Warning for a disk whose
+    data is not saved (the report mail shows only warnings and errors).
+    Returns the Error text for a disk whose data could not be saved (the
+    set of the other disks is still made), or ""."""
+    text = _skipped_text(skipped)
+    if skipped.level == INFO:
+        log.info("%s: skipping disk %s", name, text)
+    elif skipped.level == WARNING:
+        log.warning("%s: disk %s; its data is not in the set", name, text)
+    else:
+        return f"{name}: disk {text}; it is not in the set"
+    return ""
+
+
 def _open_set(settings: Settings, domain_dir: str, stamp: str) -> destination.AnySet:
     if settings.dest == "remote":
         return destination.RemoteBackupSet(
@@ -228,8 +418,7 @@ def _check_space(
     plan: Plan, settings: Settings, overlays: dict[str, str], backup_set: destination.AnySet
 ) -> None:
     """Refuse, before anything is frozen, a backup that would fill a disk."""
-    images = [d.path for d in plan.disks if d.path]
-    set_need = preflight.destination_need(settings.directory, images)
+    set_need = preflight.destination_need(settings.directory, [f.source for f in plan.files])
     needs = []
     problems = []
     if isinstance(backup_set, destination.RemoteBackupSet):
@@ -252,6 +441,44 @@ def _check_space(
     problems += preflight.shortfalls(needs)
     if problems:
         raise DomainError(f"{plan.name}: " + "; ".join(problems) + "; nothing was frozen")
+
+
+def _fix_headers(plan: Plan, backup_set: destination.AnySet, outcome: Outcome) -> None:
+    """Make the copies in the set refer to each other (backing files, data
+    files) by relative names, so that the set restores on its own. Runs on
+    the copies only, after the merge. On a remote destination this needs
+    qemu-img there; without it, each copy keeps the names of the domain's
+    own files, which a Warning says with the command to run on a restore."""
+    failed: set[str] = set()
+    for fix in plan.fixes:
+        if fix.image in failed:
+            # Its data file is still the domain's: qemu-img would open that one.
+            log.warning(
+                "%s: %s: did not %s in the set; after a restore, run `qemu-img %s`",
+                plan.name,
+                fix.target,
+                fix.what,
+                " ".join(fix.argv),
+            )
+            continue
+        try:
+            if isinstance(backup_set, destination.RemoteBackupSet):
+                backup_set.remote.run(
+                    'cd "$1" && shift && exec qemu-img "$@"', backup_set.partial_path, *fix.argv
+                )
+            else:
+                images.run_in(backup_set.partial_path, list(fix.argv))
+        except (TransferError, images.ImageError) as error:
+            failed.add(fix.image)
+            log.warning(
+                "%s: %s: could not %s in the set (%s); after a restore, run "
+                "`qemu-img %s` in the set's folder",
+                plan.name,
+                fix.target,
+                fix.what,
+                error,
+                " ".join(fix.argv),
+            )
 
 
 def _refuse_unsafe_chains(plan: Plan) -> None:
@@ -283,9 +510,10 @@ class _CopyStopped(Exception):
 
 
 def _copy_disks(plan: Plan, backup_set: destination.AnySet, outcome: Outcome) -> None:
-    """Copy every disk of the domain into the set, side by side.
+    """Copy every file of the plan (each disk's top, its own backing layers,
+    data files) into the set, side by side.
 
-    Disks are copied in parallel (one thread each, at most 4): measured
+    Files are copied in parallel (one thread each, at most 4): measured
     about twice as fast as one after the other here, and the time on the
     overlay is the copy's. A failure or a signal stops the other copies at
     their next chunk; the first error is raised.
@@ -295,36 +523,37 @@ def _copy_disks(plan: Plan, backup_set: destination.AnySet, outcome: Outcome) ->
     stop = threading.Event()
     copied: dict[str, int] = {}
 
-    def copy_one(disk: Disk, progress: Progress) -> None:
-        assert disk.path
-
+    def copy_one(item: SetFile, progress: Progress) -> None:
         def update(done: int) -> None:
             if stop.is_set():
                 raise _CopyStopped()
             progress.update(done)
 
-        disk_started = time.monotonic()
-        copied[disk.target] = backup_set.copy_image(disk.path, backup_file_name(disk), update)
+        file_started = time.monotonic()
+        copied[item.name] = backup_set.copy_image(item.source, item.name, update)
         progress.finish()
         log.debug(
             "%s: %s: %s from %s in %s",
             plan.name,
-            disk.target,
-            f"sent {human_bytes(copied[disk.target])} over the wire"
+            item.target,
+            f"sent {human_bytes(copied[item.name])} over the wire"
             if isinstance(backup_set, destination.RemoteBackupSet)
-            else f"copied {human_bytes(copied[disk.target])} of data",
-            disk.path,
-            seconds(time.monotonic() - disk_started),
+            else f"copied {human_bytes(copied[item.name])} of data",
+            item.source,
+            seconds(time.monotonic() - file_started),
         )
 
+    files = plan.files
+    tops = {d.path for d in plan.disks}
     progresses = {
-        d.target: board.add(
-            f"{plan.name}: {d.target}: copy", preflight.allocated_bytes(d.path or "")
+        f.name: board.add(
+            f"{plan.name}: {f.target}: copy" + ("" if f.source in tops else f" {f.name}"),
+            preflight.allocated_bytes(f.source),
         )
-        for d in plan.disks
+        for f in files
     }
-    pool = ThreadPoolExecutor(max_workers=min(len(plan.disks), 4) or 1)
-    futures = [pool.submit(copy_one, d, progresses[d.target]) for d in plan.disks]
+    pool = ThreadPoolExecutor(max_workers=min(len(files), 4) or 1)
+    futures = [pool.submit(copy_one, f, progresses[f.name]) for f in files]
     try:
         for number, future in enumerate(as_completed(futures)):
             error = future.exception()
@@ -345,13 +574,13 @@ def _back_up_shut_off(
     domain: Domain, plan: Plan, backup_set: destination.AnySet, outcome: Outcome
 ) -> None:
     """Copy the images of a shut-off domain: nothing writes them, unless it starts."""
-    before = {d.target: _signature(d.path) for d in plan.disks}
+    before = {f.name: _signature(f.source) for f in plan.files}
     try:
         _copy_disks(plan, backup_set, outcome)
     except TransferError as error:
         backup_set.discard()
         raise DomainError(f"{plan.name}: {error}") from None
-    changed = [d.target for d in plan.disks if _signature(d.path) != before[d.target]]
+    changed = [f.name for f in plan.files if _signature(f.source) != before[f.name]]
     if domain.is_active() or changed:
         backup_set.discard()
         raise DomainError(

@@ -79,6 +79,15 @@ overlaydir = string(default='')
 # Free space (MiB) required where the overlays go before a domain is frozen:
 # the guest's writes during the backup must fit, or QEMU pauses it. 0 = no check.
 overlay_reserve = integer(min=0, max=16777216, default=1024)
+# A disk's backing files (a chain made by `virsh snapshot-create-as
+# --disk-only`, or a base image) that belong to no other domain hold the VM's
+# own data. "chain": copy them into the set with the disk, each copy pointing
+# at the next by a relative name, so that the set restores on its own (safe;
+# costs their size at the destination). "top": copy only the disk's top
+# layer; each such backing file left out is a Warning, as the set cannot be
+# restored without it. A template that another domain also uses is never
+# copied (an Info says the set needs it).
+backing = option('chain', 'top', default='chain')
 
 [dest]
 # Where the backup sets go. "local": a directory on this host (sparse copy).
@@ -134,6 +143,7 @@ class Settings:
     sshoptions: str
     delta: bool
     lines: dict[tuple[str, str], int]  # (section, key) -> line number, for messages
+    backing: str = "chain"  # [source] backing: chain or top
 
     def where(self, section: str, key: str) -> str:
         """``FILE line N: [section] key`` for messages about a value."""
@@ -288,6 +298,7 @@ def load(
         sshoptions=dest["sshoptions"].strip(),
         delta=dest["delta"],
         lines=index,
+        backing=source["backing"],
     )
     return settings
 

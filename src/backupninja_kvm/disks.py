@@ -30,12 +30,21 @@ class Disk:
     backing: str | None = None  # path of the top image's backing file, if any
     mirror: bool = False  # a block job (copy/commit) is attached
     mirror_ready: bool = False  # ... and is ready to pivot
+    data_file: str | None = None  # a qcow2's external data file (<dataStore>), if any
+
+
+# How a skipped disk is reported: INFO when it holds none of the VM's data
+# (an install medium, an empty drive), WARNING when its data is not saved
+# (backupninja's report mail shows warnings, never Info lines), ERROR when
+# part of a disk that is backed up could not be saved.
+INFO, WARNING, ERROR = "info", "warning", "error"
 
 
 @dataclass(frozen=True)
 class SkippedDisk:
     disk: Disk
     reason: str
+    level: str = WARNING
 
 
 def parse_disks(domain_xml: str) -> list[Disk]:
@@ -49,9 +58,13 @@ def parse_disks(domain_xml: str) -> list[Disk]:
         alias = element.find("alias")
         backing_source = element.find("./backingStore/source")
         mirror = element.find("mirror")
+        data_store = element.find("./source/dataStore/source")
         path = None
         if source is not None:
             path = source.get("file") or source.get("dev") or source.get("name")
+        data_file = None
+        if data_store is not None:
+            data_file = data_store.get("file") or data_store.get("dev") or "?"
         disks.append(
             Disk(
                 target=target.get("dev", "?") if target is not None else "?",
@@ -65,6 +78,7 @@ def parse_disks(domain_xml: str) -> list[Disk]:
                 backing=backing_source.get("file") if backing_source is not None else None,
                 mirror=mirror is not None,
                 mirror_ready=mirror is not None and mirror.get("ready") == "yes",
+                data_file=data_file,
             )
         )
     return disks
@@ -93,16 +107,109 @@ def skip_reason(disk: Disk) -> str | None:
     return None
 
 
+def skip_level(disk: Disk) -> str:
+    """How a skipped *disk* is reported: INFO when it holds none of the VM's
+    data (a cdrom's install medium, an empty or read-only floppy drive, a
+    drive without media), WARNING for everything else: a read-only,
+    shareable, block, network or passthrough disk has data that the set
+    does not hold."""
+    if disk.device == "cdrom":
+        return INFO
+    if disk.device == "floppy" and (disk.readonly or not disk.path):
+        return INFO
+    if disk.device in ("disk", "floppy") and disk.source_type == "file" and not disk.path:
+        return INFO
+    return WARNING
+
+
 def select_disks(disks: list[Disk]) -> tuple[list[Disk], list[SkippedDisk]]:
-    """Split disks into those to back up and those skipped (with the reason)."""
+    """Split disks into those to back up and those skipped (with the reason
+    and how loudly to report it)."""
     chosen, skipped = [], []
     for disk in disks:
         reason = skip_reason(disk)
         if reason is None:
             chosen.append(disk)
         else:
-            skipped.append(SkippedDisk(disk, reason))
+            skipped.append(SkippedDisk(disk, reason, skip_level(disk)))
     return chosen, skipped
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One image file of a disk's chain, as ``qemu-img info`` shows it."""
+
+    path: str
+    format: str
+    backing_name: str | None = None  # the backing file as the header names it
+    data_file: str | None = None  # qcow2 external data file, absolute
+
+
+def parse_chain(info: list[dict]) -> list[Layer]:
+    """The layers of ``qemu-img info --backing-chain --output=json`` (a list,
+    top first). A relative data file name is taken relative to its image."""
+    layers = []
+    for entry in info:
+        path = str(entry.get("filename", ""))
+        specific = (entry.get("format-specific") or {}).get("data") or {}
+        data_file = specific.get("data-file")
+        if data_file and not os.path.isabs(data_file):
+            data_file = os.path.join(os.path.dirname(path), data_file)
+        layers.append(
+            Layer(
+                path=path,
+                format=str(entry.get("format", "raw")),
+                backing_name=entry.get("backing-filename"),
+                data_file=data_file or None,
+            )
+        )
+    return layers
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    """Which layers of one disk's chain go into the set.
+
+    ``copied``: the top and, with ``backing = chain``, each layer below it
+    that no other domain uses. ``own_left``: layers that belong to no other
+    domain but are not copied (``backing = top``): their data is in no set.
+    ``shared``: the first layer another domain also uses (a template) and
+    everything below it; ``shared_with`` names those domains.
+    """
+
+    copied: tuple[Layer, ...]
+    own_left: tuple[Layer, ...] = ()
+    shared: tuple[Layer, ...] = ()
+    shared_with: tuple[str, ...] = ()
+
+
+def plan_chain(layers: list[Layer], owners: dict[str, set[str]], backing: str) -> ChainPlan:
+    """Decide which layers of a chain (top first) are copied.
+
+    *owners* maps the real path of every image another domain uses (in its
+    live or persistent chain) to those domains' names. A layer that another
+    domain uses is a shared template: it and every layer below it stay out
+    of the set (they are the other domains' base too). The layers above it
+    are this domain's own data: copied with *backing* ``chain``, left out
+    (to be reported) with ``top``.
+    """
+    if not layers:
+        return ChainPlan(())
+    below = list(layers[1:])
+    own: list[Layer] = []
+    shared_with: tuple[str, ...] = ()
+    for position, layer in enumerate(below):
+        users = owners.get(os.path.realpath(layer.path))
+        if users:
+            shared_with = tuple(sorted(users))
+            shared = tuple(below[position:])
+            break
+        own.append(layer)
+    else:
+        shared = ()
+    if backing == "chain":
+        return ChainPlan((layers[0], *own), (), shared, shared_with)
+    return ChainPlan((layers[0],), tuple(own), shared, shared_with)
 
 
 _OUR_SUFFIX = re.compile(rf"\.{TAG}-\d{{8}}T\d{{6}}(\.qcow2)?$")
@@ -128,15 +235,18 @@ def overlay_path(disk: Disk, stamp: str, overlaydir: str = "", domain: str = "")
 
     The name is the image's name (less a ``.qcow2`` extension) plus our tag and
     the run's timestamp; a tag left by an earlier ``merge = pull`` is replaced
-    rather than stacked.
+    rather than stacked. A symlinked image is followed: the overlay goes next
+    to the real file (its filesystem, where the guest's writes must fit),
+    named after it.
     """
     assert disk.path
-    base = _OUR_SUFFIX.sub("", os.path.basename(disk.path))
+    real = os.path.realpath(disk.path)
+    base = _OUR_SUFFIX.sub("", os.path.basename(real))
     stem = base.removesuffix(".qcow2")
     name = f"{stem}.{TAG}-{stamp}.qcow2"
     if overlaydir:
         return os.path.join(overlaydir, f"{domain}-{disk.target}-{name}")
-    return os.path.join(os.path.dirname(disk.path), name)
+    return os.path.join(os.path.dirname(real), name)
 
 
 def overlay_paths(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import libvirt
 
-from backupninja_kvm.disks import parse_disks
+from backupninja_kvm.disks import parse_disks, referenced_paths
 from backupninja_kvm.errors import HypervisorError
 from backupninja_kvm.report import log
 
@@ -158,6 +158,30 @@ class Hypervisor:
                 raise _translate(error, "cannot list domains") from None
         return sorted(summaries, key=lambda d: d.name)
 
+    def paths_of_other_domains(self, uuid: str) -> dict[str, set[str]]:
+        """name -> every file the disks of each domain other than *uuid* refer
+        to, in its live XML (when running) and its persistent XML (when
+        defined): tops, the backing layers libvirt shows, block job mirrors.
+        A domain that vanishes meanwhile is left out."""
+        try:
+            handles = self._connection.listAllDomains(0)
+        except libvirt.libvirtError as error:
+            raise _translate(error, "cannot list domains") from None
+        paths: dict[str, set[str]] = {}
+        for handle in handles:
+            try:
+                if handle.UUIDString() == uuid:
+                    continue
+                found: set[str] = set()
+                if handle.isActive():
+                    found |= referenced_paths(handle.XMLDesc(0))
+                if handle.isPersistent():
+                    found |= referenced_paths(handle.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+                paths[handle.name()] = found
+            except libvirt.libvirtError:
+                continue
+        return paths
+
     def domain(self, name: str) -> Domain:
         try:
             return Domain(self, self._connection.lookupByName(name))
@@ -203,6 +227,11 @@ class Domain:
 
     def is_active(self) -> bool:
         return bool(self._call("state", "isActive"))
+
+    def paths_of_other_domains(self) -> dict[str, set[str]]:
+        """name -> the files every other domain's disks refer to (see
+        Hypervisor.paths_of_other_domains)."""
+        return self._hypervisor.paths_of_other_domains(self.uuid)
 
     def is_persistent(self) -> bool:
         return bool(self._call("state", "isPersistent"))

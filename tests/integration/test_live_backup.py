@@ -189,6 +189,8 @@ def test_template_backing_file_is_left_untouched(new_vm, scratch, merge, connect
     template_sum = sha256(template)
 
     vm = new_vm([DiskSpec("vda", "qcow2", 64 * MiB, backing=template)])
+    # Another domain on the same template makes it a shared one: not copied.
+    new_vm([DiskSpec("vda", "qcow2", 64 * MiB, backing=template)], start=False)
     vm.write("vda", Write(0x11, MiB, MiB))
     outcome = back_up(
         vm, settings_for(scratch, merge=merge), Window(vm, {"vda": [Write(0x12, 2 * MiB, MiB)]})
@@ -197,6 +199,7 @@ def test_template_backing_file_is_left_untouched(new_vm, scratch, merge, connect
 
     assert sha256(template) == template_sum
     # The set holds the VM's own layer, which still refers to the template.
+    assert sorted(os.listdir(outcome.set_path)) == ["B3SUMS", "domain.xml", "vda-vda.qcow2"]
     backup = set_file(outcome.set_path, "vda", vm)
     expected_frozen = [Write(0x77, 0, 8 * MiB), Write(0x11, MiB, MiB)]
     reference = reference_image(scratch, "frozen", DiskSpec("vda"), expected_frozen)

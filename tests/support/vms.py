@@ -12,9 +12,12 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import libvirt
@@ -46,6 +49,28 @@ class DiskSpec:
     size: int = 64 * MiB
     device: str = "disk"  # disk, cdrom
     backing: str | None = None  # backing file (qcow2 only)
+    block_device: str | None = None  # a block disk on this device (/dev/loopN), no image
+    data_file: bool = False  # qcow2 with an external raw data file TARGET.data.raw
+
+
+def data_file_path(image: str) -> str:
+    """The external data file of a DiskSpec(data_file=True) image."""
+    return os.path.splitext(image)[0] + ".data.raw"
+
+
+@contextmanager
+def loop_device(directory: str, size: int = 64 * MiB) -> Iterator[str]:
+    """A real block device for ``<disk type='block'>``: a loop device on a
+    file in *directory*, detached afterwards."""
+    backing = tempfile.mktemp(prefix="loop-", suffix=".raw", dir=directory)
+    with open(backing, "wb") as handle:
+        handle.truncate(size)
+    device = run("losetup", "-f", "--show", backing).strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+        os.unlink(backing)
 
 
 def run(*argv: str) -> str:
@@ -57,9 +82,13 @@ def create_image(path: str, spec: DiskSpec) -> None:
         with open(path, "wb") as handle:
             handle.truncate(MiB)
         return
+    if spec.block_device:
+        return
     argv = ["qemu-img", "create", "-q", "-f", spec.format]
     if spec.backing:
         argv += ["-b", spec.backing, "-F", "qcow2"]
+    if spec.data_file:
+        argv += ["-o", f"data_file={data_file_path(path)},data_file_raw=on"]
     argv += [path, str(spec.size)]
     run(*argv)
 
@@ -114,6 +143,19 @@ def domain_xml(name: str, disks: list[tuple[DiskSpec, str]], agent_channel: bool
                 f"    <disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
                 f"<source file='{path}'/><target dev='{spec.target}' bus='ide'/>"
                 f"<readonly/></disk>"
+            )
+        elif spec.block_device:
+            lines.append(
+                f"    <disk type='block' device='disk'><driver name='qemu' type='raw'/>"
+                f"<source dev='{spec.block_device}'/><target dev='{spec.target}' bus='virtio'/>"
+                f"</disk>"
+            )
+        elif spec.data_file:
+            lines.append(
+                f"    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+                f"<source file='{path}'><dataStore type='file'><format type='raw'/>"
+                f"<source file='{data_file_path(path)}'/></dataStore></source>"
+                f"<target dev='{spec.target}' bus='virtio'/></disk>"
             )
         else:
             lines.append(
@@ -196,6 +238,7 @@ class TestVM:
         return {
             disk.find("target").get("dev"): disk.find("source").get("file")
             for disk in root.findall("./devices/disk")
+            if disk.get("type") == "file"
         }
 
     def has_mirror(self) -> bool:
@@ -240,8 +283,15 @@ def make_vm(
     for spec in specs:
         extension = "iso" if spec.device == "cdrom" else spec.format
         path = os.path.join(directory, f"{spec.target}.{extension}")
+        if spec.block_device:
+            path = spec.block_device
         create_image(path, spec)
-        vm.paths[spec.target] = path
+        if spec.data_file:
+            # libvirt 9.0 has no <dataStore>: QEMU opens the data file the
+            # header names, which libvirt does not hand over to its user.
+            shutil.chown(data_file_path(path), "libvirt-qemu")
+        if not spec.block_device:
+            vm.paths[spec.target] = path
         disks.append((spec, path))
     if transient:  # exists only while it runs: no persistent definition
         connect().createXML(domain_xml(name, disks, agent_channel), 0)
