@@ -113,6 +113,11 @@ def is_our_overlay(path: str) -> bool:
     return bool(_OUR_SUFFIX.search(os.path.basename(path)))
 
 
+def strip_tag(name: str) -> str:
+    """*name* without our tag and stamp (and the ``.qcow2`` that follows them)."""
+    return _OUR_SUFFIX.sub("", name)
+
+
 def overlay_created(path: str) -> str:
     """When one of our overlays was made, read from the stamp in its name
     (``2026-11-27 01:00:00``), or "?" for another name."""

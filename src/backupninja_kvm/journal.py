@@ -36,6 +36,14 @@ class DiskEntry:
     base_format: str  # qcow2 or raw
     overlay: str  # our overlay for this run
     state: str = DISK_FROZEN  # how far its merge went
+    # The base's own backing file before the freeze (a template), which a
+    # pull leaves below the overlay: None when the base stands alone.
+    base_backing: str | None = None
+    # The image the persistent definition named for this disk before the
+    # freeze: None when it had no such disk (hot-plugged live only, a pending
+    # detach) or the domain is transient. Only a disk defined on the same
+    # image as it runs on is checked in the definition after the merge.
+    persistent_base: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,22 +86,7 @@ def journal_path(uuid: str) -> str:
 
 def write(journal: Journal) -> None:
     """Atomically replace the domain's journal with *journal*."""
-    directory = journal_dir()
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    path = journal_path(journal.uuid)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    data = asdict(journal)
-    with open(temporary, "w") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _write_json(journal_dir(), journal_path(journal.uuid), asdict(journal))
 
 
 def read(uuid: str) -> Journal | None:
@@ -124,6 +117,22 @@ def remove(uuid: str) -> None:
         pass
 
 
+def _write_json(directory: str, path: str, data: dict) -> None:
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(data, handle, indent=1, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def all_journals() -> list[str]:
     """UUIDs that have a journal."""
     try:
@@ -131,3 +140,41 @@ def all_journals() -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(n[: -len(".json")] for n in names if n.endswith(".json"))
+
+
+# The images our pulls made (merge = pull: an overlay that became the disk),
+# per domain UUID under STATE_DIR/pulled/. Kept across runs: an image is
+# deleted once a later pull has superseded it only when it is listed here. A
+# tagged file name is no proof: the administrator's own image may carry it.
+
+
+def pulled_path(uuid: str) -> str:
+    return os.path.join(STATE_DIR, "pulled", f"{uuid}.json")
+
+
+def pulled_images(uuid: str) -> set[str]:
+    """The images our pulls made for the domain; JournalError when unreadable."""
+    path = pulled_path(uuid)
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError) as error:
+        raise JournalError(f"the record of pulled images {path} is unreadable: {error}") from None
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list) or data.get("schema") != SCHEMA:
+        raise JournalError(f"the record of pulled images {path} is malformed")
+    return {str(image) for image in images}
+
+
+def record_pulled(uuid: str, images: set[str]) -> None:
+    """Atomically replace the record of the images our pulls made."""
+    path = pulled_path(uuid)
+    if not images:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    _write_json(os.path.dirname(path), path, {"schema": SCHEMA, "images": sorted(images)})
