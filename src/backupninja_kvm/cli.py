@@ -50,7 +50,8 @@ Exit status of run and recover: 0 success; 4 some domains failed (Error lines);
 
 Exit status of status: 0 nothing to repair (a backup in progress is not an
 alarm); 4 some journal of an interrupted backup is left (a domain on an
-overlay, or a domain that no longer exists); 2 libvirt cannot be reached.
+overlay, or a domain that no longer exists); 2 libvirt cannot be reached, or
+a DOMAIN named is unknown and has no journal.
 
 After a crash or a kill, the next run repairs each domain before backing it
 up; `backupninja-kvm status` shows what the journals of interrupted backups
@@ -255,7 +256,8 @@ def status(args: argparse.Namespace) -> int:
     Only a journal says that a layer is ours: a disk named like our overlay
     without one (what a finished ``merge = pull`` leaves) is the domain's own.
     Exit 0 when nothing needs repair (a backup in progress is no alarm), 4
-    when something does, 2 when libvirt cannot be reached.
+    when something does, 2 when libvirt cannot be reached or a named domain
+    is unknown.
     """
     from backupninja_kvm import journal
 
@@ -265,15 +267,36 @@ def status(args: argparse.Namespace) -> int:
     try:
         found = 0
         known = hypervisor.list_domains()
+        wanted = set(args.domains)
+        vanished = sorted(set(journal.all_journals()) - {d.uuid for d in known})
+        if wanted:
+            vanished = [u for u in vanished if wanted & {u, _journal_domain(u)}]
+            unknown = wanted - {d.name for d in known} - {d.uuid for d in known}
+            unknown -= set(vanished) | {_journal_domain(u) for u in vanished}
+            if unknown:
+                print(f"unknown domain(s), with no journal either: {', '.join(sorted(unknown))}")
+                return EXIT_FATAL
+            known = [d for d in known if wanted & {d.name, d.uuid}]
         for summary in known:
             found += _status_of_domain(hypervisor, summary)
-        for uuid in sorted(set(journal.all_journals()) - {d.uuid for d in known}):
+        for uuid in vanished:
             found += _status_of_vanished(uuid)
         if not found:
             print("no journal of an interrupted backup: no domain runs on an overlay of ours")
         return EXIT_OK if not found else EXIT_DOMAIN_ERRORS
     finally:
         hypervisor.close()
+
+
+def _journal_domain(uuid: str) -> str:
+    """The domain name a journal records, "" when it cannot be read."""
+    from backupninja_kvm import journal
+
+    try:
+        entry = journal.read(uuid)
+    except journal.JournalError:
+        return ""
+    return entry.domain if entry else ""
 
 
 def _in_progress(uuid: str) -> str | None:
@@ -318,7 +341,8 @@ def _status_of_domain(hypervisor, summary) -> int:
         print(
             f"{summary.name} ({state}): {disk.target} on overlay {disk.overlay} "
             f"(base {disk.base}) since {overlay_created(disk.overlay)}, "
-            f"{human_bytes(allocated_bytes(disk.overlay))}, journal {pending}; {repair}"
+            f"{human_bytes(allocated_bytes(disk.overlay))}; journal {pending} of a backup "
+            f"interrupted in phase {entry.phase} (pid {entry.pid}); {repair}"
         )
     if not on_overlay:
         frozen = entry.quiesce and summary.active
@@ -411,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="list what the journals of interrupted backups name (domains on an overlay of "
         "ours, domains gone since) and backups in progress; exit 0 nothing to repair, "
         "4 something to repair, 2 no libvirt",
+    )
+    status_parser.add_argument(
+        "domains",
+        nargs="*",
+        metavar="DOMAIN",
+        help="only these domains (name or UUID; also a domain gone since, by its journal)",
     )
     status_parser.add_argument("-c", "--connect", dest="uri", default="qemu:///system")
     status_parser.set_defaults(function=status)
