@@ -761,10 +761,13 @@ def _merge_by_pull(
             raise recovery.left_on_overlay(
                 domain, disk.target, overlays[disk.target], "the pull did not detach the image"
             )
-    made = journals.pulled_images(domain.uuid)
-    journals.record_pulled(domain.uuid, made | set(overlays.values()))
+    record = journals.read_pulled(domain.uuid)
+    journals.write_pulled(
+        domain.uuid,
+        record.after_pull({d.path for d in disks if d.path}, set(overlays.values())),
+    )
     for disk in disks:
-        if disk.path in made:
+        if disk.path in record.made:
             log.info(
                 "%s: %s now runs on %s (merge = pull); %s, made by the pull of an earlier "
                 "backup, is deleted once the set is complete",
@@ -786,18 +789,19 @@ def _merge_by_pull(
 
 
 def delete_superseded_pulls(domain: Domain) -> None:
-    """Delete the images our earlier pulls made that no chain uses any more
-    (the set just completed holds their data); call once the set is complete.
+    """Delete the images our pulls made that a later pull superseded, once
+    no chain uses them; call when the set is complete (it holds what they
+    held).
 
-    Only an image recorded by our pull is deleted: the administrator's own
-    image, even with a tagged name, never is.
+    Only an image recorded as made by our pull is deleted: the
+    administrator's own image, even with a tagged name, never is.
     """
     try:
-        made = journals.pulled_images(domain.uuid)
+        record = journals.read_pulled(domain.uuid)
     except journals.JournalError as error:
         log.warning("%s: %s; no superseded image deleted", domain.name, error)
         return
-    if not made:
+    if not record.superseded:
         return
     try:
         referenced = recovery.chain_references(domain)
@@ -807,7 +811,7 @@ def delete_superseded_pulls(domain: Domain) -> None:
         )
         return
     kept = set()
-    for image in sorted(made):
+    for image in sorted(record.superseded):
         if image in referenced:
             kept.add(image)
             continue
@@ -825,7 +829,7 @@ def delete_superseded_pulls(domain: Domain) -> None:
             kept.add(image)
             continue
         log.info("%s: deleted %s, superseded by the pull (merge = pull)", domain.name, image)
-    journals.record_pulled(domain.uuid, kept)
+    journals.write_pulled(domain.uuid, journals.Pulled(record.made, frozenset(kept)))
 
 
 def _verify_tops(domain: Domain, journal: journals.Journal, expected: dict[str, str]) -> None:
@@ -844,13 +848,21 @@ def _verify_tops(domain: Domain, journal: journals.Journal, expected: dict[str, 
     for entry in journal.disks:
         want = expected[entry.target]
         disk = live.get(entry.target)
-        if disk is None or disk.path != want or disk.mirror:
-            shown = disk.path if disk else "nothing"
+        if disk is not None and (disk.mirror or (disk.path == entry.overlay != want)):
             raise recovery.left_on_overlay(
                 domain,
                 entry.target,
                 entry.overlay,
-                f"the live XML shows {shown} on top instead of {want}",
+                "a block job is still attached" if disk.mirror else "the merge did not pivot",
+            )
+        if disk is None or disk.path != want:
+            # Neither merged nor on our overlay: someone else changed the disk.
+            shown = f"runs on {disk.path}" if disk else "is gone from the live definition"
+            raise OverlayLeftError(
+                f"{domain.name}: after the merge, disk {entry.target} {shown}, not on {want}; "
+                f"{entry.overlay} is kept; check `virsh domblklist {domain.name}` and delete "
+                f"{entry.overlay} once nothing uses it (journal "
+                f"{journals.journal_path(domain.uuid)})"
             )
         if want == entry.overlay and disk.backing != entry.base_backing:
             raise recovery.left_on_overlay(
@@ -863,10 +875,10 @@ def _verify_tops(domain: Domain, journal: journals.Journal, expected: dict[str, 
             continue
         defined = persistent.get(entry.target)
         if defined is None or defined.path != want:
-            shown = defined.path if defined else "no such disk"
+            named = defined.path if defined else "no such disk"
             raise OverlayLeftError(
                 f"{domain.name}: disk {entry.target} runs on {want} now, but its persistent "
-                f"definition shows {shown} instead (it showed {entry.base} before the backup): "
+                f"definition shows {named} instead (it showed {entry.base} before the backup): "
                 f"it would boot from there; {entry.overlay} is kept; check `virsh dumpxml "
                 f"--inactive {domain.name}`, fix it with `virsh edit {domain.name}`, then "
                 f"delete {entry.overlay} if nothing uses it"

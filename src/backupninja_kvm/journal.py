@@ -143,38 +143,58 @@ def all_journals() -> list[str]:
 
 
 # The images our pulls made (merge = pull: an overlay that became the disk),
-# per domain UUID under STATE_DIR/pulled/. Kept across runs: an image is
-# deleted once a later pull has superseded it only when it is listed here. A
-# tagged file name is no proof: the administrator's own image may carry it.
+# per domain UUID under STATE_DIR/pulled/, kept across runs. An image is
+# deleted only when it is recorded here as made by our pull and then
+# superseded by a later pull: a tagged file name is no proof, the
+# administrator's own image may carry it.
+
+
+@dataclass(frozen=True)
+class Pulled:
+    made: frozenset[str] = frozenset()  # made by our pulls, the disks' images since
+    superseded: frozenset[str] = frozenset()  # made by us, then left by a later pull
+
+    def after_pull(self, frozen: set[str], overlays: set[str]) -> Pulled:
+        """The record once a pull has moved disks off the *frozen* images
+        onto the *overlays*."""
+        return Pulled(
+            made=frozenset((self.made - frozen) | overlays),
+            superseded=frozenset(self.superseded | (self.made & frozen)),
+        )
 
 
 def pulled_path(uuid: str) -> str:
     return os.path.join(STATE_DIR, "pulled", f"{uuid}.json")
 
 
-def pulled_images(uuid: str) -> set[str]:
-    """The images our pulls made for the domain; JournalError when unreadable."""
+def read_pulled(uuid: str) -> Pulled:
+    """What our pulls made for the domain; JournalError when unreadable."""
     path = pulled_path(uuid)
     try:
         with open(path) as handle:
             data = json.load(handle)
     except FileNotFoundError:
-        return set()
+        return Pulled()
     except (OSError, ValueError) as error:
         raise JournalError(f"the record of pulled images {path} is unreadable: {error}") from None
-    images = data.get("images") if isinstance(data, dict) else None
-    if not isinstance(images, list) or data.get("schema") != SCHEMA:
-        raise JournalError(f"the record of pulled images {path} is malformed")
-    return {str(image) for image in images}
+    try:
+        if data["schema"] != SCHEMA:
+            raise ValueError(f"schema {data['schema']!r}")
+        return Pulled(
+            frozenset(str(p) for p in data["made"]), frozenset(str(p) for p in data["superseded"])
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise JournalError(f"the record of pulled images {path} is malformed: {error}") from None
 
 
-def record_pulled(uuid: str, images: set[str]) -> None:
-    """Atomically replace the record of the images our pulls made."""
+def write_pulled(uuid: str, pulled: Pulled) -> None:
+    """Atomically replace the record of what our pulls made."""
     path = pulled_path(uuid)
-    if not images:
+    if not pulled.made and not pulled.superseded:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         return
-    _write_json(os.path.dirname(path), path, {"schema": SCHEMA, "images": sorted(images)})
+    data = {"schema": SCHEMA, "made": sorted(pulled.made), "superseded": sorted(pulled.superseded)}
+    _write_json(os.path.dirname(path), path, data)

@@ -193,9 +193,12 @@ def _record_finished_pulls(domain: Domain, journal: Journal) -> None:
         tops |= set(top_paths(domain.xml()).values())
     if domain.is_persistent():
         tops |= set(top_paths(domain.xml(inactive=True)).values())
-    made = {entry.overlay for entry in journal.disks if entry.overlay in tops}
-    if made:
-        journals.record_pulled(domain.uuid, journals.pulled_images(domain.uuid) | made)
+    pulled = [entry for entry in journal.disks if entry.overlay in tops]
+    if pulled:
+        record = journals.read_pulled(domain.uuid).after_pull(
+            {entry.base for entry in pulled}, {entry.overlay for entry in pulled}
+        )
+        journals.write_pulled(domain.uuid, record)
 
 
 THAW_TIMEOUT = 60  # seconds for the guest agent to answer a thaw during recovery

@@ -172,8 +172,8 @@ def test_pull_over_three_nights_keeps_set_names_and_leaves_no_image_behind(new_v
     # after the disk, the same every night.
     assert names[1] == names[2] == ["B3SUMS", "domain.xml", "vda-vda.qcow2", "vdb-vdb.raw.qcow2"]
     # The record of what our pulls made names only the current images.
-    made = journal.pulled_images(vm.domain.UUIDString())
-    assert made == set(vm.tops().values())
+    made = journal.read_pulled(vm.domain.UUIDString())
+    assert made == journal.Pulled(frozenset(vm.tops().values()), frozenset())
 
     tops = vm.tops()
     vm.stop()
