@@ -137,10 +137,13 @@ def overlay_path(disk: Disk, stamp: str, overlaydir: str = "", domain: str = "")
     """
     assert disk.path
     base = _OUR_SUFFIX.sub("", os.path.basename(disk.path))
+    prefix = f"{domain}-{disk.target}-"
+    if overlaydir and base != os.path.basename(disk.path):
+        base = base.removeprefix(prefix)  # an earlier pull's image: no prefix stacked
     stem = base.removesuffix(".qcow2")
     name = f"{stem}.{TAG}-{stamp}.qcow2"
     if overlaydir:
-        return os.path.join(overlaydir, f"{domain}-{disk.target}-{name}")
+        return os.path.join(overlaydir, f"{prefix}{name}")
     return os.path.join(os.path.dirname(disk.path), name)
 
 
