@@ -47,13 +47,23 @@ def action_for(scratch: str, vms, **general: str) -> str:
     return write_action(os.path.join(scratch, "vms.kvm"), text)
 
 
+def fresh_second(stamps: list[str]) -> None:
+    """Wait until a second later than the last one in *stamps*."""
+    while stamps and time.strftime("%Y%m%dT%H%M%S") <= stamps[-1]:
+        time.sleep(0.1)
+
+
+def ended(stamps: list[str]) -> None:
+    """A run ended now: the next one must start in a later second."""
+    stamps.append(time.strftime("%Y%m%dT%H%M%S"))
+
+
 def run_night(action: str, last_stamp: list[str]):
     """One nightly run of the helper, in a second of its own (set names are
     stamped to the second)."""
-    while time.strftime("%Y%m%dT%H%M%S") in last_stamp:
-        time.sleep(0.1)
-    last_stamp.append(time.strftime("%Y%m%dT%H%M%S"))
+    fresh_second(last_stamp)
     result = helper("run", action)
+    ended(last_stamp)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -324,3 +334,44 @@ def test_status_lists_the_journal_of_a_transient_domain_destroyed_during_the_bac
         assert helper("status", uuid).stdout == status.stdout  # by UUID too
     finally:
         journal.remove(uuid)
+
+
+def test_a_pull_killed_once_finished_is_closed_recorded_and_cleaned_up_later(new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 32 * MiB)])
+    vm.write("vda", Write(0x61, 0, MiB))
+    action = action_for(scratch, [vm], merge="pull")
+    uuid = vm.domain.UUIDString()
+    stamps: list[str] = []
+
+    fresh_second(stamps)
+    killed = helper("run", action, fault="after-pivot")
+    ended(stamps)  # pulled, not yet verified
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    pulled_to = vm.tops()["vda"]
+    assert pulled_to != vm.paths["vda"] and backing_file(pulled_to) is None
+
+    # The journal is left, but the disk runs on what the pull made: nothing on
+    # an overlay to merge.
+    status = helper("status", vm.name)
+    assert status.returncode == 4, status.stdout
+    assert "on overlay" not in status.stdout and "phase merging" in status.stdout
+    repaired = helper("recover", vm.name)
+    assert repaired.returncode == 0, repaired.stdout
+    assert f"{vm.paths['vda']} is no longer used; kept, delete it once checked" in repaired.stdout
+    assert vm.tops()["vda"] == pulled_to  # never merged back anywhere
+    assert journal.read(uuid) is None
+    assert journal.read_pulled(uuid).made == {pulled_to}
+
+    # The next pull supersedes the image the first one made: deleted.
+    vm.write("vda", Write(0x62, MiB, MiB))
+    run_night(action, stamps)
+    top = vm.tops()["vda"]
+    assert sorted(os.listdir(vm.directory)) == sorted(["vda.qcow2", os.path.basename(top)])
+    vm.stop()
+    expected = reference_image(
+        scratch,
+        "expected",
+        DiskSpec("vda", size=32 * MiB),
+        [Write(0x61, 0, MiB), Write(0x62, MiB, MiB)],
+    )
+    assert same_content(expected, "qcow2", top, "qcow2")
