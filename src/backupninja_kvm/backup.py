@@ -714,8 +714,9 @@ def _merge_by_commit(
 
 
 def _check_frozen_chains(domain: Domain, journal: journals.Journal) -> None:
-    """Before committing: each of our overlays still sits on the base the
-    journal recorded, so the shallow commit writes into that base only."""
+    """Before merging: each of our overlays still sits on the base the
+    journal recorded, so that a shallow commit writes into that base only and
+    a pull copies that base only."""
     live = {d.target: d for d in parse_disks(domain.xml())}
     for entry in journal.disks:
         disk = live.get(entry.target)
@@ -736,6 +737,7 @@ def _merge_by_pull(
     settings: Settings,
     journal: journals.Journal,
 ) -> None:
+    _check_frozen_chains(domain, journal)
     # One disk after the other: QEMU 7.2 was seen to crash with two pulls at once.
     for disk in disks:
         overlay = overlays[disk.target]

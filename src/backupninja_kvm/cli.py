@@ -314,7 +314,7 @@ def _in_progress(uuid: str) -> str | None:
 
 def _status_of_domain(hypervisor, summary) -> int:
     """Print what one domain's journal names; 1 when it needs repair."""
-    from backupninja_kvm import journal
+    from backupninja_kvm import journal, recovery
     from backupninja_kvm.disks import overlay_created, top_paths
     from backupninja_kvm.preflight import allocated_bytes
 
@@ -336,7 +336,13 @@ def _status_of_domain(hypervisor, summary) -> int:
         tops |= set(top_paths(domain.xml(inactive=True)).values())
     pending = journal.journal_path(summary.uuid)
     repair = f"`backupninja-kvm recover {summary.name}` repairs it"
-    on_overlay = [disk for disk in entry.disks if disk.overlay in tops]
+    # A finished pull left the overlay as the disk: nothing to merge there.
+    on_overlay = [
+        disk
+        for disk in entry.disks
+        if disk.overlay in tops
+        and recovery.decide(disk, recovery.observe(domain, disk), entry.merge)
+    ]
     for disk in on_overlay:
         print(
             f"{summary.name} ({state}): {disk.target} on overlay {disk.overlay} "

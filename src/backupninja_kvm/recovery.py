@@ -174,7 +174,7 @@ def recover_domain(
             f"{domain.name}` and merge by hand"
         )
     if journal.merge == "pull":
-        _record_finished_pulls(domain, journal)
+        done += _record_finished_pulls(domain, journal)
     journals.remove(domain.uuid)
     if interrupted:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(journal.started))
@@ -185,20 +185,32 @@ def recover_domain(
     return done
 
 
-def _record_finished_pulls(domain: Domain, journal: Journal) -> None:
+def _record_finished_pulls(domain: Domain, journal: Journal) -> list[str]:
     """An overlay that a pull made the disk is ours for good: record it, so
-    that the pull of a later night may delete it once superseded."""
+    that the pull of a later night may delete it once superseded; say what
+    became of the image it left."""
     tops: set[str | None] = set()
     if domain.is_active():
         tops |= set(top_paths(domain.xml()).values())
     if domain.is_persistent():
         tops |= set(top_paths(domain.xml(inactive=True)).values())
     pulled = [entry for entry in journal.disks if entry.overlay in tops]
-    if pulled:
-        record = journals.read_pulled(domain.uuid).after_pull(
-            {entry.base for entry in pulled}, {entry.overlay for entry in pulled}
+    if not pulled:
+        return []
+    record = journals.read_pulled(domain.uuid)
+    journals.write_pulled(
+        domain.uuid,
+        record.after_pull({entry.base for entry in pulled}, {entry.overlay for entry in pulled}),
+    )
+    return [
+        f"{entry.target}: the pull had finished, the disk runs on {entry.overlay}; "
+        + (
+            f"{entry.base}, made by an earlier pull, is deleted after the next complete set"
+            if entry.base in record.made
+            else f"{entry.base} is no longer used; kept, delete it once checked"
         )
-        journals.write_pulled(domain.uuid, record)
+        for entry in pulled
+    ]
 
 
 THAW_TIMEOUT = 60  # seconds for the guest agent to answer a thaw during recovery
