@@ -763,11 +763,22 @@ def _merge_by_pull(
             raise recovery.left_on_overlay(
                 domain, disk.target, overlays[disk.target], "the pull did not detach the image"
             )
-    record = journals.read_pulled(domain.uuid)
-    journals.write_pulled(
-        domain.uuid,
-        record.after_pull({d.path for d in disks if d.path}, set(overlays.values())),
-    )
+    try:
+        record = journals.read_pulled(domain.uuid)
+        journals.write_pulled(
+            domain.uuid,
+            record.after_pull({d.path for d in disks if d.path}, set(overlays.values())),
+        )
+    except (journals.JournalError, OSError) as error:
+        # Without the record nothing is ever deleted: the images pile up, but
+        # nothing of the administrator's can be taken for ours.
+        log.warning(
+            "%s: cannot update the record of the images our pulls made (%s); none of them "
+            "will be deleted",
+            domain.name,
+            error,
+        )
+        record = journals.Pulled()
     for disk in disks:
         if disk.path in record.made:
             log.info(

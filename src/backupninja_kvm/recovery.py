@@ -197,11 +197,17 @@ def _record_finished_pulls(domain: Domain, journal: Journal) -> list[str]:
     pulled = [entry for entry in journal.disks if entry.overlay in tops]
     if not pulled:
         return []
-    record = journals.read_pulled(domain.uuid)
-    journals.write_pulled(
-        domain.uuid,
-        record.after_pull({entry.base for entry in pulled}, {entry.overlay for entry in pulled}),
-    )
+    try:
+        record = journals.read_pulled(domain.uuid)
+        journals.write_pulled(
+            domain.uuid,
+            record.after_pull(
+                {entry.base for entry in pulled}, {entry.overlay for entry in pulled}
+            ),
+        )
+    except (journals.JournalError, OSError) as error:
+        record = journals.Pulled()  # nothing is deleted without the record
+        log.warning("%s: cannot record the images our pulls made: %s", domain.name, error)
     return [
         f"{entry.target}: the pull had finished, the disk runs on {entry.overlay}; "
         + (
