@@ -300,16 +300,19 @@ def _journal_domain(uuid: str) -> str:
 
 
 def _in_progress(uuid: str) -> str | None:
-    """ "backup in progress (pid N, since ...)" while a backup holds the lock."""
+    """ "backup in progress (pid N, since ...)" while a backup (or a
+    ``recover``) holds the domain's lock, None when nobody does."""
     from backupninja_kvm import lock
 
     holder = lock.holder(uuid)
     if holder is None:
         return None
-    match = re.match(r"pid (\d+):.*, since (.+)$", holder)
-    if match:
-        return f"backup in progress (pid {match.group(1)}, since {match.group(2)})"
-    return f"backup in progress ({holder})"
+    match = re.match(r"pid (\d+): (.*), since (.+)$", holder)
+    if not match:
+        return f"backup in progress ({holder})"
+    pid, command, since = match.groups()
+    what = "repair" if " recover" in f" {command}" else "backup"
+    return f"{what} in progress (pid {pid}, since {since})"
 
 
 def _status_of_domain(hypervisor, summary) -> int:
