@@ -333,19 +333,22 @@ def _status_of_domain(hypervisor, summary) -> int:
         return 1
     if entry is None:
         return 0
-    domain = hypervisor.domain(summary.name)
-    tops = set(top_paths(domain.xml()).values()) if summary.active else set()
-    if summary.persistent:
-        tops |= set(top_paths(domain.xml(inactive=True)).values())
+    try:
+        domain = hypervisor.domain(summary.name)
+        tops = set(top_paths(domain.xml()).values()) if summary.active else set()
+        if summary.persistent:
+            tops |= set(top_paths(domain.xml(inactive=True)).values())
+        # A finished pull left the overlay as the disk: nothing to merge there.
+        on_overlay = [
+            disk
+            for disk in entry.disks
+            if disk.overlay in tops
+            and recovery.decide(disk, recovery.observe(domain, disk), entry.merge)
+        ]
+    except HypervisorError:
+        on_overlay = []  # gone meanwhile: its journal is all there is to say
     pending = journal.journal_path(summary.uuid)
     repair = f"`backupninja-kvm recover {summary.name}` repairs it"
-    # A finished pull left the overlay as the disk: nothing to merge there.
-    on_overlay = [
-        disk
-        for disk in entry.disks
-        if disk.overlay in tops
-        and recovery.decide(disk, recovery.observe(domain, disk), entry.merge)
-    ]
     for disk in on_overlay:
         print(
             f"{summary.name} ({state}): {disk.target} on overlay {disk.overlay} "
