@@ -38,15 +38,15 @@ pytestmark = pytest.mark.libvirt
 
 
 @pytest.fixture(autouse=True)
-def forget_pull_records(connection):
-    """After the test (and its VMs), remove the records of pulled images that
-    name a domain no longer defined."""
+def forget_removed_domains(connection):
+    """After the test (and its VMs), remove the journals and the records of
+    pulled images that name a domain no longer defined, even when it failed."""
     yield
-    directory = os.path.dirname(journal.pulled_path("x"))
     known = {domain.UUIDString() for domain in connection.listAllDomains(0)}
-    for name in os.listdir(directory) if os.path.isdir(directory) else []:
-        if name.endswith(".json") and name[: -len(".json")] not in known:
-            os.unlink(os.path.join(directory, name))
+    for directory in (journal.journal_dir(), os.path.dirname(journal.pulled_path("x"))):
+        for name in os.listdir(directory) if os.path.isdir(directory) else []:
+            if name.endswith(".json") and name[: -len(".json")] not in known:
+                os.unlink(os.path.join(directory, name))
 
 
 def action_for(scratch: str, vms, **general: str) -> str:
