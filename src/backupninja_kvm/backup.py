@@ -37,6 +37,7 @@ from backupninja_kvm.disks import (
     referenced_paths,
     select_disks,
     snapshot_xml,
+    strip_tag,
 )
 from backupninja_kvm.errors import (
     DomainError,
@@ -279,9 +280,18 @@ def _plan_files(plan: Plan, disk: Disk, chain: ChainPlan, backing: str) -> None:
 
 
 def backup_file_name(disk: Disk) -> str:
-    """Name of a disk's image in the set: target plus the image's own name."""
+    """Name of a disk's image in the set: target plus the image's own name.
+
+    Our tag is left out: after ``merge = pull`` the disk runs on a tagged
+    image whose name changes every night, and the set's names must not (a
+    remote ``delta`` finds its basis by name). ``a.bnkvm-STAMP.qcow2`` gives
+    ``vda-a.qcow2``, ``p.raw.bnkvm-STAMP.qcow2`` gives ``vda-p.raw.qcow2``.
+    """
     assert disk.path
-    return f"{disk.target}-{os.path.basename(disk.path)}"
+    name = os.path.basename(disk.path)
+    if is_our_overlay(name):
+        name = strip_tag(name).removesuffix(".qcow2") + ".qcow2"
+    return f"{disk.target}-{name}"
 
 
 def back_up_domain(
@@ -367,6 +377,7 @@ def _back_up_locked(
         log.warning("%s: the set is complete, but pruning old sets failed: %s", name, error)
     if removed:
         log.info("%s: removed %d old set(s) beyond keep = %d", name, len(removed), settings.keep)
+    delete_superseded_pulls(domain)  # the set holds what they held
     outcome.complete_seconds = time.monotonic() - completing
     outcome.flush_seconds = backup_set.flush_seconds
     return outcome
@@ -488,13 +499,9 @@ def _refuse_unsafe_chains(plan: Plan) -> None:
                 f"{plan.name}: disk {disk.target} has a block job running "
                 f"(see `virsh blockjob {plan.name} {disk.target}`); domain skipped"
             )
-        if disk.path and is_our_overlay(disk.path) and disk.backing:
-            raise DomainError(
-                f"{plan.name}: disk {disk.target} is on {disk.path}, an overlay left by an "
-                f"earlier run; merge it (running domain: `virsh blockcommit {plan.name} "
-                f"{disk.target} --active --shallow --pivot --wait`; shut off: `qemu-img commit` "
-                f"and `virsh edit`), then delete the file; domain skipped"
-            )
+    # A disk named like our overlay with no journal (recovery has run) is the
+    # domain's own disk, e.g. what a finished `merge = pull` left on top of a
+    # template: backed up like any other, never merged.
 
 
 def _write_definition(domain: Domain, backup_set: destination.AnySet) -> None:
@@ -789,13 +796,25 @@ def _back_up_running(
             backup_set.discard()
             raise DomainError(f"{name}: {target}: overlay {path} already exists; domain skipped")
 
+    defined = (
+        {d.target: d.path for d in parse_disks(domain.xml(inactive=True))}
+        if domain.is_persistent()
+        else {}
+    )
     journal = journals.Journal(
         name,
         domain.uuid,
         journals.FROZEN,
         settings.merge,
         tuple(
-            journals.DiskEntry(d.target, d.path or "", d.format or "raw", overlays[d.target])
+            journals.DiskEntry(
+                d.target,
+                d.path or "",
+                d.format or "raw",
+                overlays[d.target],
+                base_backing=d.backing,
+                persistent_base=defined.get(d.target),
+            )
             for d in plan.disks
         ),
         quiesce=quiesce,
@@ -905,13 +924,14 @@ def merge(
     the state and the repair, when a disk could not be brought back.
     """
     with interrupts.critical():
-        journals.write(journal.at(journals.MERGING))
+        journal = journal.at(journals.MERGING)  # never back to FROZEN from here on
+        journals.write(journal)
         try:
             if not domain.is_active():
                 _merge_offline(domain)
                 back_on_images = time.monotonic()
             elif settings.merge == "pull":
-                _merge_by_pull(domain, disks, overlays, settings)
+                _merge_by_pull(domain, disks, overlays, settings, journal)
                 back_on_images = time.monotonic()
             else:
                 back_on_images = _merge_by_commit(domain, disks, overlays, settings, journal)
@@ -970,6 +990,7 @@ def _merge_by_commit(
 ) -> float:
     # One journal write before the jobs start and one after every pivot:
     # each costs an fsync while the VM is still on its overlays.
+    _check_frozen_chains(domain, journal)
     for target in overlays:
         journal = journal.with_disk(target, journals.DISK_MERGING)
     journals.write(journal)
@@ -982,7 +1003,7 @@ def _merge_by_commit(
         )
         journal = journal.with_disk(target, journals.DISK_MERGED)
     faults.checkpoint("after-pivot")
-    _verify_tops(domain, {d.target: d.path for d in disks}, overlays)
+    _verify_tops(domain, journal, {e.target: e.base for e in journal.disks})
     back_on_images = time.monotonic()
     journals.write(journal.at(journals.MERGED))
     faults.checkpoint("before-delete")
@@ -1000,9 +1021,31 @@ def _merge_by_commit(
     return back_on_images
 
 
+def _check_frozen_chains(domain: Domain, journal: journals.Journal) -> None:
+    """Before merging: each of our overlays still sits on the base the
+    journal recorded, so that a shallow commit writes into that base only and
+    a pull copies that base only."""
+    live = {d.target: d for d in parse_disks(domain.xml())}
+    for entry in journal.disks:
+        disk = live.get(entry.target)
+        if disk is not None and disk.path == entry.overlay and disk.backing != entry.base:
+            raise recovery.left_on_overlay(
+                domain,
+                entry.target,
+                entry.overlay,
+                f"its backing file is now {disk.backing}, not {entry.base} as recorded before "
+                f"the freeze; nothing was merged",
+            )
+
+
 def _merge_by_pull(
-    domain: Domain, disks: list[Disk], overlays: dict[str, str], settings: Settings
+    domain: Domain,
+    disks: list[Disk],
+    overlays: dict[str, str],
+    settings: Settings,
+    journal: journals.Journal,
 ) -> None:
+    _check_frozen_chains(domain, journal)
     # One disk after the other: QEMU 7.2 was seen to crash with two pulls at once.
     for disk in disks:
         overlay = overlays[disk.target]
@@ -1019,37 +1062,145 @@ def _merge_by_pull(
                 domain, disk.target, overlay, f"pull not done within {settings.merge_timeout} s"
             )
     faults.checkpoint("after-pivot")
-    # After a pull the overlay *is* the disk; the frozen image is unused.
+    # After a pull the overlay *is* the disk, on the frozen image's own
+    # backing file (a template) if it had one; the frozen image is unused.
+    _verify_tops(domain, journal, overlays)
     live = domain.xml()
     for disk in disks:
         if disk.path in referenced_paths(live):
             raise recovery.left_on_overlay(
                 domain, disk.target, overlays[disk.target], "the pull did not detach the image"
             )
-        log.info(
-            "%s: %s now runs on %s (merge = pull); %s is no longer used",
-            domain.name,
-            disk.target,
-            overlays[disk.target],
-            disk.path,
+    try:
+        record = journals.read_pulled(domain.uuid)
+        journals.write_pulled(
+            domain.uuid,
+            record.after_pull({d.path for d in disks if d.path}, set(overlays.values())),
         )
+    except (journals.JournalError, OSError) as error:
+        # Without the record nothing is ever deleted: the images pile up, but
+        # nothing of the administrator's can be taken for ours.
+        log.warning(
+            "%s: cannot update the record of the images our pulls made (%s); none of them "
+            "will be deleted",
+            domain.name,
+            error,
+        )
+        record = journals.Pulled()
+    for disk in disks:
+        if disk.path in record.made:
+            log.info(
+                "%s: %s now runs on %s (merge = pull); %s, made by the pull of an earlier "
+                "backup, is deleted once the set is complete",
+                domain.name,
+                disk.target,
+                overlays[disk.target],
+                disk.path,
+            )
+        else:
+            log.warning(
+                "%s: %s now runs on %s (merge = pull); %s is no longer used; kept, delete it "
+                "once checked",
+                domain.name,
+                disk.target,
+                overlays[disk.target],
+                disk.path,
+            )
     faults.checkpoint("before-delete")
 
 
-def _verify_tops(domain: Domain, bases: dict[str, str | None], overlays: dict[str, str]) -> None:
-    """The live and the persistent XML show each original image on top, no mirror."""
-    views = [("live", domain.xml())]
-    if domain.is_persistent():
-        views.append(("persistent", domain.xml(inactive=True)))
-    for view, xml in views:
-        by_target = {d.target: d for d in parse_disks(xml)}
-        for target, base in bases.items():
-            disk = by_target.get(target)
-            if disk is None or disk.path != base or disk.mirror:
-                shown = disk.path if disk else "nothing"
-                raise recovery.left_on_overlay(
-                    domain,
-                    target,
-                    overlays[target],
-                    f"the {view} XML shows {shown} on top instead of {base}",
-                )
+def delete_superseded_pulls(domain: Domain) -> None:
+    """Delete the images our pulls made that a later pull superseded, once
+    no chain uses them; call when the set is complete (it holds what they
+    held).
+
+    Only an image recorded as made by our pull is deleted: the
+    administrator's own image, even with a tagged name, never is.
+    """
+    try:
+        record = journals.read_pulled(domain.uuid)
+    except journals.JournalError as error:
+        log.warning("%s: %s; no superseded image deleted", domain.name, error)
+        return
+    if not record.superseded:
+        return
+    try:
+        referenced = recovery.chain_references(domain)
+    except HypervisorError as error:
+        log.warning(
+            "%s: cannot read its chains (%s); no superseded image deleted", domain.name, error
+        )
+        return
+    kept = set()
+    for image in sorted(record.superseded):
+        if image in referenced:
+            kept.add(image)
+            continue
+        try:
+            os.unlink(image)
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            log.warning(
+                "%s: could not delete %s, an image superseded by merge = pull: %s",
+                domain.name,
+                image,
+                error.strerror,
+            )
+            kept.add(image)
+            continue
+        log.info("%s: deleted %s, superseded by the pull (merge = pull)", domain.name, image)
+    journals.write_pulled(domain.uuid, journals.Pulled(record.made, frozenset(kept)))
+
+
+def _verify_tops(domain: Domain, journal: journals.Journal, expected: dict[str, str]) -> None:
+    """After the merge: the live XML shows the *expected* image on top of each
+    disk, with the base's own backing file below it after a pull, and no
+    mirror; the persistent XML too, for the disks it defined on their base
+    before the freeze (a disk hot-plugged live only, a pending `--config`
+    change or an edited definition is not ours to check).
+    """
+    live = {d.target: d for d in parse_disks(domain.xml())}
+    persistent = (
+        {d.target: d for d in parse_disks(domain.xml(inactive=True))}
+        if domain.is_persistent()
+        else {}
+    )
+    for entry in journal.disks:
+        want = expected[entry.target]
+        disk = live.get(entry.target)
+        if disk is not None and (disk.mirror or (disk.path == entry.overlay != want)):
+            raise recovery.left_on_overlay(
+                domain,
+                entry.target,
+                entry.overlay,
+                "a block job is still attached" if disk.mirror else "the merge did not pivot",
+            )
+        if disk is None or disk.path != want:
+            # Neither merged nor on our overlay: someone else changed the disk.
+            shown = f"runs on {disk.path}" if disk else "is gone from the live definition"
+            raise OverlayLeftError(
+                f"{domain.name}: after the merge, disk {entry.target} {shown}, not on {want}; "
+                f"{entry.overlay} is kept; check `virsh domblklist {domain.name}` and delete "
+                f"{entry.overlay} once nothing uses it (journal "
+                f"{journals.journal_path(domain.uuid)})"
+            )
+        if want == entry.overlay and disk.backing != entry.base_backing:
+            raise recovery.left_on_overlay(
+                domain,
+                entry.target,
+                entry.overlay,
+                f"after the pull its backing file is {disk.backing}, not {entry.base_backing}",
+            )
+        if entry.persistent_base != entry.base or not persistent:
+            continue
+        defined = persistent.get(entry.target)
+        if defined is None or defined.path != want:
+            named = defined.path if defined else "no such disk"
+            raise OverlayLeftError(
+                f"{domain.name}: disk {entry.target} runs on {want} now, but its persistent "
+                f"definition shows {named} instead (it showed {entry.base} before the backup): "
+                f"it would boot from there; {entry.overlay} is kept; check `virsh dumpxml "
+                f"--inactive {domain.name}`, fix it with `virsh edit {domain.name}`, then "
+                f"delete {entry.overlay} if nothing uses it"
+            )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -47,8 +48,14 @@ Action file keys (see `backupninja-kvm example-config` for help and defaults):
 Exit status of run and recover: 0 success; 4 some domains failed (Error lines);
 2 Fatal (bad configuration, no libvirt, or a domain left on an overlay).
 
+Exit status of status: 0 nothing to repair (a backup in progress is not an
+alarm); 4 some journal of an interrupted backup is left (a domain on an
+overlay, or a domain that no longer exists); 2 libvirt cannot be reached, or
+a DOMAIN named is unknown and has no journal.
+
 After a crash or a kill, the next run repairs each domain before backing it
-up; `backupninja-kvm status` shows domains still on an overlay, and
+up; `backupninja-kvm status` shows what the journals of interrupted backups
+name (domains still on an overlay, domains gone since), and
 `backupninja-kvm recover [DOMAIN...]` repairs them at once.
 """
 
@@ -383,52 +390,152 @@ def _recover_one(hypervisor, name: str, left_by, quiet: bool) -> int | None:
 
 
 def status(args: argparse.Namespace) -> int:
-    """``status``: domains running on an overlay of ours, and pending journals."""
+    """``status``: what the journals of interrupted backups name, and backups
+    in progress.
+
+    Only a journal says that a layer is ours: a disk named like our overlay
+    without one (what a finished ``merge = pull`` leaves) is the domain's own.
+    Exit 0 when nothing needs repair (a backup in progress is no alarm), 4
+    when something does, 2 when libvirt cannot be reached or a named domain
+    is unknown.
+    """
     from backupninja_kvm import journal
-    from backupninja_kvm.disks import is_our_overlay, overlay_created, parse_disks
-    from backupninja_kvm.preflight import allocated_bytes
 
     hypervisor = _hypervisor_or_fatal(args.uri)
     if hypervisor is None:
         return EXIT_FATAL
     try:
         found = 0
-        for summary in hypervisor.list_domains():
-            domain = hypervisor.domain(summary.name)
-            xml = domain.xml() if summary.active else domain.xml(inactive=True)
-            state = "running" if summary.active else "shut off"
-            try:
-                entry = journal.read(summary.uuid)
-            except journal.JournalError as error:
-                found += 1
-                print(f"{summary.name} ({state}): {error}")
-                entry = None
-            pending = journal.journal_path(summary.uuid) if entry else ""
-            on_overlay = 0
-            for disk in parse_disks(xml):
-                if disk.path and is_our_overlay(disk.path) and disk.backing:
-                    on_overlay += 1
-                    since = overlay_created(disk.path)
-                    print(
-                        f"{summary.name} ({state}): {disk.target} on overlay {disk.path} "
-                        f"since {since}, {human_bytes(allocated_bytes(disk.path))}"
-                        + (f", journal {pending}" if pending else "")
-                    )
-            found += on_overlay
-            if entry and not on_overlay:
-                found += 1
-                frozen = entry.quiesce and summary.active
-                print(
-                    f"{summary.name} ({state}): journal {pending} of a backup interrupted in "
-                    f"phase {entry.phase} (pid {entry.pid})"
-                    + (", the guest's filesystems may still be frozen" if frozen else "")
-                    + f"; `backupninja-kvm recover {summary.name}` repairs it"
-                )
+        known = hypervisor.list_domains()
+        wanted = set(args.domains)
+        vanished = sorted(set(journal.all_journals()) - {d.uuid for d in known})
+        if wanted:
+            vanished = [u for u in vanished if wanted & {u, _journal_domain(u)}]
+            unknown = wanted - {d.name for d in known} - {d.uuid for d in known}
+            unknown -= set(vanished) | {_journal_domain(u) for u in vanished}
+            if unknown:
+                print(f"unknown domain(s), with no journal either: {', '.join(sorted(unknown))}")
+                return EXIT_FATAL
+            known = [d for d in known if wanted & {d.name, d.uuid}]
+        for summary in known:
+            found += _status_of_domain(hypervisor, summary)
+        for uuid in vanished:
+            found += _status_of_vanished(uuid)
         if not found:
-            print("no domain runs on an overlay of backupninja-kvm")
+            print("no journal of an interrupted backup: no domain runs on an overlay of ours")
         return EXIT_OK if not found else EXIT_DOMAIN_ERRORS
     finally:
         hypervisor.close()
+
+
+def _journal_domain(uuid: str) -> str:
+    """The domain name a journal records, "" when it cannot be read."""
+    from backupninja_kvm import journal
+
+    try:
+        entry = journal.read(uuid)
+    except journal.JournalError:
+        return ""
+    return entry.domain if entry else ""
+
+
+def _in_progress(uuid: str) -> str | None:
+    """ "backup in progress (pid N, since ...)" while a backup (or a
+    ``recover``) holds the domain's lock, None when nobody does."""
+    from backupninja_kvm import lock
+
+    holder = lock.holder(uuid)
+    if holder is None:
+        return None
+    match = re.match(r"pid (\d+): (.*), since (.+)$", holder)
+    if not match:
+        return f"backup in progress ({holder})"
+    pid, command, since = match.groups()
+    what = "repair" if " recover" in f" {command}" else "backup"
+    return f"{what} in progress (pid {pid}, since {since})"
+
+
+def _status_of_domain(hypervisor, summary) -> int:
+    """Print what one domain's journal names; 1 when it needs repair."""
+    from backupninja_kvm import journal, recovery
+    from backupninja_kvm.disks import overlay_created, top_paths
+    from backupninja_kvm.preflight import allocated_bytes
+
+    state = "running" if summary.active else "shut off"
+    running = _in_progress(summary.uuid)
+    if running:
+        print(f"{summary.name} ({state}): {running}")
+        return 0
+    try:
+        entry = journal.read(summary.uuid)
+    except journal.JournalError as error:
+        print(f"{summary.name} ({state}): {error}")
+        return 1
+    if entry is None:
+        return 0
+    try:
+        domain = hypervisor.domain(summary.name)
+        tops = set(top_paths(domain.xml()).values()) if summary.active else set()
+        if summary.persistent:
+            tops |= set(top_paths(domain.xml(inactive=True)).values())
+        # A finished pull left the overlay as the disk: nothing to merge there.
+        on_overlay = [
+            disk
+            for disk in entry.disks
+            if disk.overlay in tops
+            and recovery.decide(disk, recovery.observe(domain, disk), entry.merge)
+        ]
+    except HypervisorError:
+        on_overlay = []  # gone meanwhile: its journal is all there is to say
+    pending = journal.journal_path(summary.uuid)
+    repair = f"`backupninja-kvm recover {summary.name}` repairs it"
+    for disk in on_overlay:
+        print(
+            f"{summary.name} ({state}): {disk.target} on overlay {disk.overlay} "
+            f"(base {disk.base}) since {overlay_created(disk.overlay)}, "
+            f"{human_bytes(allocated_bytes(disk.overlay))}; journal {pending} of a backup "
+            f"interrupted in phase {entry.phase} (pid {entry.pid}); {repair}"
+        )
+    if not on_overlay:
+        frozen = entry.quiesce and summary.active
+        print(
+            f"{summary.name} ({state}): journal {pending} of a backup interrupted in "
+            f"phase {entry.phase} (pid {entry.pid})"
+            + (", the guest's filesystems may still be frozen" if frozen else "")
+            + f"; {repair}"
+        )
+    return 1
+
+
+def _status_of_vanished(uuid: str) -> int:
+    """A journal whose domain no longer exists (a transient domain destroyed
+    during the backup): its overlays may hold the guest's last writes."""
+    from backupninja_kvm import journal
+
+    running = _in_progress(uuid)
+    try:
+        entry = journal.read(uuid)
+    except journal.JournalError as error:
+        print(f"domain {uuid} (no longer exists): {error}")
+        return 1
+    if entry is None:  # removed meanwhile by the backup that held it
+        return 0
+    name = f"{entry.domain} ({uuid}, no longer exists)"
+    if running:
+        print(f"{name}: {running}")
+        return 0
+    disks = "; ".join(
+        f"{disk.target}: overlay {disk.overlay}"
+        + ("" if os.path.lexists(disk.overlay) else " (missing)")
+        + f" on base {disk.base}"
+        for disk in entry.disks
+    )
+    print(
+        f"{name}: journal {journal.journal_path(uuid)} of a backup interrupted in phase "
+        f"{entry.phase} (pid {entry.pid}); {disks}; the overlays may hold the guest's last "
+        f"writes: `backupninja-kvm recover {uuid}` merges them into their bases offline"
+    )
+    return 1
 
 
 def example_config(_args: argparse.Namespace) -> int:
@@ -477,8 +584,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     status_parser = commands.add_parser(
         "status",
-        help="list domains on an overlay of ours or with the journal of an interrupted backup"
-        " (exit 4 when any)",
+        help="list what the journals of interrupted backups name (domains on an overlay of "
+        "ours, domains gone since) and backups in progress; exit 0 nothing to repair, "
+        "4 something to repair, 2 no libvirt",
+    )
+    status_parser.add_argument(
+        "domains",
+        nargs="*",
+        metavar="DOMAIN",
+        help="only these domains (name or UUID; also a domain gone since, by its journal)",
     )
     status_parser.add_argument("-c", "--connect", dest="uri", default="qemu:///system")
     status_parser.set_defaults(function=status)

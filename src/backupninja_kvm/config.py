@@ -47,7 +47,9 @@ stage = option('full', default='full')
 # and the cost is proportional to what the guest wrote during the backup.
 # "pull": the classic blockpull; the whole image is copied into the overlay,
 # which becomes the VM's disk for good (its path changes, raw disks become
-# qcow2); the former image file is left in place, unused.
+# qcow2). Your original image is kept, unused, with a Warning naming it;
+# an image an earlier pull made is deleted once superseded and the set is
+# complete. Set file names stay the same from night to night.
 merge = option('commit', 'pull', default='commit')
 # Seconds to wait for a merge job to become ready (commit) or to finish (pull).
 merge_timeout = integer(min=1, max=604800, default=600)

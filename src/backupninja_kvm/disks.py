@@ -220,6 +220,11 @@ def is_our_overlay(path: str) -> bool:
     return bool(_OUR_SUFFIX.search(os.path.basename(path)))
 
 
+def strip_tag(name: str) -> str:
+    """*name* without our tag and stamp (and the ``.qcow2`` that follows them)."""
+    return _OUR_SUFFIX.sub("", name)
+
+
 def overlay_created(path: str) -> str:
     """When one of our overlays was made, read from the stamp in its name
     (``2026-11-27 01:00:00``), or "?" for another name."""
@@ -242,10 +247,13 @@ def overlay_path(disk: Disk, stamp: str, overlaydir: str = "", domain: str = "")
     assert disk.path
     real = os.path.realpath(disk.path)
     base = _OUR_SUFFIX.sub("", os.path.basename(real))
+    prefix = f"{domain}-{disk.target}-"
+    if overlaydir and base != os.path.basename(real):
+        base = base.removeprefix(prefix)  # an earlier pull's image: no prefix stacked
     stem = base.removesuffix(".qcow2")
     name = f"{stem}.{TAG}-{stamp}.qcow2"
     if overlaydir:
-        return os.path.join(overlaydir, f"{domain}-{disk.target}-{name}")
+        return os.path.join(overlaydir, f"{prefix}{name}")
     return os.path.join(os.path.dirname(real), name)
 
 

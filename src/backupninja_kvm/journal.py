@@ -36,6 +36,14 @@ class DiskEntry:
     base_format: str  # qcow2 or raw
     overlay: str  # our overlay for this run
     state: str = DISK_FROZEN  # how far its merge went
+    # The base's own backing file before the freeze (a template), which a
+    # pull leaves below the overlay: None when the base stands alone.
+    base_backing: str | None = None
+    # The image the persistent definition named for this disk before the
+    # freeze: None when it had no such disk (hot-plugged live only, a pending
+    # detach) or the domain is transient. Only a disk defined on the same
+    # image as it runs on is checked in the definition after the merge.
+    persistent_base: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,22 +88,7 @@ def journal_path(uuid: str) -> str:
 
 def write(journal: Journal) -> None:
     """Atomically replace the domain's journal with *journal*."""
-    directory = journal_dir()
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    path = journal_path(journal.uuid)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    data = asdict(journal)
-    with open(temporary, "w") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _write_json(journal_dir(), journal_path(journal.uuid), asdict(journal))
 
 
 def read(uuid: str) -> Journal | None:
@@ -126,6 +119,22 @@ def remove(uuid: str) -> None:
         pass
 
 
+def _write_json(directory: str, path: str, data: dict) -> None:
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(data, handle, indent=1, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def all_journals() -> list[str]:
     """UUIDs that have a journal."""
     try:
@@ -133,3 +142,61 @@ def all_journals() -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(n[: -len(".json")] for n in names if n.endswith(".json"))
+
+
+# The images our pulls made (merge = pull: an overlay that became the disk),
+# per domain UUID under STATE_DIR/pulled/, kept across runs. An image is
+# deleted only when it is recorded here as made by our pull and then
+# superseded by a later pull: a tagged file name is no proof, the
+# administrator's own image may carry it.
+
+
+@dataclass(frozen=True)
+class Pulled:
+    made: frozenset[str] = frozenset()  # made by our pulls, the disks' images since
+    superseded: frozenset[str] = frozenset()  # made by us, then left by a later pull
+
+    def after_pull(self, frozen: set[str], overlays: set[str]) -> Pulled:
+        """The record once a pull has moved disks off the *frozen* images
+        onto the *overlays*."""
+        return Pulled(
+            made=frozenset((self.made - frozen) | overlays),
+            superseded=frozenset(self.superseded | (self.made & frozen)),
+        )
+
+
+def pulled_path(uuid: str) -> str:
+    return os.path.join(STATE_DIR, "pulled", f"{uuid}.json")
+
+
+def read_pulled(uuid: str) -> Pulled:
+    """What our pulls made for the domain; JournalError when unreadable."""
+    path = pulled_path(uuid)
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return Pulled()
+    except (OSError, ValueError) as error:
+        raise JournalError(f"the record of pulled images {path} is unreadable: {error}") from None
+    try:
+        if data["schema"] != SCHEMA:
+            raise ValueError(f"schema {data['schema']!r}")
+        return Pulled(
+            frozenset(str(p) for p in data["made"]), frozenset(str(p) for p in data["superseded"])
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise JournalError(f"the record of pulled images {path} is malformed: {error}") from None
+
+
+def write_pulled(uuid: str, pulled: Pulled) -> None:
+    """Atomically replace the record of what our pulls made."""
+    path = pulled_path(uuid)
+    if not pulled.made and not pulled.superseded:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    data = {"schema": SCHEMA, "made": sorted(pulled.made), "superseded": sorted(pulled.superseded)}
+    _write_json(os.path.dirname(path), path, data)

@@ -83,3 +83,32 @@ def domain_lock(name: str, uuid: str) -> Iterator[None]:
         except FileNotFoundError:
             pass
         os.close(fd)  # releases the flock
+
+
+def holder(uuid: str) -> str | None:
+    """Who holds the lock of one domain ("pid N: ..., since ..."), None when
+    nobody does.
+
+    Read from /proc/locks, without taking the lock: even a shared flock for a
+    moment would make a backup starting then skip the domain.
+    """
+    path = lock_path(uuid)
+    try:
+        status = os.stat(path)
+        with open("/proc/locks") as handle:
+            table = handle.read()
+    except OSError:
+        return None
+    device = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()
+        if "->" in fields:  # a waiter, not a holder
+            continue
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+            try:
+                with open(path) as handle:
+                    text = handle.read().strip()
+            except OSError:
+                text = ""
+            return text or f"pid {fields[4]}"
+    return None

@@ -19,9 +19,9 @@ from functools import partial
 
 from backupninja_kvm import journal as journals
 from backupninja_kvm.disks import (
-    is_our_overlay,
     parse_disks,
     referenced_paths,
+    top_paths,
     with_disk_source,
 )
 from backupninja_kvm.errors import HypervisorError, OverlayLeftError
@@ -67,11 +67,24 @@ class Step:
 
 
 def decide(entry: DiskEntry, state: DiskState, merge: str = "commit") -> list[Step]:
-    """The steps that bring one disk back onto its base, in order."""
+    """The steps that bring one disk back onto its base, in order.
+
+    Only the overlay the journal names is ever merged, and only into the base
+    it recorded before the freeze: any other chain is refused, untouched.
+    """
     target, base, overlay = entry.target, entry.base, entry.overlay
     tops = {state.live_top, state.persistent_top} - {None}
     if state.job is not None:
         if state.job == "active-commit" and state.live_top == overlay:
+            if state.live_backing != base:
+                return [
+                    Step(
+                        REFUSE,
+                        target,
+                        f"a commit of {overlay} runs into {state.live_backing}, "
+                        f"not into {base} as the journal says",
+                    )
+                ]
             return [Step(PIVOT, target), Step(DELETE, target)]
         if state.job == "pull" and state.live_top == overlay:
             return [Step(WAIT_PULL, target)]
@@ -79,8 +92,8 @@ def decide(entry: DiskEntry, state: DiskState, merge: str = "commit") -> list[St
     if state.active and state.live_top == overlay:
         if state.live_backing == base:
             return [Step(COMMIT, target), Step(DELETE, target)]
-        if merge == "pull":
-            return []  # a finished pull: the overlay is the disk now
+        if merge == "pull" and state.live_backing == entry.base_backing:
+            return []  # a finished pull: the overlay is the disk now, on the base's own backing
         return [
             Step(
                 REFUSE,
@@ -99,8 +112,8 @@ def decide(entry: DiskEntry, state: DiskState, merge: str = "commit") -> list[St
             return [Step(REFUSE, target, f"the definition uses {overlay}, which is missing")]
         if state.overlay_backing == base:
             return [Step(COMMIT_OFFLINE, target), Step(DELETE, target)]
-        if merge == "pull" and state.overlay_backing is None:
-            return []  # a finished pull: the overlay is the disk now
+        if merge == "pull" and state.overlay_backing == entry.base_backing:
+            return []  # a finished pull: the overlay is the disk now, on the base's own backing
         return [
             Step(
                 REFUSE,
@@ -137,38 +150,26 @@ def observe(domain: Domain, entry: DiskEntry) -> DiskState:
     )
 
 
-def orphan_entries(domain: Domain) -> list[DiskEntry]:
-    """Entries for disks running on a tagged overlay when no journal exists."""
-    entries = []
-    for disk in parse_disks(domain.xml()):
-        if disk.path and is_our_overlay(disk.path) and disk.backing and disk.format == "qcow2":
-            entries.append(DiskEntry(disk.target, disk.backing, "unknown", disk.path))
-    return entries
-
-
 def recover_domain(
     domain: Domain, timeout: int = 600, bandwidth: int = 0, interrupted: bool = True
 ) -> list[str]:
     """Repair a domain left by an interrupted backup; returns what was done.
 
     Raises OverlayLeftError when the domain still runs on an overlay of ours
-    that recovery may not touch. Without a journal, only a running domain on
-    a tagged overlay is repaired (commit + pivot).
+    that recovery may not touch. Only what a journal names is touched: without
+    a journal there is nothing of ours (a disk named like our overlay, such as
+    the one a finished ``merge = pull`` leaves, is the domain's own disk).
     """
     journal = journals.read(domain.uuid)
-    from_journal = journal is not None
     if journal is None:
-        entries = orphan_entries(domain) if domain.is_active() else []
-        if not entries:
-            return []
-        journal = Journal(domain.name, domain.uuid, journals.FROZEN, "commit", tuple(entries))
+        return []
     done: list[str] = []
     if journal.quiesce and domain.is_active():
         done += _thaw_left_frozen(domain)
     refusals: list[str] = []
     for entry in journal.disks:
         steps = decide(entry, observe(domain, entry), journal.merge)
-        interrupted_before_merge = from_journal and journal.phase == journals.FROZEN
+        interrupted_before_merge = journal.phase == journals.FROZEN
         if interrupted_before_merge and [step.kind for step in steps] == [DELETE]:
             unmerged = unmerged_writes(entry)
             if unmerged:
@@ -186,8 +187,10 @@ def recover_domain(
             + f" (journal {journals.journal_path(domain.uuid)}); check `virsh domblklist "
             f"{domain.name}` and merge by hand"
         )
+    if journal.merge == "pull":
+        done += _record_finished_pulls(domain, journal)
     journals.remove(domain.uuid)
-    if from_journal and interrupted:
+    if interrupted:
         done += remove_partial(journal)
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(journal.started))
         done.append(
@@ -195,6 +198,40 @@ def recover_domain(
             f"(pid {journal.pid}, started {started})"
         )
     return done
+
+
+def _record_finished_pulls(domain: Domain, journal: Journal) -> list[str]:
+    """An overlay that a pull made the disk is ours for good: record it, so
+    that the pull of a later night may delete it once superseded; say what
+    became of the image it left."""
+    tops: set[str | None] = set()
+    if domain.is_active():
+        tops |= set(top_paths(domain.xml()).values())
+    if domain.is_persistent():
+        tops |= set(top_paths(domain.xml(inactive=True)).values())
+    pulled = [entry for entry in journal.disks if entry.overlay in tops]
+    if not pulled:
+        return []
+    try:
+        record = journals.read_pulled(domain.uuid)
+        journals.write_pulled(
+            domain.uuid,
+            record.after_pull(
+                {entry.base for entry in pulled}, {entry.overlay for entry in pulled}
+            ),
+        )
+    except (journals.JournalError, OSError) as error:
+        record = journals.Pulled()  # nothing is deleted without the record
+        log.warning("%s: cannot record the images our pulls made: %s", domain.name, error)
+    return [
+        f"{entry.target}: the pull had finished, the disk runs on {entry.overlay}; "
+        + (
+            f"{entry.base}, made by an earlier pull, is deleted after the next complete set"
+            if entry.base in record.made
+            else f"{entry.base} is no longer used; kept, delete it once checked"
+        )
+        for entry in pulled
+    ]
 
 
 THAW_TIMEOUT = 60  # seconds for the guest agent to answer a thaw during recovery
@@ -369,7 +406,8 @@ def commit_offline(domain: Domain, entry: DiskEntry) -> None:
     """Merge the overlay of a shut-off domain into its base and point the
     definition back at the base."""
     result = subprocess.run(
-        ["qemu-img", "commit", "-q", "-f", "qcow2", entry.overlay],
+        # The base named explicitly: only into the image the journal recorded.
+        ["qemu-img", "commit", "-q", "-f", "qcow2", "-b", entry.base, entry.overlay],
         capture_output=True,
         text=True,
     )
@@ -395,12 +433,45 @@ def image_info(path: str) -> dict:
         return {}
 
 
-def delete_overlay(domain: Domain, target: str, overlay: str) -> None:
-    """Delete an overlay file, only when no chain (live or persistent) refers to it."""
-    referenced = referenced_paths(domain.xml()) if domain.is_active() else set()
+def chain_references(domain: Domain) -> set[str]:
+    """Every file a chain of the domain refers to: the live and the persistent
+    XML, and the backing chain of each top image as qemu-img reads it (a
+    definition of a shut-off domain does not describe its backing files)."""
+    xmls = [domain.xml()] if domain.is_active() else []
     if domain.is_persistent():
-        referenced |= referenced_paths(domain.xml(inactive=True))
-    if overlay in referenced:
+        xmls.append(domain.xml(inactive=True))
+    referenced: set[str] = set()
+    for xml in xmls:
+        referenced |= referenced_paths(xml)
+        for disk in parse_disks(xml):
+            if disk.path and disk.source_type == "file":
+                referenced |= backing_chain(disk.path)
+    return referenced
+
+
+def backing_chain(path: str) -> set[str]:
+    """The files of *path*'s backing chain (``qemu-img info --backing-chain``)."""
+    result = subprocess.run(
+        ["qemu-img", "info", "-U", "--backing-chain", "--output=json", path],
+        capture_output=True,
+        text=True,
+    )
+    try:
+        layers = json.loads(result.stdout) if result.returncode == 0 else []
+    except ValueError:
+        return set()
+    files: set[str] = set()
+    for layer in layers if isinstance(layers, list) else []:
+        for key in ("filename", "full-backing-filename"):
+            if isinstance(layer.get(key), str):
+                files.add(layer[key])
+    return files
+
+
+def delete_overlay(domain: Domain, target: str, overlay: str) -> None:
+    """Delete an overlay file, only when no chain (live or persistent XML,
+    backing chains) refers to it."""
+    if overlay in chain_references(domain):
         raise left_on_overlay(domain, target, overlay, "a chain still references it")
     try:
         os.unlink(overlay)
@@ -428,8 +499,8 @@ def remove_partial(journal: Journal) -> list[str]:
 
 def overlays_in_use(domain: Domain) -> list[str] | None:
     """The overlays of ours that the domain's live or persistent XML still
-    shows: those named in its journal, or without a journal, tagged tops with
-    a backing file. None when that cannot be read."""
+    shows: those named in its journal (without one, none is ours). None
+    when that cannot be read."""
     try:
         journal = journals.read(domain.uuid)
         xmls = [domain.xml()] if domain.is_active() else []
@@ -438,13 +509,10 @@ def overlays_in_use(domain: Domain) -> list[str] | None:
     except (HypervisorError, journals.JournalError):
         return None
     found: set[str] = set()
+    if journal is None:
+        return []  # only a journal makes a layer ours
     for xml in xmls:
-        if journal is not None:
-            found |= referenced_paths(xml) & {d.overlay for d in journal.disks}
-        else:
-            found |= {
-                d.path for d in parse_disks(xml) if d.path and is_our_overlay(d.path) and d.backing
-            }
+        found |= referenced_paths(xml) & {d.overlay for d in journal.disks}
     return sorted(found)
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import re
 import stat
+import time
 
 import pytest
 
-from backupninja_kvm import destination
+from backupninja_kvm import destination, journal
 from tests.support.cli import HELPER, helper
 from tests.support.ninja import Ninja
 from tests.support.vms import DiskSpec, MiB, Write
@@ -310,3 +311,36 @@ def test_vms_of_one_action_are_frozen_one_after_another(ninja, new_vm, scratch):
     )
     for vm in (first, second):
         assert vm.tops() == vm.paths and vm.tagged_files() == []
+
+
+def test_pull_reports_the_kept_original_once_and_leaves_nothing_behind(ninja, new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 32 * MiB)])
+    backups = backups_dir(scratch)
+    action = ninja.action("20-vms.kvm", action_text(backups, vm.name, merge="pull"))
+
+    record = journal.pulled_path(vm.domain.UUIDString())
+    try:
+        _two_pulled_nights(ninja, vm, action, backups)
+    finally:
+        if os.path.exists(record):
+            os.unlink(record)
+
+
+def _two_pulled_nights(ninja, vm, action: str, backups: str) -> None:
+    first = ninja.run(action)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    while time.strftime("%Y%m%dT%H%M%S") == stamp:  # sets are stamped to the second
+        time.sleep(0.1)
+    second = ninja.run(action)
+
+    for result in (first, second):
+        assert result.lines("Error") == [] and result.lines("Fatal") == [], result.log
+    kept = [line for line in first.lines("Warning") if vm.paths["vda"] in line]
+    assert len(kept) == 1 and "no longer used; kept, delete it once checked" in kept[0]
+    assert second.lines("Warning") == []  # nothing else is left to say
+    assert any("finished action" in line and "SUCCESS" in line for line in second.lines("Info"))
+    top = vm.tops()["vda"]
+    assert sorted(os.listdir(vm.directory)) == sorted(["vda.qcow2", os.path.basename(top)])
+    domain_dir = os.path.join(backups, vm.name)
+    for name in destination.complete_sets(domain_dir):
+        assert "vda-vda.qcow2" in os.listdir(os.path.join(domain_dir, name))

@@ -214,3 +214,37 @@ def test_a_run_shares_one_ssh_connection_and_the_summary_says_what_was_sent(
     assert sent_bytes(first, "sent") >= 64
     # The second sends only what differs from the first set (delta).
     assert sent_bytes(second, "sent") < 1
+
+
+def test_pull_keeps_the_set_names_so_delta_finds_last_nights_copy(server, new_vm, scratch):
+    from backupninja_kvm import journal
+
+    vm = new_vm([DiskSpec("vda", "qcow2", 64 * MiB)])
+    vm.write("vda", Write(0x11, 0, 16 * MiB))
+    backups = os.path.join(scratch, "remote-backups")
+    os.makedirs(backups)
+    text = remote_action(backups, vm, server, keep=3).replace(
+        "[source]", "[general]\nmerge = pull\n[source]"
+    )
+    action = write_action(os.path.join(scratch, "remote.kvm"), text)
+    try:
+        nights = []
+        for night in range(3):
+            vm.write("vda", Write(0x30 + night, (20 + night) * MiB, MiB))
+            next_second()
+            nights.append(helper("run", action))
+            assert nights[-1].returncode == 0, nights[-1].stdout + nights[-1].stderr
+    finally:
+        record = journal.pulled_path(vm.domain.UUIDString())
+        if os.path.exists(record):
+            os.unlink(record)
+
+    sets = destination.complete_sets(os.path.join(backups, vm.name))
+    assert len(sets) == 3
+    for name in sets:
+        assert "vda-vda.qcow2" in os.listdir(os.path.join(backups, vm.name, name))
+    # Night 3 copies the image night 2's pull made: rsync finds night 2's copy
+    # under the same name and sends little of the 17 MiB again.
+    [line] = rsync_lines(nights[2], "vda-vda.qcow2")
+    assert f"matched in the set {sets[1]}" in line, nights[2].stdout
+    assert sent_bytes(line, "of new data") < 8

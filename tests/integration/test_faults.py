@@ -134,13 +134,13 @@ def test_merge_not_ready_in_time_is_retried_then_fatal_and_recover_repairs(new_v
     assert os.path.exists(overlays["vda"])
     assert journal.read(vm.domain.UUIDString()) is not None
 
-    status = helper("status")
+    status = helper("status", vm.name)
     assert status.returncode == 4 and f"{vm.name} (running): vda on overlay" in status.stdout
 
     repaired = helper("recover", vm.name)
     assert repaired.returncode == 0, repaired.stdout
     assert f"Warning: {vm.name}: repaired: vda: " in repaired.stdout
-    assert helper("status").returncode == 0
+    assert helper("status", vm.name).returncode == 0
     write_all(vm, AFTER)
     assert_back_on_own_images_with_every_write(vm, scratch, BEFORE, during, AFTER)
 

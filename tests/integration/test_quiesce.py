@@ -145,7 +145,7 @@ def test_a_run_killed_while_the_guest_is_frozen_is_thawed_by_the_next_run(agent_
     assert killed.returncode == -9, killed.stdout + killed.stderr
     assert freeze_status(vm) == "frozen"  # the guest's writes are blocked
     assert journal.read(vm.domain.UUIDString()) is not None
-    status = helper("status")
+    status = helper("status", vm.name)
     assert status.returncode == 4, status.stdout + status.stderr
     assert any(
         line.startswith(f"{vm.name} (running): journal ")

@@ -307,6 +307,16 @@ def test_images_with_the_same_name_get_distinct_overlays_in_overlaydir():
     assert len({first, second, other}) == 3
 
 
+def test_an_image_a_pull_left_in_overlaydir_gets_no_stacked_prefix():
+    # merge = pull with an overlaydir: the disk runs on web1-vda-root.bnkvm-...;
+    # the next night's overlay (and the set's file name) must not grow.
+    pulled = overlay_path(disk("/srv/a/root.qcow2", "vda"), STAMP, "/var/tmp/ov", "web1")
+    again = overlay_path(disk(pulled, "vda"), "20261128T010000", "/var/tmp/ov", "web1")
+
+    assert pulled == f"/var/tmp/ov/web1-vda-root.bnkvm-{STAMP}.qcow2"
+    assert again == "/var/tmp/ov/web1-vda-root.bnkvm-20261128T010000.qcow2"
+
+
 def test_images_that_differ_only_by_extension_get_distinct_overlays():
     first = overlay_path(disk("/srv/vm/data.qcow2", "vda"), STAMP)
     second = overlay_path(disk("/srv/vm/data.img", "vdb", "raw"), STAMP)

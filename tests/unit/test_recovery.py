@@ -21,6 +21,9 @@ from backupninja_kvm.recovery import (
 BASE = "/srv/vm/web1.qcow2"
 OVERLAY = "/srv/vm/web1.bnkvm-20261127T010000.qcow2"
 ENTRY = DiskEntry("vda", BASE, "qcow2", OVERLAY)
+TEMPLATE = "/srv/templates/debian.qcow2"
+# web1.qcow2 is a layer on a template shared with other VMs.
+ON_TEMPLATE = DiskEntry("vda", BASE, "qcow2", OVERLAY, base_backing=TEMPLATE)
 
 
 def state(**changes) -> DiskState:
@@ -43,28 +46,106 @@ ON_OVERLAY = dict(live_top=OVERLAY, live_backing=BASE, persistent_top=OVERLAY, o
 
 
 @pytest.mark.parametrize(
-    ("situation", "observed", "merge", "steps"),
+    ("situation", "entry", "observed", "merge", "steps"),
     [
-        ("clean: nothing to do", state(), "commit", []),
-        ("killed before the freeze", state(), "commit", []),
-        ("running on our overlay", state(**ON_OVERLAY), "commit", [COMMIT, DELETE]),
-        ("running on our overlay, pull mode", state(**ON_OVERLAY), "pull", [COMMIT, DELETE]),
+        # The base of a disk on a template: only the journal's overlay is
+        # merged, only into the journal's base, never into the template.
+        (
+            "on a template: running on our overlay",
+            ON_TEMPLATE,
+            state(**ON_OVERLAY),
+            "pull",
+            [COMMIT, DELETE],
+        ),
+        (
+            "on a template: pull finished, the overlay is the disk on the template",
+            ON_TEMPLATE,
+            state(
+                live_top=OVERLAY, live_backing=TEMPLATE, persistent_top=OVERLAY, overlay_exists=True
+            ),
+            "pull",
+            [],
+        ),
+        (
+            "on a template: pull finished, then shut off",
+            ON_TEMPLATE,
+            state(
+                active=False,
+                live_top=None,
+                persistent_top=OVERLAY,
+                overlay_exists=True,
+                overlay_backing=TEMPLATE,
+            ),
+            "pull",
+            [],
+        ),
+        (
+            "on a template: our overlay directly on the template in commit mode",
+            ON_TEMPLATE,
+            state(
+                live_top=OVERLAY, live_backing=TEMPLATE, persistent_top=OVERLAY, overlay_exists=True
+            ),
+            "commit",
+            [REFUSE],
+        ),
+        (
+            "on a template: shut off, our overlay directly on the template",
+            ON_TEMPLATE,
+            state(
+                active=False,
+                live_top=None,
+                persistent_top=OVERLAY,
+                overlay_exists=True,
+                overlay_backing=TEMPLATE,
+            ),
+            "commit",
+            [REFUSE],
+        ),
+        (
+            "a commit job of our overlay into another layer than the base",
+            ON_TEMPLATE,
+            state(
+                live_top=OVERLAY,
+                live_backing=TEMPLATE,
+                persistent_top=OVERLAY,
+                overlay_exists=True,
+                job="active-commit",
+            ),
+            "commit",
+            [REFUSE],
+        ),
+        (
+            "pull finished onto another backing file than the base had",
+            ENTRY,
+            state(
+                live_top=OVERLAY, live_backing=TEMPLATE, persistent_top=OVERLAY, overlay_exists=True
+            ),
+            "pull",
+            [REFUSE],
+        ),
+        ("clean: nothing to do", ENTRY, state(), "commit", []),
+        ("killed before the freeze", ENTRY, state(), "commit", []),
+        ("running on our overlay", ENTRY, state(**ON_OVERLAY), "commit", [COMMIT, DELETE]),
+        ("running on our overlay, pull mode", ENTRY, state(**ON_OVERLAY), "pull", [COMMIT, DELETE]),
         (
             "commit job running or ready",
+            ENTRY,
             state(**ON_OVERLAY, job="active-commit"),
             "commit",
             [PIVOT, DELETE],
         ),
-        ("pull job running", state(**ON_OVERLAY, job="pull"), "pull", [WAIT_PULL]),
+        ("pull job running", ENTRY, state(**ON_OVERLAY, job="pull"), "pull", [WAIT_PULL]),
         (
             "pull finished: the overlay is the disk",
+            ENTRY,
             state(live_top=OVERLAY, live_backing=None, persistent_top=OVERLAY, overlay_exists=True),
             "pull",
             [],
         ),
-        ("pivoted, overlay not deleted", state(overlay_exists=True), "commit", [DELETE]),
+        ("pivoted, overlay not deleted", ENTRY, state(overlay_exists=True), "commit", [DELETE]),
         (
             "shut off on the overlay",
+            ENTRY,
             state(
                 active=False,
                 live_top=None,
@@ -77,12 +158,14 @@ ON_OVERLAY = dict(live_top=OVERLAY, live_backing=BASE, persistent_top=OVERLAY, o
         ),
         (
             "shut off, back on base, overlay left",
+            ENTRY,
             state(active=False, live_top=None, overlay_exists=True),
             "commit",
             [DELETE],
         ),
         (
             "foreign layer on top of our overlay",
+            ENTRY,
             state(
                 live_top="/srv/vm/web1.their-snap.qcow2",
                 live_backing=OVERLAY,
@@ -94,26 +177,29 @@ ON_OVERLAY = dict(live_top=OVERLAY, live_backing=BASE, persistent_top=OVERLAY, o
         ),
         (
             "our overlay on top of something else than the journal's base",
+            ENTRY,
             state(**{**ON_OVERLAY, "live_backing": "/srv/vm/other.qcow2"}),
             "commit",
             [REFUSE],
         ),
         (
             "a block job that is not ours",
+            ENTRY,
             state(live_top=BASE, job="copy", overlay_exists=True),
             "commit",
             [REFUSE],
         ),
         (
             "definition uses the overlay but the file is gone",
+            ENTRY,
             state(active=False, live_top=None, persistent_top=OVERLAY, overlay_exists=False),
             "commit",
             [REFUSE],
         ),
     ],
 )
-def test_decide(situation, observed, merge, steps):
-    assert [step.kind for step in decide(ENTRY, observed, merge)] == steps, situation
+def test_decide(situation, entry, observed, merge, steps):
+    assert [step.kind for step in decide(entry, observed, merge)] == steps, situation
 
 
 def test_refusals_say_what_was_found():
