@@ -47,3 +47,23 @@ def domain_lock(name: str, uuid: str) -> Iterator[None]:
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the flock
+
+
+def holder(uuid: str) -> str | None:
+    """Who holds the domain's lock (its description), or None when it is free.
+
+    Only looks: a shared flock taken and dropped at once, nothing written.
+    """
+    try:
+        fd = os.open(lock_path(uuid), os.O_RDONLY)
+    except OSError:
+        return None  # never locked since boot
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

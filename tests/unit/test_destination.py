@@ -27,7 +27,7 @@ def make_set(domain_dir: Path, stamp: str, files: dict[str, bytes] | None = None
     backup_set = BackupSet(str(domain_dir), stamp)
     partial = Path(backup_set.begin())
     if files is None:
-        files = {"domain.xml": b"<domain/>"}
+        files = {"domain.xml": b"<domain/>", "vda-web1.qcow2": b"QFI\xfb"}
     for name, data in files.items():
         (partial / name).write_bytes(data)
     return Path(backup_set.complete())
@@ -184,7 +184,7 @@ def test_sets_with_the_older_sha256sums_manifest_still_count_and_are_pruned(tmp_
     domain_dir = tmp_path / "web1"
     for stamp in STAMPS[:2]:  # written by an earlier version
         (domain_dir / stamp).mkdir(parents=True)
-        (domain_dir / stamp / "SHA256SUMS").write_text("")
+        (domain_dir / stamp / "SHA256SUMS").write_text(f"{'0' * 64}  vda-web1.qcow2\n")
     make_set(domain_dir, STAMPS[2])
 
     assert destination.complete_sets(str(domain_dir)) == STAMPS[:3]
