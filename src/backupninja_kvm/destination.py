@@ -100,9 +100,10 @@ def _after(stamp: str) -> str:
 
 
 def next_stamp(proposed: str, existing: Iterable[str]) -> str:
-    """The name for a new set: *proposed* (the run's time), or, when a set of
-    that name or a later one exists, one second after the newest name."""
-    names = [n for n in existing if is_stamp(n)]
+    """The name for a new set: *proposed* (the run's time), or, when a set
+    (or a ``.partial``) of that name or a later one exists among the names
+    *existing*, one second after the newest."""
+    names = [n for n in (e.removesuffix(PARTIAL) for e in existing) if is_stamp(n)]
     if not names:
         return proposed
     newest = max(names, key=creation_key)
@@ -278,7 +279,7 @@ class BackupSet(SetLayout):
         """Take the next free name (``next_stamp``) after the sets already
         there; call it with the domain's lock held. Returns the name."""
         existing = os.listdir(self.domain_dir) if os.path.isdir(self.domain_dir) else []
-        self.stamp = next_stamp(self.stamp, [n.removesuffix(PARTIAL) for n in existing])
+        self.stamp = next_stamp(self.stamp, existing)
         return self.stamp
 
     def entries(self) -> list[SetEntry]:
@@ -598,7 +599,7 @@ class RemoteBackupSet(SetLayout):
 
     def choose_stamp(self) -> str:
         names, _ = self._listing()
-        self.stamp = next_stamp(self.stamp, [n.removesuffix(PARTIAL) for n in names])
+        self.stamp = next_stamp(self.stamp, names)
         return self.stamp
 
     def entries(self) -> list[SetEntry]:
