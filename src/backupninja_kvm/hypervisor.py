@@ -142,17 +142,21 @@ class Hypervisor:
     def list_domains(self) -> list[DomainSummary]:
         try:
             domains = self._connection.listAllDomains(0)
-            return sorted(
-                (
+        except libvirt.libvirtError as error:
+            raise _translate(error, "cannot list domains") from None
+        found = []
+        for d in domains:
+            try:
+                found.append(
                     DomainSummary(
                         d.name(), d.UUIDString(), bool(d.isActive()), bool(d.isPersistent())
                     )
-                    for d in domains
-                ),
-                key=lambda d: d.name,
-            )
-        except libvirt.libvirtError as error:
-            raise _translate(error, "cannot list domains") from None
+                )
+            except libvirt.libvirtError as error:
+                if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    continue  # undefined (a transient one stopped) while we listed
+                raise _translate(error, "cannot list domains") from None
+        return sorted(found, key=lambda d: d.name)
 
     def domain(self, name: str) -> Domain:
         try:
