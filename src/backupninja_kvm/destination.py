@@ -210,7 +210,8 @@ def _refuse_unsafe_folder(domain_dir: str) -> None:
         raise DomainError(
             f"{os.path.basename(domain_dir)}: {problem}: its sets could be replaced by "
             f"another user; check its contents, then `chown root: {domain_dir}; "
-            f"chmod 700 {domain_dir}`; domain skipped"
+            f"chmod 700 {domain_dir}` (on a filesystem without Unix permissions, mount it "
+            f"with umask=077, or dir_mode=0700 for CIFS); domain skipped"
         )
 
 
