@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -21,9 +22,10 @@ pytestmark = pytest.mark.libvirt
 SMALL = [DiskSpec("vda", "qcow2", 16 * MiB)]
 
 
-def action(scratch: str, vm, directory: str, **extra: str) -> str:
+def action(scratch: str, vm, directory: str, quiesce: str = "auto", **extra: str) -> str:
     lines = [
         "when = everyday at 01:00",
+        f"[general]\nquiesce = {quiesce}",
         f"[source]\ndomains = {vm.name}",
         f"[dest]\ndirectory = {directory}",
         *(f"{key} = {value}" for key, value in extra.items()),
@@ -228,3 +230,50 @@ def test_a_test_run_shows_the_set_it_would_write_and_what_keep_would_prune(new_v
     assert any(f"keep = 2 would remove 1 old set(s): {oldest}" in i for i in infos), infos
     assert sorted(os.listdir(domain_dir)) == before
     assert vm.tops() == vm.paths and vm.tagged_files() == []
+
+
+HOLD_LOCK = """
+import sys, time
+from backupninja_kvm.lock import domain_lock
+with domain_lock(sys.argv[1], sys.argv[2]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_test_run_names_the_holder_of_the_lock_and_leaves_it_held(new_vm, scratch):
+    vm = new_vm(SMALL)
+    path = action(scratch, vm, backups_of(scratch))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, vm.name, vm.domain.UUIDString()],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = run("run", "--test", path)
+        assert holder.poll() is None  # the holder still runs and holds it
+    finally:
+        holder.kill()
+        holder.wait()
+
+    assert result.returncode == 4, result.stdout
+    assert any(
+        f"test run: {vm.name}: another backup holds this domain's lock (pid {holder.pid}" in e
+        for e in lines(result, "Error:")
+    ), result.stdout
+    assert run("run", "--test", path).returncode == 0  # free again
+
+
+@pytest.mark.parametrize(("quiesce", "prefix"), [("auto", "Warning:"), ("yes", "Error:")])
+def test_a_test_run_says_when_the_guest_agent_is_not_connected(new_vm, scratch, quiesce, prefix):
+    vm = new_vm(SMALL, agent_channel=True)  # a channel, but no agent answers in the guest
+    path = action(scratch, vm, backups_of(scratch), quiesce=quiesce)
+
+    result = run("run", "--test", path)
+
+    assert result.returncode == (0 if quiesce == "auto" else 4), result.stdout
+    assert any(
+        f"{vm.name}: the guest agent is not connected: the freeze would fail" in line
+        for line in lines(result, prefix)
+    ), result.stdout
