@@ -196,7 +196,7 @@ def unsafe_folder_problem(path: str) -> str | None:
     if stat.S_ISLNK(link.st_mode) and link.st_uid != me:
         return f"{path} is a symbolic link owned by uid {link.st_uid}"
     if not stat.S_ISDIR(status.st_mode):
-        return f"{path} is not a folder"
+        return None  # not a place for sets at all: creating the set there fails
     if status.st_uid != me:
         return f"{path} is owned by uid {status.st_uid}, not by uid {me} that runs the backup"
     if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
