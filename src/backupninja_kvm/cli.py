@@ -200,6 +200,7 @@ def _dry_run_domain(hypervisor, settings: config.Settings, name: str) -> None:
             )
     plan = make_plan(domain)
     log.info("test run, would %s", plan.describe())
+    backup._refuse_unsafe_chains(plan)
     if quiesce_wanted(plan, settings) and not guest_agent_connected(domain.xml()):
         message = f"{name}: the guest agent is not connected: the freeze would fail"
         if settings.quiesce == "yes":

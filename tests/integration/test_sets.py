@@ -277,3 +277,28 @@ def test_a_test_run_says_when_the_guest_agent_is_not_connected(new_vm, scratch, 
         f"{vm.name}: the guest agent is not connected: the freeze would fail" in line
         for line in lines(result, prefix)
     ), result.stdout
+
+
+def test_world_writable_directory_and_overlaydir_get_warnings(new_vm, scratch):
+    vm = new_vm(SMALL)
+    os.chmod(scratch, 0o711)  # QEMU opens the overlays under it
+    share = os.path.join(scratch, "share")
+    overlays = os.path.join(scratch, "overlays")
+    for path in (share, overlays):
+        os.makedirs(path)
+        os.chmod(path, 0o1777)  # like /tmp, or a share everyone may write
+    path = write_action(
+        os.path.join(scratch, "shared.kvm"),
+        f"[source]\ndomains = {vm.name}\noverlaydir = {overlays}\noverlay_reserve = 0\n"
+        f"[dest]\ndirectory = {share}\n",
+    )
+
+    for result in (run("run", "--test", path), run("run", path)):
+        assert result.returncode == 0, result.stdout
+        warnings = lines(result, "Warning:")
+        for key, folder in (("[dest] directory", share), ("[source] overlaydir", overlays)):
+            assert any(
+                f"{key} {folder} is writable by every user (sticky)" in w for w in warnings
+            ), result.stdout
+    assert destination.complete_sets(os.path.join(share, vm.name))
+    assert vm.tops() == vm.paths and vm.tagged_files() == []
