@@ -302,3 +302,28 @@ def test_world_writable_directory_and_overlaydir_get_warnings(new_vm, scratch):
             ), result.stdout
     assert destination.complete_sets(os.path.join(share, vm.name))
     assert vm.tops() == vm.paths and vm.tagged_files() == []
+
+
+def test_a_remote_host_without_symlinks_gets_a_latest_file(exfat):
+    # The script the remote host runs to complete a set, on a filesystem
+    # without links (the ssh part is tested in tests/e2e/test_remote.py).
+    domain_dir = os.path.join(exfat, "web1")
+    for stamp in ("20261202T025647Z", "20261202T025648Z"):
+        partial = os.path.join(domain_dir, stamp + destination.PARTIAL)
+        os.makedirs(partial)
+        with open(os.path.join(partial, "vda-web1.qcow2"), "wb") as image:
+            image.write(b"data")
+        done = subprocess.run(
+            ["/bin/sh", "-c", destination._COMPLETE, "sh", domain_dir, stamp],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0 and "warning" not in done.stdout, done.stdout + done.stderr
+
+    with open(os.path.join(domain_dir, destination.LATEST_FILE)) as pointer:
+        assert pointer.read() == "20261202T025648Z\n"
+    assert sorted(os.listdir(domain_dir)) == [
+        "20261202T025647Z",
+        "20261202T025648Z",
+        destination.LATEST_FILE,
+    ]
