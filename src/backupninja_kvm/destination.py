@@ -82,7 +82,14 @@ def new_stamp(now: float | None = None) -> str:
 
 
 def is_stamp(name: str) -> bool:
-    return bool(_STAMP.match(name))
+    """Whether *name* is a set's name (a real date and time, UTC or old local)."""
+    if not _STAMP.match(name):
+        return False
+    try:
+        time.strptime(name.removesuffix("Z"), _OLD_STAMP_FORMAT)
+    except ValueError:
+        return False
+    return True
 
 
 def creation_key(stamp: str) -> tuple[bool, str]:

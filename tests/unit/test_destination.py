@@ -175,7 +175,7 @@ def test_only_complete_sets_count(tmp_path):
     (interrupted / MANIFEST).write_text("")  # even with a manifest, a partial is no set
     (domain_dir / STAMPS[1]).mkdir()  # renamed but without manifest
     (domain_dir / STAMPS[2]).write_text("a file, not a folder")
-    for name in ("notes", "2026-01-03", "20260103T0100", "20260103T010000.old"):
+    for name in ("notes", "2026-01-03", "20260103T0100", "20260103T010000.old", "20261399T999999Z"):
         (domain_dir / name).mkdir()
         (domain_dir / name / MANIFEST).write_text("")
 
