@@ -181,6 +181,7 @@ def _dry_run_domain(hypervisor, settings: config.Settings, name: str) -> None:
         pending = journal.read(domain.uuid)
     except journal.JournalError as error:
         raise DomainError(f"{name}: {error}; remove it once checked; domain skipped") from None
+    repair = bool(pending)
     if pending:
         log.warning(
             "test run: %s: the journal %s of a backup interrupted in phase %s is left: the "
@@ -191,6 +192,7 @@ def _dry_run_domain(hypervisor, settings: config.Settings, name: str) -> None:
         )
     elif domain.is_active():
         orphans = [d.target for d in parse_disks(domain.xml()) if d.path and is_our_overlay(d.path)]
+        repair = bool(orphans)
         if orphans:
             log.warning(
                 "test run: %s: %s run(s) on an overlay of ours with no journal: the real run "
@@ -200,7 +202,8 @@ def _dry_run_domain(hypervisor, settings: config.Settings, name: str) -> None:
             )
     plan = make_plan(domain)
     log.info("test run, would %s", plan.describe())
-    backup._refuse_unsafe_chains(plan)
+    if not repair:  # else the chain is the one the repair leaves, not this one
+        backup._refuse_unsafe_chains(plan)
     if quiesce_wanted(plan, settings) and not guest_agent_connected(domain.xml()):
         message = f"{name}: the guest agent is not connected: the freeze would fail"
         if settings.quiesce == "yes":

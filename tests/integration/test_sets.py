@@ -327,3 +327,27 @@ def test_a_remote_host_without_symlinks_gets_a_latest_file(exfat):
         "20261202T025648Z",
         destination.LATEST_FILE,
     ]
+
+
+def test_a_test_run_says_that_the_real_run_would_repair_first(new_vm, scratch):
+    vm = new_vm(SMALL)
+    path = action(scratch, vm, backups_of(scratch))
+    env = {**os.environ, "BACKUPNINJA_KVM_FAULT": "after-freeze"}
+    killed = subprocess.run(
+        [HELPER, "run", path], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL
+    )
+    assert killed.returncode == -9, killed.stdout
+    try:
+        assert vm.tops() != vm.paths  # left on its overlays, with the journal
+
+        result = run("run", "--test", path)
+
+        assert result.returncode == 0, result.stdout
+        assert any(
+            f"test run: {vm.name}: the journal " in w and "the real run repairs that first" in w
+            for w in lines(result, "Warning:")
+        ), result.stdout
+        assert vm.tops() != vm.paths  # the test run changed nothing
+    finally:
+        run("recover", vm.name)
+    assert vm.tops() == vm.paths and vm.tagged_files() == []
