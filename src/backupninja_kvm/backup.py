@@ -326,9 +326,9 @@ def _back_up_locked(
         (log.warning if level == WARNING else log.info)("%s", note)
 
     quiesce = quiesce_wanted(plan, settings)
-    overlays = overlay_paths(plan.disks, stamp, settings.overlaydir, name)
-    domain_dir = os.path.join(settings.directory, name)
-    backup_set = _open_set(settings, domain_dir, stamp)
+    backup_set = open_set(settings, name, stamp)
+    domain_dir = backup_set.domain_dir
+    overlays = overlay_paths(plan.disks, backup_set.stamp, settings.overlaydir, name)
     _check_space(plan, settings, overlays, backup_set)
 
     try:
@@ -417,12 +417,27 @@ def _report_skipped(name: str, skipped: SkippedDisk) -> str:
     return ""
 
 
-def _open_set(settings: Settings, domain_dir: str, stamp: str) -> destination.AnySet:
+def open_set(settings: Settings, name: str, stamp: str) -> destination.AnySet:
+    """The new set of domain *name*, under the next free name from *stamp*
+    (the caller holds the domain's lock). Raises DomainError for a name that
+    is not a safe folder name, or a destination that cannot be listed."""
+    domain_dir = destination.domain_directory(settings.directory, name)
+    backup_set: destination.AnySet
     if settings.dest == "remote":
-        return destination.RemoteBackupSet(
+        backup_set = destination.RemoteBackupSet(
             domain_dir, stamp, settings.remote(), delta=settings.delta
         )
-    return destination.BackupSet(domain_dir, stamp)
+    else:
+        backup_set = destination.BackupSet(domain_dir, stamp)
+    try:
+        backup_set.check_folder()
+        chosen = backup_set.choose_stamp()
+    except (OSError, TransferError) as error:
+        reason = error.strerror if isinstance(error, OSError) else str(error)
+        raise DomainError(f"{name}: cannot read {domain_dir}: {reason}; domain skipped") from None
+    if chosen != stamp:
+        log.info("%s: a set named %s or later exists; this one is %s", name, stamp, chosen)
+    return backup_set
 
 
 def _check_space(

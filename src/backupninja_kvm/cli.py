@@ -17,6 +17,7 @@ import time
 
 from backupninja_kvm import __version__, config, interrupts, prometheus, report
 from backupninja_kvm.backup import back_up_domain, make_plan, quiesce_wanted
+from backupninja_kvm.destination import new_stamp as destination_stamp
 from backupninja_kvm.errors import (
     BackupNinjaKvmError,
     ConfigError,
@@ -143,15 +144,126 @@ def run(args: argparse.Namespace) -> int:
         hypervisor.close()
 
 
+def _destination_checks(settings: config.Settings) -> bool:
+    """Checks of the destination made once per run, before any domain; logs
+    warnings, and returns False (after a Fatal line) when nothing may run."""
+    from backupninja_kvm import destination
+
+    if settings.dest == "local":
+        if settings.require_mount and not os.path.ismount(settings.directory):
+            log.critical(
+                "%s is yes, but %s is not a mount point (the disk or share is not mounted); "
+                "nothing was backed up; mount it, or set require_mount = no",
+                settings.where("dest", "require_mount"),
+                settings.directory,
+            )
+            return False
+        warning = destination.world_writable_warning(
+            settings.directory, settings.where("dest", "directory")
+        )
+        if warning:
+            log.warning("%s", warning)
+    if settings.overlaydir:
+        warning = destination.world_writable_warning(
+            settings.overlaydir, settings.where("source", "overlaydir")
+        )
+        if warning:
+            log.warning("%s", warning)
+    return True
+
+
 def _dry_run(hypervisor, settings: config.Settings, names: list[str]) -> int:
+    """``run --test``: every check the real run makes before it freezes
+    anything, each said at the level the real run would say it; changes
+    nothing. Exit status as the real run's (4 when a domain would fail)."""
+    if not _destination_checks(settings):
+        return EXIT_FATAL
+    failed = []
     for name in names:
-        plan = make_plan(hypervisor.domain(name))
-        log.info("test run, would %s", plan.describe())
         try:
-            quiesce_wanted(plan, settings)
-        except DomainError as error:
-            log.warning("test run: %s", error)
+            problems = _dry_run_domain(hypervisor, settings, name)
+        except (DomainError, HypervisorError) as error:
+            log.error("test run: %s", error)
+            failed.append(name)
+        else:
+            for problem in problems:
+                log.error("test run: %s", problem)
+            if problems:
+                failed.append(name)
+    if failed:
+        log.error(
+            "test run: %d of %d domain(s) would fail: %s",
+            len(failed),
+            len(names),
+            ", ".join(failed),
+        )
+        return EXIT_DOMAIN_ERRORS
     return EXIT_OK
+
+
+def _dry_run_domain(hypervisor, settings: config.Settings, name: str) -> list[str]:
+    """The real run's checks for one domain; returns the Error lines of a
+    backup that would be made but incomplete. Raises DomainError for one that
+    would fail."""
+    from backupninja_kvm import backup, journal, lock
+    from backupninja_kvm.destination import SetEntry, sets_to_prune
+    from backupninja_kvm.disks import guest_agent_connected, overlay_paths
+    from backupninja_kvm.errors import TransferError
+
+    domain = hypervisor.domain(name)
+    held = lock.holder(domain.uuid)
+    if held:
+        raise DomainError(f"{name}: another backup holds this domain's lock ({held}); skipped")
+    try:
+        pending = journal.read(domain.uuid)
+    except journal.JournalError as error:
+        raise DomainError(f"{name}: {error}; remove it once checked; domain skipped") from None
+    repair = bool(pending)
+    if pending:
+        log.warning(
+            "test run: %s: the journal %s of a backup interrupted in phase %s is left: the "
+            "real run repairs that first",
+            name,
+            journal.journal_path(domain.uuid),
+            pending.phase,
+        )
+    plan = make_plan(domain, settings.backing)
+    log.info("test run, would %s", plan.describe())
+    if not plan.disks:
+        raise DomainError(backup._nothing_to_back_up(plan))
+    unsaved = [text for s in plan.skipped if (text := backup._report_skipped(name, s))]
+    if not repair:  # else the chain is the one the repair leaves, not this one
+        backup._refuse_unsafe_chains(plan)
+    if quiesce_wanted(plan, settings) and not guest_agent_connected(domain.xml()):
+        message = f"{name}: the guest agent is not connected: the freeze would fail"
+        if settings.quiesce == "yes":
+            raise DomainError(f"{message} and quiesce = yes skips the domain")
+        log.warning("test run: %s; the snapshot would be crash-consistent", message)
+    backup_set = backup.open_set(settings, name, destination_stamp())
+    overlays = overlay_paths(plan.disks, backup_set.stamp, settings.overlaydir, name)
+    backup._check_space(plan, settings, overlays, backup_set)
+    log.info("test run: %s: would write the set %s", name, backup_set.final_path)
+    try:
+        entries = backup_set.entries()
+    except (OSError, TransferError) as error:
+        reason = error.strerror if isinstance(error, OSError) else str(error)
+        raise DomainError(
+            f"{name}: cannot list the sets in {backup_set.domain_dir}: {reason}"
+        ) from None
+
+    new = SetEntry(backup_set.stamp, has_images=bool(plan.disks))
+    pruned = sets_to_prune([*entries, new], settings.keep, backup_set.stamp)
+    if pruned:
+        log.info(
+            "test run: %s: keep = %d would remove %d old set(s): %s",
+            name,
+            settings.keep,
+            len(pruned),
+            ", ".join(pruned),
+        )
+    else:
+        log.info("test run: %s: keep = %d would remove no set", name, settings.keep)
+    return unsaved
 
 
 def _back_up_all(
@@ -161,11 +273,13 @@ def _back_up_all(
     prometheus_dir: str | None = None,
     unknown: list[str] | None = None,
 ) -> int:
+    if not _destination_checks(settings):
+        return EXIT_FATAL
     failed, fatal = list(unknown or []), []
     figures: list[prometheus.DomainFigures] = []
     try:
         for position, name in enumerate(names):
-            stamp = time.strftime("%Y%m%dT%H%M%S")
+            stamp = destination_stamp()  # the set takes the next free name after it
             started = time.monotonic()
             left = ", ".join(names[position + 1 :]) or "none"
             domain = None

@@ -113,6 +113,10 @@ sshoptions = string(default='')
 delta = boolean(default=True)
 # Number of complete backup sets kept per domain; older ones are removed.
 keep = integer(min=1, max=100000, default=7)
+# dest = local: "yes" when DIRECTORY must be a mount point (a USB disk, a
+# NAS share): when it is not mounted, nothing is backed up (Fatal) instead
+# of filling the empty folder under it on the root filesystem.
+require_mount = boolean(default=False)
 """
 
 _KEY_LINE = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*=")
@@ -146,6 +150,7 @@ class Settings:
     delta: bool
     lines: dict[tuple[str, str], int]  # (section, key) -> line number, for messages
     backing: str = "chain"  # [source] backing: chain or top
+    require_mount: bool = False
 
     def where(self, section: str, key: str) -> str:
         """``FILE line N: [section] key`` for messages about a value."""
@@ -301,6 +306,7 @@ def load(
         delta=dest["delta"],
         lines=index,
         backing=source["backing"],
+        require_mount=dest["require_mount"],
     )
     return settings
 

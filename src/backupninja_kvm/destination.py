@@ -2,36 +2,66 @@
 
 Layout, per domain::
 
-    DIRECTORY/DOMAIN/20261127T010000/          a complete set
-        domain.xml                              the inactive domain definition
-        vda-IMAGE.qcow2, vdb-IMAGE.img ...       the frozen images, sparse
-        B3SUMS                                  manifest, `b3sum -c B3SUMS`
-    DIRECTORY/DOMAIN/20261127T010000.partial/  a set being written: never a backup
-    DIRECTORY/DOMAIN/latest -> 20261127T010000 the newest complete set
+    DIRECTORY/DOMAIN/20261127T010000Z/          a complete set
+        domain.xml                               the inactive domain definition
+        vda-IMAGE.qcow2, vdb-IMAGE.img ...        the frozen images, sparse
+        B3SUMS                                   manifest, `b3sum -c B3SUMS`
+    DIRECTORY/DOMAIN/20261127T010000Z.partial/  a set being written: never a backup
+    DIRECTORY/DOMAIN/latest -> 20261127T010000Z the newest complete set
+    DIRECTORY/DOMAIN/LATEST                     the same, as a text file, where the
+                                                 filesystem has no symlinks
 
 A set counts only once it has its manifest and its final name.
+
+Names and order. A set is named by the UTC time of its run, with the zone
+marked (``20261127T010000Z``); sets of earlier versions carry local time
+without the ``Z`` (``20261127T010000``) and are still listed and pruned. The
+name *is* the creation order, by construction: a new name is always after
+every name in the domain's folder (``next_stamp``, chosen while the domain's
+lock is held). When the clock says otherwise (a second run in the same
+second, a clock stepped back, a set made while the clock was ahead), the new
+set takes the name one second after the newest one instead of its own time.
+That keeps the order in the one thing every tool shows and copies along
+(``ls``, ``cp -r``, rsync), with no second source of truth that could
+disagree with it; the cost is that, after a step back, names run ahead of
+the clock until it catches up. Old local-time names come before every UTC
+name (they were all made before the upgrade), and among themselves in name
+order, as before.
+
+Retention. Only sets with a disk image count toward ``keep``: a set holding
+nothing but ``domain.xml`` (a VM whose disks all moved to block or network
+storage) never pushes a good set out. Sets older than the oldest kept set
+with images are removed; the set just made never is.
 
 The manifest holds BLAKE3 sums (the `b3sum` format, which is sha256sum's):
 a cryptographic hash that runs on every core and about five times faster
 than SHA-256 on one, so that the manifest costs a fraction of a second per
 domain instead of several (measured by `make bench`). Sets written before
 that, or by a remote host without `b3sum`, carry SHA256SUMS instead.
+
+Safety. DIRECTORY/DOMAIN must belong to the user we run as and be writable
+by nobody else: whoever can write it could swap a set for a fake one, or the
+``.partial`` folder for a link that points our writes elsewhere. Domain
+names are checked as path components before any path is built.
 """
 
 from __future__ import annotations
 
+import calendar
+import errno
 import mmap
 import os
 import re
 import shutil
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import blake3
 
-from backupninja_kvm.errors import TransferError
+from backupninja_kvm.errors import DomainError, TransferError
 from backupninja_kvm.report import human_bytes, log
 from backupninja_kvm.transfer import Remote, copy_sparse, data_bytes, data_extents, sync_file
 
@@ -39,8 +69,157 @@ MANIFEST = "B3SUMS"
 MANIFESTS = (MANIFEST, "SHA256SUMS")  # either one makes a complete set
 PARTIAL = ".partial"
 LATEST = "latest"
-STAMP_FORMAT = "%Y%m%dT%H%M%S"
-_STAMP = re.compile(r"^\d{8}T\d{6}$")
+LATEST_FILE = "LATEST"  # the pointer where symlinks cannot be made
+DEFINITION = "domain.xml"  # the one file of a set that is not a disk image
+STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+_OLD_STAMP_FORMAT = "%Y%m%dT%H%M%S"  # local time, before 0.3
+_STAMP = re.compile(r"^\d{8}T\d{6}Z?$")
+
+
+def new_stamp(now: float | None = None) -> str:
+    """The UTC name of a set made at *now* (seconds since the epoch)."""
+    return time.strftime(STAMP_FORMAT, time.gmtime(time.time() if now is None else now))
+
+
+def is_stamp(name: str) -> bool:
+    """Whether *name* is a set's name (a real date and time, UTC or old local)."""
+    if not _STAMP.match(name):
+        return False
+    try:
+        time.strptime(name.removesuffix("Z"), _OLD_STAMP_FORMAT)
+    except ValueError:
+        return False
+    return True
+
+
+def creation_key(stamp: str) -> tuple[bool, str]:
+    """Sort key: creation order (old local-time names first)."""
+    return (stamp.endswith("Z"), stamp)
+
+
+def _after(stamp: str) -> str:
+    """The name one second after *stamp*, in the UTC form."""
+    if stamp.endswith("Z"):
+        seconds = calendar.timegm(time.strptime(stamp, STAMP_FORMAT))
+    else:  # an old local-time name: its UTC time is unknown, any later UTC name will do
+        seconds = calendar.timegm(time.strptime(stamp, _OLD_STAMP_FORMAT))
+    return new_stamp(seconds + 1)
+
+
+def next_stamp(proposed: str, existing: Iterable[str]) -> str:
+    """The name for a new set: *proposed* (the run's time), or, when a set
+    (or a ``.partial``) of that name or a later one exists among the names
+    *existing*, one second after the newest."""
+    names = [n for n in (e.removesuffix(PARTIAL) for e in existing) if is_stamp(n)]
+    if not names:
+        return proposed
+    newest = max(names, key=creation_key)
+    if creation_key(proposed) > creation_key(newest):
+        return proposed
+    return _after(newest)
+
+
+def check_domain_name(name: str) -> None:
+    """Raise DomainError unless *name* is safe as one path component."""
+    bad = (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+    )
+    if bad:
+        raise DomainError(
+            f"domain {name!r}: the name cannot be a folder name at the destination (it is "
+            "empty, '.' or '..', or holds '/' or a control character); rename the domain "
+            "(virsh domrename) to back it up; domain skipped"
+        )
+
+
+def domain_directory(directory: str, name: str) -> str:
+    """DIRECTORY/DOMAIN, once the name is checked (DomainError otherwise)."""
+    check_domain_name(name)
+    return os.path.join(directory, name)
+
+
+@dataclass(frozen=True)
+class SetEntry:
+    """A complete set as listed at the destination."""
+
+    stamp: str
+    has_images: bool = True
+
+
+def order_sets(entries: Iterable[SetEntry]) -> list[SetEntry]:
+    return sorted(entries, key=lambda e: creation_key(e.stamp))
+
+
+def sets_to_prune(entries: Iterable[SetEntry], keep: int, current: str = "") -> list[str]:
+    """Names to remove so that *keep* sets with images remain, oldest first.
+
+    Sets without images never count, and never make a set with images go;
+    the set *current* (just made) is never removed.
+    """
+    ordered = order_sets(entries)
+    with_images = [e for e in ordered if e.has_images]
+    if len(with_images) <= keep:
+        return []
+    oldest_kept = creation_key(with_images[-keep].stamp)
+    return [e.stamp for e in ordered if creation_key(e.stamp) < oldest_kept and e.stamp != current]
+
+
+def manifest_has_images(lines: Iterable[str]) -> bool:
+    """Whether a manifest (b3sum/sha256sum format) lists a file besides domain.xml."""
+    for line in lines:
+        name = line.rstrip("\n").split("  ", 1)[-1]
+        if name and name != DEFINITION:
+            return True
+    return False
+
+
+def world_writable_warning(path: str, key: str) -> str | None:
+    """A warning text when *path* (a folder we write in) is writable by others."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    if not status.st_mode & stat.S_IWOTH:
+        return None
+    sticky = " (sticky)" if status.st_mode & stat.S_ISVTX else ""
+    return (
+        f"{key} {path} is writable by every user{sticky}: another user can plant files "
+        f"or folders there that this backup trips over or that replace its own; use a "
+        f"folder only root can write (chmod 755 or 700)"
+    )
+
+
+def unsafe_folder_problem(path: str) -> str | None:
+    """Why the existing folder *path* must not hold sets, or None when it may."""
+    try:
+        link = os.lstat(path)
+        status = os.stat(path)
+    except OSError as error:
+        return f"cannot check {path}: {error.strerror}"
+    me = os.geteuid()
+    if stat.S_ISLNK(link.st_mode) and link.st_uid != me:
+        return f"{path} is a symbolic link owned by uid {link.st_uid}"
+    if not stat.S_ISDIR(status.st_mode):
+        return None  # not a place for sets at all: creating the set there fails
+    if status.st_uid != me:
+        return f"{path} is owned by uid {status.st_uid}, not by uid {me} that runs the backup"
+    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by group or others (mode {stat.S_IMODE(status.st_mode):o})"
+    return None
+
+
+def _refuse_unsafe_folder(domain_dir: str) -> None:
+    problem = unsafe_folder_problem(domain_dir)
+    if problem:
+        raise DomainError(
+            f"{os.path.basename(domain_dir)}: {problem}: its sets could be replaced by "
+            f"another user; check its contents, then `chown root: {domain_dir}; "
+            f"chmod 700 {domain_dir}` (on a filesystem without Unix permissions, mount it "
+            f"with umask=077, or dir_mode=0700 for CIFS); domain skipped"
+        )
 
 
 _ZEROS = memoryview(bytes(16 * 1024 * 1024))
@@ -86,6 +265,10 @@ class SetLayout:
     stamp: str
 
     @property
+    def domain(self) -> str:
+        return os.path.basename(self.domain_dir)
+
+    @property
     def partial_path(self) -> str:
         return os.path.join(self.domain_dir, self.stamp + PARTIAL)
 
@@ -100,22 +283,45 @@ class BackupSet(SetLayout):
     def final_path(self) -> str:
         return os.path.join(self.domain_dir, self.stamp)
 
+    def choose_stamp(self) -> str:
+        """Take the next free name (``next_stamp``) after the sets already
+        there; call it with the domain's lock held. Returns the name."""
+        existing = os.listdir(self.domain_dir) if os.path.isdir(self.domain_dir) else []
+        self.stamp = next_stamp(self.stamp, existing)
+        return self.stamp
+
+    def entries(self) -> list[SetEntry]:
+        return set_entries(self.domain_dir)
+
+    def check_folder(self) -> None:
+        """Raise DomainError when the domain's folder exists and is unsafe."""
+        if os.path.lexists(self.domain_dir):
+            _refuse_unsafe_folder(self.domain_dir)
+
     def begin(self) -> str:
         """Create the ``.partial`` folder; returns its path.
 
         A ``.partial`` of the same name is what an interrupted run left (the
         caller holds the domain's lock): it is replaced. Raises SetExists
-        when a complete set of that name exists.
+        when a complete set of that name exists, DomainError when the
+        domain's folder is not safe (see the module's docstring).
         """
         os.makedirs(self.domain_dir, mode=0o700, exist_ok=True)
+        _refuse_unsafe_folder(self.domain_dir)
         if os.path.lexists(self.final_path):
             raise SetExists(f"a set named {self.final_path} already exists")
         self.discard()
-        os.mkdir(self.partial_path, 0o700)
+        os.mkdir(self.partial_path, 0o700)  # fails on anything planted there meanwhile
+        made = os.lstat(self.partial_path)
+        if not stat.S_ISDIR(made.st_mode) or made.st_uid != os.geteuid():
+            raise OSError(errno.EEXIST, f"{self.partial_path} was replaced while created")
         return self.partial_path
 
     def discard(self) -> None:
-        shutil.rmtree(self.partial_path, ignore_errors=True)
+        if os.path.islink(self.partial_path):
+            os.unlink(self.partial_path)  # never follow a link planted in its place
+        else:
+            shutil.rmtree(self.partial_path, ignore_errors=True)
 
     def write_file(self, name: str, text: str) -> None:
         # 0600 like the images: domain.xml holds console passwords (M12)
@@ -128,17 +334,25 @@ class BackupSet(SetLayout):
         return copy_sparse(source, os.path.join(self.partial_path, name), progress)
 
     def prune(self, keep: int) -> list[str]:
-        return prune(self.domain_dir, keep)
+        return prune(self.domain_dir, keep, self.stamp)
 
     def remove_stale_partials(self) -> list[str]:
         stale = stale_partials(self.domain_dir, self.stamp)
         for name in stale:
-            shutil.rmtree(os.path.join(self.domain_dir, name), ignore_errors=True)
+            path = os.path.join(self.domain_dir, name)
+            if os.path.islink(path):
+                os.unlink(path)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
         return stale
 
     def complete(self) -> str:
         """Checksum and sync every file, write the manifest, take the final name,
-        point ``latest`` at it. Returns the final path."""
+        point ``latest`` at it. Returns the final path.
+
+        Once the set has its final name it is complete: a ``latest`` that
+        cannot be moved is a Warning (logged here), never a failure.
+        """
         names = sorted(n for n in os.listdir(self.partial_path) if n != MANIFEST)
         paths = [os.path.join(self.partial_path, name) for name in names]
         # Flushing (I/O, in threads) overlaps hashing (every core, one file
@@ -161,39 +375,115 @@ class BackupSet(SetLayout):
             os.fsync(handle.fileno())
         os.rename(self.partial_path, self.final_path)
         _sync_directory(self.domain_dir)
-        point_latest(self.domain_dir, self.stamp)
+        problem = point_latest(self.domain_dir, self.stamp)
+        if problem:
+            log.warning("%s: the set %s is complete, but %s", self.domain, self.final_path, problem)
         return self.final_path
 
 
-def point_latest(domain_dir: str, stamp: str) -> None:
-    """Atomically make ``latest`` a relative link to *stamp*."""
+def point_latest(domain_dir: str, stamp: str) -> str | None:
+    """Make ``latest`` a relative link to *stamp*, atomically; where the
+    filesystem refuses links, write the name into the file ``LATEST``.
+
+    Returns None, or what went wrong (the set stays complete): ``latest`` is
+    a folder (a copy made by ``cp -rL``), or neither pointer can be written.
+    Never leaves a temporary link behind.
+    """
     link = os.path.join(domain_dir, LATEST)
-    temporary = link + ".new"
-    if os.path.lexists(temporary):
-        os.unlink(temporary)
-    os.symlink(stamp, temporary)
-    os.replace(temporary, link)
-    _sync_directory(domain_dir)
+    if os.path.isdir(link) and not os.path.islink(link):
+        return (
+            f"{link} is a folder, not a link (a copy made with cp -rL or rsync -L?), so it "
+            f"does not point at the newest set; move it away to have it point there again"
+        )
+    temporary = os.path.join(domain_dir, "." + LATEST + ".new")
+    try:
+        for stale in (temporary, link + ".new"):  # the second: left by 0.2
+            if os.path.lexists(stale) and not os.path.isdir(stale):
+                os.unlink(stale)
+        try:
+            os.symlink(stamp, temporary)
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            return _write_latest_file(domain_dir, stamp)
+        try:
+            os.replace(temporary, link)
+        except OSError:
+            os.unlink(temporary)
+            raise
+        if os.path.isfile(os.path.join(domain_dir, LATEST_FILE)):
+            _write_latest_file(domain_dir, stamp)  # a pointer file kept from elsewhere
+        _sync_directory(domain_dir)
+    except OSError as error:
+        return f"cannot point {link} at it: {error.strerror}"
+    return None
+
+
+def _write_latest_file(domain_dir: str, stamp: str) -> str | None:
+    path = os.path.join(domain_dir, LATEST_FILE)
+    temporary = os.path.join(domain_dir, LATEST_FILE + ".new")
+    try:
+        with open(temporary, "w") as handle:
+            handle.write(stamp + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        _sync_directory(domain_dir)
+    except OSError as error:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+        return f"cannot write {path} (this filesystem has no symbolic links): {error.strerror}"
+    return None
+
+
+def latest_set(domain_dir: str) -> str | None:
+    """The set ``latest`` (or the ``LATEST`` file) points at, if any."""
+    link = os.path.join(domain_dir, LATEST)
+    if os.path.islink(link):
+        return os.readlink(link)
+    try:
+        with open(os.path.join(domain_dir, LATEST_FILE)) as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
+def _is_complete(set_path: str) -> bool:
+    return any(os.path.isfile(os.path.join(set_path, m)) for m in MANIFESTS)
+
+
+def _has_images(set_path: str) -> bool:
+    for manifest in MANIFESTS:
+        try:
+            with open(os.path.join(set_path, manifest), errors="replace") as handle:
+                return manifest_has_images(handle)
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def set_entries(domain_dir: str) -> list[SetEntry]:
+    """The complete sets of a domain, in creation order."""
+    if not os.path.isdir(domain_dir):
+        return []
+    found = []
+    for name in os.listdir(domain_dir):
+        path = os.path.join(domain_dir, name)
+        if is_stamp(name) and not os.path.islink(path) and _is_complete(path):
+            found.append(SetEntry(name, _has_images(path)))
+    return order_sets(found)
 
 
 def complete_sets(domain_dir: str) -> list[str]:
-    """Stamps of the complete sets of a domain, oldest first."""
-    if not os.path.isdir(domain_dir):
-        return []
-    return sorted(
-        name
-        for name in os.listdir(domain_dir)
-        if _STAMP.match(name)
-        and any(os.path.isfile(os.path.join(domain_dir, name, m)) for m in MANIFESTS)
-    )
+    """Names of the complete sets of a domain, oldest first (creation order)."""
+    return [e.stamp for e in set_entries(domain_dir)]
 
 
-def prune(domain_dir: str, keep: int) -> list[str]:
-    """Remove complete sets beyond the newest *keep*, and stale ``.partial``
-    folders of earlier runs. Returns the names removed."""
+def prune(domain_dir: str, keep: int, current: str = "") -> list[str]:
+    """Remove complete sets beyond the newest *keep* with images (see
+    ``sets_to_prune``), never *current*. Returns the names removed."""
     removed = []
-    stamps = complete_sets(domain_dir)
-    for stamp in stamps[: max(0, len(stamps) - keep)]:
+    for stamp in sets_to_prune(set_entries(domain_dir), keep, current):
         shutil.rmtree(os.path.join(domain_dir, stamp))
         removed.append(stamp)
     return removed
@@ -206,9 +496,7 @@ def stale_partials(domain_dir: str, current: str) -> list[str]:
     return sorted(
         name
         for name in os.listdir(domain_dir)
-        if name.endswith(PARTIAL)
-        and _STAMP.match(name[: -len(PARTIAL)])
-        and name != current + PARTIAL
+        if name.endswith(PARTIAL) and is_stamp(name[: -len(PARTIAL)]) and name != current + PARTIAL
     )
 
 
@@ -221,12 +509,27 @@ def _sync_directory(path: str) -> None:
 
 
 # The same steps on a remote host, as shell snippets run over ssh.
-_BEGIN = """set -e
-mkdir -p -m 700 "$1"
-if [ -e "$1/$2" ]; then echo "a set named $1/$2 already exists" >&2; exit 3; fi
-rm -rf "$1/$2.partial"
-mkdir -m 700 "$1/$2.partial"
+_CHECK_FOLDER = """
+me=$(id -u)
+if [ -L "$1" ] && [ "$(stat -c %u -- "$1")" != "$me" ]; then
+  echo "$1 is a symbolic link owned by uid $(stat -c %u -- "$1")" >&2; exit 4; fi
+owner=$(stat -L -c %u -- "$1")
+if [ "$owner" != "$me" ]; then
+  echo "$1 is owned by uid $owner, not by uid $me that writes the sets" >&2; exit 4; fi
+if [ -n "$(find "$1/" -maxdepth 0 -perm /022)" ]; then
+  echo "$1 is writable by group or others (mode $(stat -L -c %a -- "$1"))" >&2; exit 4; fi
 """
+_BEGIN = (
+    """set -e
+mkdir -p -m 700 "$1"
+"""
+    + _CHECK_FOLDER
+    + """
+if [ -e "$1/$2" ] || [ -L "$1/$2" ]; then echo "a set named $1/$2 already exists" >&2; exit 3; fi
+rm -rf -- "$1/$2.partial"
+mkdir -m 700 -- "$1/$2.partial"
+"""
+)
 _COMPLETE = """set -e
 cd "$1/$2.partial"
 if command -v b3sum >/dev/null; then sums=b3sum manifest=B3SUMS
@@ -236,48 +539,111 @@ sync
 mv "../$2.$manifest.tmp" "$manifest"
 cd ..
 mv "$2.partial" "$2"
-ln -sfn "$2" latest.new
-mv -T latest.new latest
+set +e
+rm -f .latest.new latest.new
+if [ -d latest ] && [ ! -L latest ]; then
+  echo "warning: $1/latest is a folder, not a link (a copy made with cp -rL or rsync -L?), so it\
+ does not point at the newest set; move it away to have it point there again"
+elif ln -s "$2" .latest.new 2>/dev/null; then
+  mv -T .latest.new latest || { rm -f .latest.new; echo "warning: cannot point $1/latest at it"; }
+  if [ -f LATEST ]; then printf '%s\\n' "$2" > LATEST.new && mv LATEST.new LATEST; fi
+else
+  { printf '%s\\n' "$2" > LATEST.new && mv LATEST.new LATEST; } 2>/dev/null || {
+    rm -f LATEST.new
+    echo "warning: cannot write $1/LATEST (this filesystem has no symbolic links)"; }
+fi
 sync
+exit 0
 """
-_LIST_SETS = """
+# One line per entry of the domain's folder: "images NAME", "empty NAME"
+# (a complete set without disk images) or "other NAME".
+_LIST = """cd "$1" 2>/dev/null || exit 0
 for name in *; do
-  if [ -f "$name/B3SUMS" ] || [ -f "$name/SHA256SUMS" ]; then echo "$name"; fi
+  [ -e "$name" ] || [ -L "$name" ] || continue
+  kind=other
+  if [ ! -L "$name" ]; then
+    for m in B3SUMS SHA256SUMS; do
+      if [ -f "$name/$m" ]; then
+        if sed 's/^[^ ]*  //' "$name/$m" | grep -qvx 'domain.xml'; then kind=images
+        else kind=empty; fi
+        break
+      fi
+    done
+  fi
+  printf '%s %s\\n' "$kind" "$name"
 done; exit 0
 """
-_COMPLETE_SETS = 'cd "$1" 2>/dev/null || exit 0' + _LIST_SETS
-_PARTIALS = """cd "$1" 2>/dev/null || exit 0
-for name in *.partial; do [ -d "$name" ] && echo "$name"; done; exit 0
-"""
+
+
+def parse_listing(output: str) -> tuple[list[str], list[SetEntry]]:
+    """Every name, and the complete sets, from the output of ``_LIST``."""
+    names, entries = [], []
+    for line in output.splitlines():
+        kind, _, name = line.partition(" ")
+        names.append(name)
+        if kind in ("images", "empty") and is_stamp(name):
+            entries.append(SetEntry(name, kind == "images"))
+    return names, order_sets(entries)
 
 
 @dataclass
 class RemoteBackupSet(SetLayout):
     """One set being written for one domain on a remote host (rsync over ssh).
 
-    Same layout and steps as the local BackupSet; checksums are computed on
-    the remote host, from the files that landed there: B3SUMS when it has
-    `b3sum`, SHA256SUMS otherwise.
+    Same layout, names, order and steps as the local BackupSet; checksums are
+    computed on the remote host, from the files that landed there: B3SUMS
+    when it has `b3sum`, SHA256SUMS otherwise.
     """
 
     remote: Remote
     delta: bool = True  # rsync against the previous set's images
     flush_seconds: float = 0.0  # the remote host flushes; not measured here
-    basis: str = ""  # the newest complete set before this one, found by begin()
+    basis: str = ""  # the newest complete set with images before this one, found by begin()
 
     @property
     def final_path(self) -> str:
         return f"{self.remote.label}:{os.path.join(self.domain_dir, self.stamp)}"
 
+    def _listing(self) -> tuple[list[str], list[SetEntry]]:
+        return parse_listing(self.remote.run(_LIST, self.domain_dir))
+
+    def choose_stamp(self) -> str:
+        names, _ = self._listing()
+        self.stamp = next_stamp(self.stamp, names)
+        return self.stamp
+
+    def entries(self) -> list[SetEntry]:
+        return self._listing()[1]
+
+    def check_folder(self) -> None:
+        try:
+            self.remote.run('[ -e "$1" ] || [ -L "$1" ] || exit 0' + _CHECK_FOLDER, self.domain_dir)
+        except TransferError as error:
+            self._refuse(error)
+            raise
+
+    def _refuse(self, error: TransferError) -> None:
+        if error.status == 4:
+            raise DomainError(
+                f"{self.domain}: {error}: its sets could be replaced by another user; check "
+                f"its contents, then give it to the ssh user with mode 700; domain skipped"
+            ) from None
+
     def begin(self) -> str:
         try:
-            listed = self.remote.run(_BEGIN + 'cd "$1"' + _LIST_SETS, self.domain_dir, self.stamp)
+            self.remote.run(_BEGIN, self.domain_dir, self.stamp)
+            _, entries = self._listing()
         except TransferError as error:
             if error.status == 3:
                 raise SetExists(str(error)) from None
+            self._refuse(error)
             raise OSError(0, str(error)) from None
-        earlier = [n for n in listed.split() if _STAMP.match(n) and n < self.stamp]
-        self.basis = max(earlier, default="")
+        earlier = [
+            e.stamp
+            for e in entries
+            if e.has_images and creation_key(e.stamp) < creation_key(self.stamp)
+        ]
+        self.basis = earlier[-1] if earlier else ""
         return self.partial_path
 
     def discard(self) -> None:
@@ -298,7 +664,7 @@ class RemoteBackupSet(SetLayout):
         progress(data_bytes(source))
         log.debug(
             "%s: %s: rsync sent %s of new data%s, %s on the wire",
-            os.path.basename(self.domain_dir),
+            self.domain,
             name,
             human_bytes(stats.literal),
             f", {human_bytes(stats.matched)} matched in the set {self.basis}" if basis else "",
@@ -307,25 +673,30 @@ class RemoteBackupSet(SetLayout):
         return stats.sent
 
     def complete(self) -> str:
-        self.remote.run(_COMPLETE, self.domain_dir, self.stamp)
+        output = self.remote.run(_COMPLETE, self.domain_dir, self.stamp)
+        for line in output.splitlines():
+            if line.startswith("warning: "):
+                log.warning(
+                    "%s: the set %s is complete, but %s",
+                    self.domain,
+                    self.final_path,
+                    line.removeprefix("warning: "),
+                )
         return self.final_path
 
-    def _names(self, script: str) -> list[str]:
-        return self.remote.run(script, self.domain_dir).split()
-
     def prune(self, keep: int) -> list[str]:
-        stamps = sorted(n for n in self._names(_COMPLETE_SETS) if _STAMP.match(n))
-        old = stamps[: max(0, len(stamps) - keep)]
+        old = sets_to_prune(self.entries(), keep, self.stamp)
         if old:
             self.remote.run('cd "$1" && shift && rm -rf -- "$@"', self.domain_dir, *old)
         return old
 
     def remove_stale_partials(self) -> list[str]:
-        stale = [
+        names, _ = self._listing()
+        stale = sorted(
             n
-            for n in self._names(_PARTIALS)
-            if _STAMP.match(n[: -len(PARTIAL)]) and n != self.stamp + PARTIAL
-        ]
+            for n in names
+            if n.endswith(PARTIAL) and is_stamp(n[: -len(PARTIAL)]) and n != self.stamp + PARTIAL
+        )
         if stale:
             self.remote.run('cd "$1" && shift && rm -rf -- "$@"', self.domain_dir, *stale)
         return stale

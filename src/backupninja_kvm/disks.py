@@ -212,7 +212,8 @@ def plan_chain(layers: list[Layer], owners: dict[str, set[str]], backing: str) -
     return ChainPlan((layers[0],), tuple(own), shared, shared_with)
 
 
-_OUR_SUFFIX = re.compile(rf"\.{TAG}-\d{{8}}T\d{{6}}(\.qcow2)?$")
+# The stamp: UTC with a Z since 0.3 (20261127T010000Z), local time before.
+_OUR_SUFFIX = re.compile(rf"\.{TAG}-\d{{8}}T\d{{6}}Z?(\.qcow2)?$")
 
 
 def is_our_overlay(path: str) -> bool:
@@ -227,12 +228,16 @@ def strip_tag(name: str) -> str:
 
 def overlay_created(path: str) -> str:
     """When one of our overlays was made, read from the stamp in its name
-    (``2026-11-27 01:00:00``), or "?" for another name."""
+    (``2026-11-27 01:00:00 UTC``, or without the zone for a local-time stamp
+    of an earlier version), or "?" for another name."""
     match = _OUR_SUFFIX.search(os.path.basename(path))
     if not match:
         return "?"
-    stamp = match.group(0).split("-", 1)[1][:15]
-    return f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]} {stamp[9:11]}:{stamp[11:13]}:{stamp[13:15]}"
+    stamp = match.group(0).split("-", 1)[1][:16]
+    zone = " UTC" if stamp.endswith("Z") else ""
+    return (
+        f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]} {stamp[9:11]}:{stamp[11:13]}:{stamp[13:15]}" + zone
+    )
 
 
 def overlay_path(disk: Disk, stamp: str, overlaydir: str = "", domain: str = "") -> str:

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from backupninja_kvm import destination
+from backupninja_kvm import config, destination
 from tests.conftest import write_action
 from tests.support import sshd
-from tests.support.cli import helper
+from tests.support.cli import HELPER, helper
 from tests.support.ninja import Ninja
 from tests.support.vms import DiskSpec, MiB, Write, reference_image, same_content
 
@@ -248,3 +248,75 @@ def test_pull_keeps_the_set_names_so_delta_finds_last_nights_copy(server, new_vm
     [line] = rsync_lines(nights[2], "vda-vda.qcow2")
     assert f"matched in the set {sets[1]}" in line, nights[2].stdout
     assert sent_bytes(line, "of new data") < 8
+
+
+def run_helper(action: str, tz: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [HELPER, "run", action],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TZ": tz},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_remote_sets_are_named_in_utc_and_a_time_zone_change_keeps_the_newest(
+    server, new_vm, scratch
+):
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
+    backups = os.path.join(scratch, "remote-backups")
+    os.makedirs(backups)
+    action = write_action(os.path.join(scratch, "r.kvm"), remote_action(backups, vm, server, 1))
+
+    first = run_helper(action, "UTC-12")
+    second = run_helper(action, "UTC")
+
+    assert first.returncode == 0 and second.returncode == 0, first.stdout + second.stdout
+    domain_dir = os.path.join(backups, vm.name)
+    sets = destination.complete_sets(domain_dir)
+    assert len(sets) == 1 and sets[0].endswith("Z"), sets
+    assert f"set root@127.0.0.1:{domain_dir}/{sets[0]}" in second.stdout
+    assert os.readlink(os.path.join(domain_dir, "latest")) == sets[0]
+    assert vm.tops() == vm.paths and vm.tagged_files() == []
+
+
+def plant_set(domain_dir: str, stamp: str, files: dict[str, bytes]) -> None:
+    path = os.path.join(domain_dir, stamp)
+    os.makedirs(path, mode=0o700)
+    for name, data in files.items():
+        with open(os.path.join(path, name), "wb") as handle:
+            handle.write(data)
+    subprocess.run(f"b3sum -- * > {destination.MANIFEST}", shell=True, cwd=path, check=True)
+
+
+def test_remote_sets_without_images_never_push_a_good_set_out(server, scratch):
+    domain_dir = os.path.join(scratch, "remote-backups", "web1")
+    os.makedirs(domain_dir, mode=0o700)
+    plant_set(domain_dir, "20261201T010000", {"domain.xml": b"<d/>", "vda-a.qcow2": b"data"})
+    plant_set(domain_dir, "20261202T010000Z", {"domain.xml": b"<d/>"})  # disks moved to LVM
+    plant_set(domain_dir, "20261203T010000Z", {"domain.xml": b"<d/>"})
+    remote = config.make_remote("127.0.0.1", "root", server.port, server.options)
+    backup_set = destination.RemoteBackupSet(domain_dir, "20261203T010000Z", remote)
+
+    assert backup_set.prune(1) == []
+    assert destination.complete_sets(domain_dir) == [
+        "20261201T010000",
+        "20261202T010000Z",
+        "20261203T010000Z",
+    ]
+    assert backup_set.choose_stamp() == "20261203T010001Z"  # after the newest, whatever the clock
+
+
+def test_remote_domain_folder_owned_by_another_user_is_an_error(server, new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
+    backups = os.path.join(scratch, "remote-backups")
+    domain_dir = os.path.join(backups, vm.name)
+    os.makedirs(domain_dir)
+    os.chown(domain_dir, 65534, 65534)
+    action = write_action(os.path.join(scratch, "r.kvm"), remote_action(backups, vm, server))
+
+    result = run_helper(action, "UTC")
+
+    assert result.returncode == 4, result.stdout
+    assert f"{domain_dir} is owned by uid 65534" in result.stdout
+    assert os.listdir(domain_dir) == [] and vm.tagged_files() == []

@@ -240,15 +240,16 @@ def test_quiesce_yes_that_cannot_freeze_is_an_error_and_nothing_is_done(
     assert not os.path.isdir(domain_dir) or os.listdir(domain_dir) == []
 
 
-def test_a_test_run_warns_that_quiesce_yes_would_skip_a_domain(new_vm, scratch):
+def test_a_test_run_says_that_quiesce_yes_would_skip_a_domain(new_vm, scratch):
     vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
 
     result = helper("run", "--test", settings_for(scratch, vm, "yes").path)
 
-    assert result.returncode == 0, result.stdout + result.stderr
+    # An Error, as the real run says it, and its exit status.
+    assert result.returncode == 4, result.stdout + result.stderr
     assert any(
         f"test run: {vm.name}: " in w and "quiesce is yes, but the domain has no guest agent" in w
-        for w in output_lines(result, "Warning:")
+        for w in output_lines(result, "Error:")
     ), result.stdout
     assert not os.path.exists(os.path.join(scratch, "backups", vm.name))
 

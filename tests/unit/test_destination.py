@@ -6,12 +6,14 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from backupninja_kvm import destination
 from backupninja_kvm.destination import MANIFEST, BackupSet
+from backupninja_kvm.errors import DomainError
 
 STAMPS = [
     "20260101T010000",
@@ -27,7 +29,7 @@ def make_set(domain_dir: Path, stamp: str, files: dict[str, bytes] | None = None
     backup_set = BackupSet(str(domain_dir), stamp)
     partial = Path(backup_set.begin())
     if files is None:
-        files = {"domain.xml": b"<domain/>"}
+        files = {"domain.xml": b"<domain/>", "vda-web1.qcow2": b"QFI\xfb"}
     for name, data in files.items():
         (partial / name).write_bytes(data)
     return Path(backup_set.complete())
@@ -173,7 +175,7 @@ def test_only_complete_sets_count(tmp_path):
     (interrupted / MANIFEST).write_text("")  # even with a manifest, a partial is no set
     (domain_dir / STAMPS[1]).mkdir()  # renamed but without manifest
     (domain_dir / STAMPS[2]).write_text("a file, not a folder")
-    for name in ("notes", "2026-01-03", "20260103T0100", "20260103T010000.old"):
+    for name in ("notes", "2026-01-03", "20260103T0100", "20260103T010000.old", "20261399T999999Z"):
         (domain_dir / name).mkdir()
         (domain_dir / name / MANIFEST).write_text("")
 
@@ -184,7 +186,7 @@ def test_sets_with_the_older_sha256sums_manifest_still_count_and_are_pruned(tmp_
     domain_dir = tmp_path / "web1"
     for stamp in STAMPS[:2]:  # written by an earlier version
         (domain_dir / stamp).mkdir(parents=True)
-        (domain_dir / stamp / "SHA256SUMS").write_text("")
+        (domain_dir / stamp / "SHA256SUMS").write_text(f"{'0' * 64}  vda-web1.qcow2\n")
     make_set(domain_dir, STAMPS[2])
 
     assert destination.complete_sets(str(domain_dir)) == STAMPS[:3]
@@ -305,3 +307,256 @@ def test_a_remote_host_without_b3sum_writes_sha256sums(tmp_path):
         ["sha256sum", "--check", "SHA256SUMS"], cwd=final, check=True, capture_output=True
     )
     assert destination.complete_sets(str(domain_dir)) == [STAMPS[0]]
+
+
+# Names, order and retention (M5, m6, C2).
+
+IMAGES = {"domain.xml": b"<domain/>", "vda-web1.qcow2": b"QFI\xfb"}
+DEFINITION_ONLY = {"domain.xml": b"<domain/>"}
+
+
+def test_new_set_names_are_utc_with_the_zone_marked(monkeypatch):
+    monkeypatch.setenv("TZ", "UTC-12")
+    time.tzset()
+    try:
+        assert destination.new_stamp(1796180207) == "20261202T025647Z"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_old_local_time_names_are_sets_and_older_than_every_utc_name(tmp_path):
+    domain_dir = tmp_path / "web1"
+    make_set(domain_dir, "20261202T144652")  # 0.2, local time 12 h ahead of UTC
+    make_set(domain_dir, "20261202T024654Z")
+
+    assert destination.complete_sets(str(domain_dir)) == ["20261202T144652", "20261202T024654Z"]
+    assert destination.prune(str(domain_dir), 1, "20261202T024654Z") == ["20261202T144652"]
+    assert destination.complete_sets(str(domain_dir)) == ["20261202T024654Z"]
+
+
+def test_after_a_clock_step_back_the_new_set_is_still_the_newest(tmp_path):
+    domain_dir = tmp_path / "web1"
+    make_set(domain_dir, "20261202T144652Z")  # made while the clock was 12 h ahead
+    backup_set = BackupSet(str(domain_dir), "20261202T024654Z")
+
+    assert backup_set.choose_stamp() == "20261202T144653Z"
+    final = make_set(domain_dir, backup_set.stamp, IMAGES)
+
+    assert destination.prune(str(domain_dir), 1, backup_set.stamp) == ["20261202T144652Z"]
+    assert destination.complete_sets(str(domain_dir)) == [final.name]
+    assert destination.latest_set(str(domain_dir)) == final.name
+
+
+def test_a_second_set_in_the_same_second_takes_the_next_free_name(tmp_path):
+    domain_dir = tmp_path / "web1"
+    make_set(domain_dir, "20261202T025647Z")
+    second = BackupSet(str(domain_dir), "20261202T025647Z")
+    second.choose_stamp()
+    make_set(domain_dir, second.stamp)
+    third = BackupSet(str(domain_dir), "20261202T025647Z")
+
+    assert second.stamp == "20261202T025648Z"
+    assert third.choose_stamp() == "20261202T025649Z"
+
+
+def test_a_new_name_after_old_local_time_names_is_the_run_s_own_time(tmp_path):
+    domain_dir = tmp_path / "web1"
+    make_set(domain_dir, "20261202T144652")
+
+    assert BackupSet(str(domain_dir), "20261202T024654Z").choose_stamp() == "20261202T024654Z"
+    assert destination.next_stamp("20261202T024654Z", []) == "20261202T024654Z"
+
+
+def test_the_set_just_made_is_never_pruned(tmp_path):
+    domain_dir = tmp_path / "web1"
+    for stamp in STAMPS[:3]:
+        make_set(domain_dir, stamp)
+
+    assert destination.prune(str(domain_dir), 1, current=STAMPS[0]) == [STAMPS[1]]
+    assert destination.complete_sets(str(domain_dir)) == [STAMPS[0], STAMPS[2]]
+
+
+def test_a_set_without_images_never_counts_toward_keep(tmp_path):
+    domain_dir = tmp_path / "web1"
+    make_set(domain_dir, STAMPS[0], IMAGES)
+    make_set(domain_dir, STAMPS[1], IMAGES)
+    make_set(domain_dir, STAMPS[2], DEFINITION_ONLY)  # the VM's disks moved to LVM
+
+    assert destination.prune(str(domain_dir), 2, STAMPS[2]) == []
+    assert destination.prune(str(domain_dir), 1, STAMPS[2]) == [STAMPS[0]]
+    assert destination.complete_sets(str(domain_dir)) == [STAMPS[1], STAMPS[2]]
+
+
+def test_sets_without_images_never_make_a_good_set_go(tmp_path):
+    domain_dir = tmp_path / "web1"
+    make_set(domain_dir, STAMPS[0], IMAGES)
+    for stamp in STAMPS[1:]:
+        make_set(domain_dir, stamp, DEFINITION_ONLY)
+
+    assert destination.prune(str(domain_dir), 1, STAMPS[-1]) == []
+    assert destination.complete_sets(str(domain_dir)) == STAMPS
+
+
+def test_sets_without_images_older_than_every_kept_set_go_with_them(tmp_path):
+    domain_dir = tmp_path / "web1"
+    make_set(domain_dir, STAMPS[0], IMAGES)
+    make_set(domain_dir, STAMPS[1], DEFINITION_ONLY)
+    make_set(domain_dir, STAMPS[2], IMAGES)
+
+    assert destination.prune(str(domain_dir), 1, STAMPS[2]) == STAMPS[:2]
+
+
+@pytest.mark.parametrize(
+    ("manifest", "has_images"),
+    [
+        ("", False),
+        (f"{'a' * 64}  domain.xml\n", False),
+        (f"{'a' * 64}  domain.xml\n{'b' * 64}  vda-web1.qcow2\n", True),
+        (f"{'b' * 64}  vdb-odd name.img\n", True),
+    ],
+)
+def test_a_set_has_images_when_its_manifest_lists_more_than_the_definition(manifest, has_images):
+    assert destination.manifest_has_images(manifest.splitlines(keepends=True)) is has_images
+
+
+# latest (M6)
+
+
+def test_latest_as_a_folder_is_a_warning_and_the_set_is_complete(tmp_path, caplog):
+    domain_dir = tmp_path / "web1"
+    make_set(domain_dir, STAMPS[0])
+    os.unlink(domain_dir / "latest")
+    shutil.copytree(domain_dir / STAMPS[0], domain_dir / "latest")  # cp -rL
+
+    final = make_set(domain_dir, STAMPS[1])
+
+    assert destination.complete_sets(str(domain_dir)) == STAMPS[:2]
+    assert (domain_dir / "latest").is_dir() and not (domain_dir / "latest").is_symlink()
+    assert sorted(os.listdir(domain_dir)) == [*STAMPS[:2], "latest"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"{final} is complete" in w and "latest is a folder" in w for w in warnings)
+
+
+def test_the_latest_file_is_read_back_and_kept_up_to_date(tmp_path):
+    domain_dir = tmp_path / "web1"
+    make_set(domain_dir, STAMPS[0])
+    (domain_dir / destination.LATEST_FILE).write_text(STAMPS[0] + "\n")  # copied from a NAS
+
+    make_set(domain_dir, STAMPS[1])
+
+    assert (domain_dir / destination.LATEST_FILE).read_text() == STAMPS[1] + "\n"
+    assert destination.latest_set(str(domain_dir)) == STAMPS[1]
+    assert not [n for n in os.listdir(domain_dir) if n.endswith(".new")]
+
+
+# Names and folders that must not be trusted (m16, m4)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "/", "../x", "web\n1", "web\x1b1", "a\x7f"])
+def test_a_domain_name_that_is_no_safe_folder_name_is_refused(tmp_path, name):
+    with pytest.raises(DomainError, match="cannot be a folder name at the destination"):
+        destination.domain_directory(str(tmp_path), name)
+
+
+@pytest.mark.parametrize("name", ["web1", "web-1.example", "..web", "a b", "ü"])
+def test_ordinary_domain_names_are_folder_names(tmp_path, name):
+    assert destination.domain_directory(str(tmp_path), name) == str(tmp_path / name)
+
+
+def test_a_domain_folder_writable_by_others_is_refused(tmp_path):
+    domain_dir = tmp_path / "web1"
+    domain_dir.mkdir()
+    domain_dir.chmod(0o777)
+
+    with pytest.raises(DomainError, match=rf"web1: {domain_dir} is writable by group or others"):
+        BackupSet(str(domain_dir), STAMPS[0]).begin()
+    assert os.listdir(domain_dir) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a folder away")
+def test_a_domain_folder_owned_by_another_user_is_refused_not_taken_over(tmp_path):
+    domain_dir = tmp_path / "web1"
+    domain_dir.mkdir(mode=0o755)
+    os.chown(domain_dir, 65534, 65534)
+
+    with pytest.raises(DomainError, match=rf"{domain_dir} is owned by uid 65534"):
+        BackupSet(str(domain_dir), STAMPS[0]).begin()
+    assert os.stat(domain_dir).st_uid == 65534  # not silently chowned
+
+
+def test_a_link_in_place_of_the_partial_folder_is_never_followed(tmp_path):
+    domain_dir = tmp_path / "web1"
+    domain_dir.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious").write_text("keep me")
+    os.symlink(elsewhere, domain_dir / f"{STAMPS[0]}.partial")
+
+    partial = BackupSet(str(domain_dir), STAMPS[0]).begin()
+
+    assert not os.path.islink(partial) and os.listdir(partial) == []
+    assert (elsewhere / "precious").read_text() == "keep me"
+
+
+def test_a_world_writable_folder_gets_a_warning(tmp_path):
+    share = tmp_path / "share"
+    share.mkdir()
+    share.chmod(0o1777)
+
+    warning = destination.world_writable_warning(str(share), "[dest] directory")
+
+    assert warning and "[dest] directory" in warning and "(sticky)" in warning
+    share.chmod(0o755)
+    assert destination.world_writable_warning(str(share), "[dest] directory") is None
+
+
+# The same rules on a remote host: the shell snippets, run here.
+
+
+def remote_listing(domain_dir: Path) -> tuple[list[str], list[destination.SetEntry]]:
+    output = subprocess.run(
+        ["/bin/sh", "-c", destination._LIST, "sh", str(domain_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return destination.parse_listing(output)
+
+
+def test_the_remote_listing_tells_sets_with_images_from_those_without(tmp_path):
+    domain_dir = tmp_path / "web1"
+    make_set(domain_dir, "20261202T144652", IMAGES)
+    make_set(domain_dir, "20261202T024654Z", DEFINITION_ONLY)
+    (domain_dir / "20261203T000000Z.partial").mkdir()
+    (domain_dir / "notes").mkdir()
+    (domain_dir / "notes" / MANIFEST).write_text("")
+
+    names, entries = remote_listing(domain_dir)
+
+    assert entries == [
+        destination.SetEntry("20261202T144652", True),
+        destination.SetEntry("20261202T024654Z", False),
+    ]
+    assert "20261203T000000Z.partial" in names
+    assert destination.sets_to_prune(entries, 1, "20261202T024654Z") == []
+    assert destination.next_stamp("20261202T024654Z", names) == "20261203T000001Z"
+
+
+def test_a_remote_latest_folder_is_a_warning_after_the_set_is_complete(tmp_path):
+    domain_dir = tmp_path / "web1"
+    (domain_dir / "latest").mkdir(parents=True)
+    partial = domain_dir / f"{STAMPS[0]}.partial"
+    partial.mkdir()
+    (partial / "vda-web1.qcow2").write_bytes(b"x")
+
+    done = subprocess.run(
+        ["/bin/sh", "-c", destination._COMPLETE, "sh", str(domain_dir), STAMPS[0]],
+        capture_output=True,
+        text=True,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "warning: " in done.stdout and "latest is a folder" in done.stdout
+    assert destination.complete_sets(str(domain_dir)) == [STAMPS[0]]
+    assert sorted(os.listdir(domain_dir)) == [STAMPS[0], "latest"]

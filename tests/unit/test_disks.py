@@ -11,6 +11,7 @@ from backupninja_kvm.disks import (
     guest_agent_connected,
     has_guest_agent,
     is_our_overlay,
+    overlay_created,
     overlay_path,
     parse_disks,
     referenced_paths,
@@ -287,6 +288,7 @@ def test_snapshot_xml_escapes_paths():
         ("/srv/vm/web.v2.qcow2", f"/srv/vm/web.v2.bnkvm-{STAMP}.qcow2"),
         # left by an earlier `merge = pull`: the tag is replaced, not stacked
         ("/srv/vm/x.bnkvm-20260101T000000.qcow2", f"/srv/vm/x.bnkvm-{STAMP}.qcow2"),
+        ("/srv/vm/x.bnkvm-20260101T000000Z.qcow2", f"/srv/vm/x.bnkvm-{STAMP}.qcow2"),
     ],
 )
 def test_the_overlay_goes_next_to_the_image_with_our_tag_and_the_stamp(image, overlay):
@@ -336,6 +338,9 @@ def test_overlays_are_recognised_as_ours():
         (f"{IMAGES}/web1.bnkvm-20260101T000000.qcow2", True),
         (f"{IMAGES}/web1.bnkvm-20260101T000000", True),
         ("/var/tmp/ov/web1-vda-web1.bnkvm-20261127T010000.qcow2", True),
+        (f"{IMAGES}/web1.bnkvm-20261202T025647Z.qcow2", True),  # UTC, since 0.3
+        ("/var/tmp/ov/web1-vda-web1.bnkvm-20261202T025647Z.qcow2", True),
+        (f"{IMAGES}/web1.bnkvm-20261202T025647X.qcow2", False),
         (f"{IMAGES}/web1.qcow2", False),
         (f"{IMAGES}/bnkvm.qcow2", False),
         (f"{IMAGES}/web1-bnkvm-20260101T000000.qcow2", False),
@@ -411,3 +416,15 @@ def test_a_connected_guest_agent_is_told_from_a_silent_channel():
     assert guest_agent_connected(domain("connected"))
     assert not guest_agent_connected(domain("disconnected"))
     assert not guest_agent_connected("<domain><devices/></domain>")
+
+
+@pytest.mark.parametrize(
+    ("path", "created"),
+    [
+        ("/srv/vm/web1.bnkvm-20261202T025647Z.qcow2", "2026-12-02 02:56:47 UTC"),
+        ("/srv/vm/web1.bnkvm-20261202T025647.qcow2", "2026-12-02 02:56:47"),  # local, 0.2
+        ("/srv/vm/web1.qcow2", "?"),
+    ],
+)
+def test_an_overlay_s_creation_time_is_read_from_its_stamp(path, created):
+    assert overlay_created(path) == created
