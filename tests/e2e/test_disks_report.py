@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -115,3 +116,35 @@ def test_a_remote_set_of_a_chain_restores_on_its_own(new_vm, scratch):
         check=False,
         capture_output=True,
     )
+
+
+def test_a_vm_whose_disks_all_become_unsupported_keeps_its_older_sets(new_vm, scratch):
+    """C2 of the first-day probe: the VM's storage moves to a block device; the
+    nights after that must neither pass as SUCCESS nor prune its last good sets."""
+    ninja = Ninja(scratch)
+    backups = os.path.join(scratch, "backups")
+    os.makedirs(backups)
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)], start=False)
+    action = ninja.action(
+        "20-vms.kvm", f"[source]\ndomains = {vm.name}\n[dest]\ndirectory = {backups}\nkeep = 1\n"
+    )
+    good = ninja.run(action)
+    assert any("finished action" in line and "SUCCESS" in line for line in good.log.splitlines())
+    domain_dir = os.path.join(backups, vm.name)
+    [kept] = destination.complete_sets(domain_dir)
+
+    with vms.loop_device(scratch) as device:
+        block_only = vms.domain_xml(vm.name, [(DiskSpec("vda", block_device=device), device)])
+        vms.connect().defineXML(block_only.replace("<name>", f"<uuid>{vm.uuid}</uuid><name>"))
+        nights = []
+        for _ in range(2):
+            time.sleep(1.1)  # a new second: a set made now would get a new name
+            nights.append(ninja.run(action))
+        vm.remove()
+
+    for night in nights:
+        assert not any("SUCCESS" in line for line in night.log.splitlines()), night.log
+        assert any(f"{vm.name}: no disk can be backed up" in line for line in night.lines("Error"))
+        assert any("finished action" in line and "ERROR" in line for line in night.lines("Error"))
+    assert destination.complete_sets(domain_dir) == [kept]
+    assert "vda-vda.qcow2" in os.listdir(os.path.join(domain_dir, kept))

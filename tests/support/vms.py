@@ -8,6 +8,7 @@ exactly as a guest's would.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 
 import libvirt
 import libvirt_qemu
+
+from backupninja_kvm import journal
 
 URI = "qemu:///system"
 # Two checkouts may run their suites side by side on one libvirtd: each run
@@ -206,6 +209,7 @@ class TestVM:
     directory: str
     specs: list[DiskSpec]
     paths: dict[str, str] = field(default_factory=dict)
+    uuid: str = ""
 
     @property
     def domain(self) -> libvirt.virDomain:
@@ -269,6 +273,8 @@ class TestVM:
         except libvirt.libvirtError:
             pass
         shutil.rmtree(self.directory, ignore_errors=True)
+        if self.uuid:
+            remove_state(self.uuid)
 
 
 def make_vm(
@@ -294,9 +300,9 @@ def make_vm(
             vm.paths[spec.target] = path
         disks.append((spec, path))
     if transient:  # exists only while it runs: no persistent definition
-        connect().createXML(domain_xml(name, disks, agent_channel), 0)
+        vm.uuid = connect().createXML(domain_xml(name, disks, agent_channel), 0).UUIDString()
         return vm
-    connect().defineXML(domain_xml(name, disks, agent_channel))
+    vm.uuid = connect().defineXML(domain_xml(name, disks, agent_channel)).UUIDString()
     if start:
         vm.start()
     return vm
@@ -312,3 +318,19 @@ def remove_leftover_vms() -> None:
             if persistent:
                 domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
     shutil.rmtree(IMAGE_ROOT, ignore_errors=True)
+    for journal_uuid in journal.all_journals():
+        try:
+            left = journal.read(journal_uuid)
+        except journal.JournalError:
+            continue
+        if left is not None and left.domain.startswith(PREFIX):
+            remove_state(journal_uuid)
+
+
+def remove_state(domain_uuid: str) -> None:
+    """Forget a test VM's journal and pull record: a test that failed may
+    leave them, and a later `status` or `recover` would take them for the
+    journal of a vanished domain."""
+    for path in (journal.journal_path(domain_uuid), journal.pulled_path(domain_uuid)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
