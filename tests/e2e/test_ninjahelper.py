@@ -240,10 +240,15 @@ def test_driver(scratch):
     node = os.path.join(scratch, "node.xml")
     with open(node, "w") as handle:
         handle.write("<node>\n")
-        for name in NAMES:
+        for number, name in enumerate(NAMES):
+            image = os.path.join(scratch, f"disk{number}.raw")  # a disk: --test plans its copy
+            with open(image, "wb") as disk:
+                disk.truncate(1024 * 1024)
             handle.write(
                 f"<domain type='test'><name>{name}</name><memory>65536</memory>"
-                "<os><type>hvm</type></os></domain>\n"
+                "<os><type>hvm</type></os><devices><disk type='file' device='disk'>"
+                f"<driver name='qemu' type='raw'/><source file='{image}'/>"
+                "<target dev='vda'/></disk></devices></domain>\n"
             )
         handle.write("</node>\n")
     uri = f"test://{node}"

@@ -28,6 +28,7 @@ from tests.support.vms import (
     DiskSpec,
     MiB,
     Write,
+    connect,
     reference_image,
     same_content,
     sha256,
@@ -42,7 +43,8 @@ def forget_removed_domains(connection):
     """After the test (and its VMs), remove the journals and the records of
     pulled images that name a domain no longer defined, even when it failed."""
     yield
-    known = {domain.UUIDString() for domain in connection.listAllDomains(0)}
+    # A fresh connection: a test of another file may have restarted libvirtd.
+    known = {domain.UUIDString() for domain in connect().listAllDomains(0)}
     for directory in (journal.journal_dir(), os.path.dirname(journal.pulled_path("x"))):
         for name in os.listdir(directory) if os.path.isdir(directory) else []:
             if name.endswith(".json") and name[: -len(".json")] not in known:
@@ -56,7 +58,11 @@ def action_for(scratch: str, vms, **general: str) -> str:
     text = "[general]\n" + "".join(f"{key} = {value}\n" for key, value in general.items())
     text += f"[source]\ndomains = {', '.join(vm.name for vm in vms)}\n"
     text += f"[dest]\ndirectory = {backups}\n"
-    return write_action(os.path.join(scratch, "vms.kvm"), text)
+    # The action file's folder must be closed to others, as backupninja
+    # requires; the scratch folder is opened for QEMU in some tests.
+    actions = os.path.join(scratch, "actions")
+    os.makedirs(actions, mode=0o700, exist_ok=True)
+    return write_action(os.path.join(actions, "vms.kvm"), text)
 
 
 def fresh_second(stamps: list[str]) -> None:

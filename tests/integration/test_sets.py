@@ -287,8 +287,10 @@ def test_world_writable_directory_and_overlaydir_get_warnings(new_vm, scratch):
     for path in (share, overlays):
         os.makedirs(path)
         os.chmod(path, 0o1777)  # like /tmp, or a share everyone may write
+    actions = os.path.join(scratch, "actions")  # closed to others, as backupninja requires
+    os.makedirs(actions, mode=0o700)
     path = write_action(
-        os.path.join(scratch, "shared.kvm"),
+        os.path.join(actions, "shared.kvm"),
         f"[source]\ndomains = {vm.name}\noverlaydir = {overlays}\noverlay_reserve = 0\n"
         f"[dest]\ndirectory = {share}\n",
     )
