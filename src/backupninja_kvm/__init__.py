@@ -2,6 +2,7 @@
 
 __version__ = "0.2.0"
 
-# Every file we create carries this tag in its name, so that cleanup and
-# recovery can recognise their own leftovers and touch nothing else.
+# Every file we create carries this tag in its name, so that an administrator
+# can tell them apart. The name is no proof of ownership: only a journal (or
+# the record of images our pulls made) lets recovery touch a file.
 TAG = "bnkvm"

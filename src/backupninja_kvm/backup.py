@@ -874,18 +874,21 @@ def _back_up_running(
         copy_error = error
     finally:
         # Whatever happened since the journal was written (a failed copy, a
-        # signal, a bug), the domain goes back onto its images before we go on.
-        frozen = frozen or _runs_on_any(domain, overlays)
-        if frozen:
-            merge_started = time.monotonic()
-            back_on_images = merge(domain, plan.disks, overlays, settings, journal)
-            outcome.merge_seconds = back_on_images - merge_started
-            outcome.overlay_seconds = back_on_images - frozen_at
-            _resume_if_paused_by_io_error(domain, overlays, outcome)
-        else:
-            journals.remove(domain.uuid)
-        if not copied:
-            backup_set.discard()
+        # signal, a bug), the domain goes back onto its images before we go
+        # on; a signal arriving from here on waits for that too.
+        with interrupts.critical():
+            faults.checkpoint("before-merge")
+            frozen = frozen or _runs_on_any(domain, overlays)
+            if frozen:
+                merge_started = time.monotonic()
+                back_on_images = merge(domain, plan.disks, overlays, settings, journal)
+                outcome.merge_seconds = back_on_images - merge_started
+                outcome.overlay_seconds = back_on_images - frozen_at
+                _resume_if_paused_by_io_error(domain, overlays, outcome)
+            else:
+                journals.remove(domain.uuid)
+            if not copied:
+                backup_set.discard()
     if copy_error is not None:
         raise DomainError(
             "; ".join(

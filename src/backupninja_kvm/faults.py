@@ -5,9 +5,9 @@
 ``BACKUPNINJA_KVM_FAULT_SIGNAL`` (default KILL), as a crash or an operator's
 kill would at that boundary of the cycle. The names, in the cycle's order:
 
-after-journal, after-freeze, mid-copy, after-copy, mid-merge, after-pivot,
-before-delete; and, with quiesce, after-fsfreeze (guest filesystems frozen,
-snapshot not taken yet).
+after-journal, after-freeze, mid-copy, after-copy, before-merge (the
+copy's cleanup begins), mid-merge, after-pivot, before-delete; and, with
+quiesce, after-fsfreeze (guest filesystems frozen, snapshot not taken yet).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ POINTS = (
     "after-freeze",
     "mid-copy",
     "after-copy",
+    "before-merge",
     "mid-merge",
     "after-pivot",
     "before-delete",
