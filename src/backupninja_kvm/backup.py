@@ -368,8 +368,19 @@ def _back_up_locked(
             f"{name}: cannot complete the set in {domain_dir}: {reason}; "
             f"the domain runs on its own images"
         ) from None
+    # A set that lacks a disk's data (skipped with a Warning or an Error)
+    # never replaces the sets that may hold it: nothing is pruned until the
+    # sets are whole again (or the administrator leaves the disk out).
+    lacking = [s.disk.target for s in plan.skipped if s.level != INFO]
     try:
-        removed = backup_set.prune(settings.keep)
+        removed = [] if lacking else backup_set.prune(settings.keep)
+        if lacking:
+            log.warning(
+                "%s: no old set was removed: this set lacks %s (see above), and older sets "
+                "may hold it; remove them by hand once checked",
+                name,
+                ", ".join(lacking),
+            )
         for old in backup_set.remove_stale_partials():
             log.warning("%s: removed the incomplete set %s left by an earlier run", name, old)
     except (OSError, TransferError) as error:
@@ -1006,20 +1017,24 @@ def _merge_by_commit(
     settings: Settings,
     journal: journals.Journal,
 ) -> float:
-    # One journal write before the jobs start and one after every pivot:
-    # each costs an fsync while the VM is still on its overlays.
+    # One journal write before the jobs start and one after every pivot
+    # (each an fsync, the disks not pivoted yet still on their overlays): a
+    # repair then knows which disks were merged, and deletes their overlays
+    # without having to prove it by comparing the images.
     _check_frozen_chains(domain, journal)
     for target in overlays:
         journal = journal.with_disk(target, journals.DISK_MERGING)
     journals.write(journal)
+    bandwidths = {}  # what each commit runs with: a refused value is not tried again
     for target, overlay in overlays.items():
-        recovery.start_commit(domain, target, overlay, settings.bandwidth)
+        bandwidths[target] = recovery.start_commit(domain, target, overlay, settings.bandwidth)
     faults.checkpoint("mid-merge")
     for target, overlay in overlays.items():
         recovery.wait_ready_and_pivot(
-            domain, target, overlay, settings.merge_timeout, settings.bandwidth
+            domain, target, overlay, settings.merge_timeout, bandwidths[target]
         )
         journal = journal.with_disk(target, journals.DISK_MERGED)
+        journals.write(journal)
     faults.checkpoint("after-pivot")
     _verify_tops(domain, journal, {e.target: e.base for e in journal.disks})
     back_on_images = time.monotonic()

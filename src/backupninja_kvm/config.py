@@ -111,7 +111,9 @@ sshoptions = string(default='')
 # transfer, the previous set's image as the basis; the remote host reads that
 # image). "no": send whole images (less CPU; faster on a fast network).
 delta = boolean(default=True)
-# Number of complete backup sets kept per domain; older ones are removed.
+# Number of complete backup sets with disk images kept per domain; older ones
+# are removed. A set that lacks a disk's data (a disk skipped with a Warning)
+# removes none, so that the sets holding that disk survive.
 keep = integer(min=1, max=100000, default=7)
 # dest = local: "yes" when DIRECTORY must be a mount point (a USB disk, a
 # NAS share): when it is not mounted, nothing is backed up (Fatal) instead

@@ -398,7 +398,8 @@ def point_latest(domain_dir: str, stamp: str) -> str | None:
     temporary = os.path.join(domain_dir, "." + LATEST + ".new")
     try:
         for stale in (temporary, link + ".new"):  # the second: left by 0.2
-            if os.path.lexists(stale) and not os.path.isdir(stale):
+            # A link is removed even when it points at a set (isdir follows it).
+            if os.path.islink(stale) or (os.path.lexists(stale) and not os.path.isdir(stale)):
                 os.unlink(stale)
         try:
             os.symlink(stamp, temporary)

@@ -169,8 +169,14 @@ def recover_domain(
     refusals: list[str] = []
     for entry in journal.disks:
         steps = decide(entry, observe(domain, entry), journal.merge)
-        interrupted_before_merge = journal.phase == journals.FROZEN
-        if interrupted_before_merge and [step.kind for step in steps] == [DELETE]:
+        # An overlay that no chain uses any more, of a disk whose merge was
+        # not verified: either merged (by its commit, or by hand), or the
+        # domain came back on its own image and the guest's writes since the
+        # freeze exist only there. Decided per disk, from what the journal
+        # says of that disk, whatever the phase (a backup that saw its domain
+        # vanish leaves "merging").
+        merge_unverified = journal.phase != journals.MERGED and entry.state != journals.DISK_MERGED
+        if merge_unverified and [step.kind for step in steps] == [DELETE]:
             unmerged = unmerged_writes(entry)
             if unmerged:
                 refusals.append(f"{entry.target}: {unmerged}")

@@ -148,3 +148,39 @@ def test_a_vm_whose_disks_all_become_unsupported_keeps_its_older_sets(new_vm, sc
         assert any("finished action" in line and "ERROR" in line for line in night.lines("Error"))
     assert destination.complete_sets(domain_dir) == [kept]
     assert "vda-vda.qcow2" in os.listdir(os.path.join(domain_dir, kept))
+
+
+def test_sets_that_lack_a_disk_never_prune_the_sets_that_hold_it(new_vm, scratch):
+    """vdb moves to a block device: the nights after that save vda only, say
+    so, and keep the last set that holds vdb however many of them pass."""
+    ninja = Ninja(scratch)
+    backups = os.path.join(scratch, "backups")
+    os.makedirs(backups)
+    specs = [DiskSpec("vda", "qcow2", 16 * MiB), DiskSpec("vdb", "raw", 16 * MiB)]
+    vm = new_vm(specs, start=False)
+    action = ninja.action(
+        "20-vms.kvm", f"[source]\ndomains = {vm.name}\n[dest]\ndirectory = {backups}\nkeep = 1\n"
+    )
+    assert ninja.run(action).lines("Warning") == []
+    domain_dir = os.path.join(backups, vm.name)
+    [whole] = destination.complete_sets(domain_dir)
+
+    with vms.loop_device(scratch) as device:
+        moved = [(specs[0], vm.paths["vda"]), (DiskSpec("vdb", block_device=device), device)]
+        definition = vms.domain_xml(vm.name, moved)
+        vms.connect().defineXML(definition.replace("<name>", f"<uuid>{vm.uuid}</uuid><name>"))
+        nights = []
+        for _ in range(2):
+            time.sleep(1.1)  # a new second: each night makes a set of its own
+            nights.append(ninja.run(action))
+        vm.remove()
+
+    for night in nights:
+        warnings = night.lines("Warning")
+        assert any(f"{vm.name}: disk vdb: block disk" in line for line in warnings), night.log
+        assert any(
+            f"{vm.name}: no old set was removed: this set lacks vdb" in line for line in warnings
+        ), night.log
+    sets = destination.complete_sets(domain_dir)
+    assert len(sets) == 3 and sets[0] == whole
+    assert "vdb-vdb.raw" in os.listdir(os.path.join(domain_dir, whole))

@@ -231,16 +231,34 @@ def test_a_vanished_domains_overlay_is_not_committed_while_its_image_is_in_use(n
     assert journal.read(uuid) is None
 
 
-def test_an_overlay_never_merged_is_kept_when_the_domain_came_back_on_its_image(new_vm, scratch):
+@pytest.mark.parametrize("ended", ["killed on the overlay", "saw the domain vanish"])
+def test_an_overlay_never_merged_is_kept_when_the_domain_came_back_on_its_image(
+    new_vm, scratch, ended
+):
     """A transient domain destroyed on its overlay and created again from a
     definition naming its own image (same UUID): the guest's writes since the
-    freeze exist only in the overlay, which must not be deleted silently."""
+    freeze exist only in the overlay, which must not be deleted silently,
+    whether the backup was killed (journal phase frozen) or saw the domain go
+    and gave up its merge (phase merging)."""
     vm = new_vm(DISKS[:1], transient=True)
     uuid = vm.domain.UUIDString()
-    kill_on_the_overlay(vm, action_for(scratch, vm))
-    (overlay,) = vm.tops().values()
-    vm.write("vda", Write(0x45, 0, MiB))  # only in the overlay
-    vm.domain.destroy()
+    if ended == "killed on the overlay":
+        kill_on_the_overlay(vm, action_for(scratch, vm))
+        (overlay,) = vm.tops().values()
+        vm.write("vda", Write(0x45, 0, MiB))  # only in the overlay
+        vm.domain.destroy()
+    else:
+        frozen_on: list[str] = []
+
+        def window(_domain, overlays):
+            frozen_on.extend(overlays.values())
+            vm.write("vda", Write(0x45, 0, MiB))  # only in the overlay
+            vm.domain.destroy()
+
+        with pytest.raises(OverlayLeftError):
+            back_up(vm, config.load(action_for(scratch, vm)), window)
+        (overlay,) = frozen_on
+        assert journal.read(uuid).phase == journal.MERGING
     definition = vms.domain_xml(vm.name, [(DISKS[0], vm.paths["vda"])])
     vms.connect().createXML(definition.replace("<name>", f"<uuid>{uuid}</uuid><name>"), 0)
     assert vm.tops() == vm.paths

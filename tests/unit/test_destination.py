@@ -263,6 +263,23 @@ def test_point_latest_replaces_a_dangling_link(tmp_path):
     assert not os.path.lexists(domain_dir / "latest.new")
 
 
+def test_point_latest_removes_leftover_links_that_point_at_a_set(tmp_path):
+    # A kill between the link and its rename leaves it pointing at a real
+    # set (0.2 named it latest.new, as the first-day probe found it).
+    domain_dir = tmp_path / "web1"
+    make_set(domain_dir, STAMPS[0])
+    make_set(domain_dir, STAMPS[1])
+    os.symlink(STAMPS[0], domain_dir / ".latest.new")
+    os.symlink(STAMPS[0], domain_dir / "latest.new")
+
+    problem = destination.point_latest(str(domain_dir), STAMPS[1])
+
+    assert problem is None
+    assert os.readlink(domain_dir / "latest") == STAMPS[1]
+    assert not os.path.lexists(domain_dir / ".latest.new")
+    assert not os.path.lexists(domain_dir / "latest.new")
+
+
 def remote_complete(tmp_path, path_entries: list[str]) -> Path:
     """Run the script the remote host runs to complete a set, here, with a
     PATH holding only *path_entries* (symlinks to the real tools)."""

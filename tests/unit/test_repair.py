@@ -162,3 +162,28 @@ def test_a_journal_from_before_the_partial_field_still_reads():
     read = journal.read("u")
     assert read is not None and read.partial == ""
     assert os.path.exists(path)
+
+
+def test_the_merge_waits_for_its_commit_with_the_bandwidth_it_runs_with(monkeypatch, log):
+    # A commit not ready in time is restarted by wait_ready_and_pivot: with
+    # the value that worked, not the one libvirt refused.
+    domain = FakeDomain(refuse_unlimited=False)
+    entry = journal.DiskEntry("vda", BASE, "qcow2", OVERLAY)
+    pending = journal.Journal(domain.name, domain.uuid, journal.MERGING, "commit", (entry,))
+    waited: list[int] = []
+
+    class Stop(Exception):
+        pass
+
+    def wait_ready_and_pivot(_domain, _target, _overlay, _timeout, bandwidth):
+        waited.append(bandwidth)
+        raise Stop
+
+    monkeypatch.setattr(recovery, "wait_ready_and_pivot", wait_ready_and_pivot)
+    disk = Disk(target="vda", device="disk", source_type="file", path=BASE, format="qcow2")
+
+    with pytest.raises(Stop):
+        backup._merge_by_commit(domain, [disk], {"vda": OVERLAY}, settings(), pending)  # type: ignore[arg-type]
+
+    assert domain.commits == [2**64, 0]
+    assert waited == [0]
