@@ -43,8 +43,13 @@ def new_vm(connection):
         return vm
 
     yield factory
-    for vm in made:
-        vm.remove()
+    failures = []
+    for vm in made:  # every VM, even when removing one of them fails
+        try:
+            vm.remove()
+        except Exception as error:  # noqa: BLE001 - reported below, after the others
+            failures.append(f"{vm.name}: {error!r}")
+    assert not failures, failures
 
 
 @pytest.fixture

@@ -700,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="list what the journals of interrupted backups name (domains on an overlay of "
         "ours, domains gone since) and backups in progress; exit 0 nothing to repair, "
-        "4 something to repair, 2 no libvirt",
+        "4 something to repair, 2 no libvirt or an unknown DOMAIN",
     )
     status_parser.add_argument(
         "domains",

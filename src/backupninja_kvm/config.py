@@ -121,6 +121,8 @@ keep = integer(min=1, max=100000, default=7)
 require_mount = boolean(default=False)
 """
 
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.%\w]+\]|[A-Za-z0-9_.:%][A-Za-z0-9_.:%-]*)$")
+_USER = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.$-]*$")
 _KEY_LINE = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*=")
 _SECTION_LINE = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]")
 _WHEN_LINE = re.compile(r"^\s*when\s*=", re.IGNORECASE)
@@ -197,7 +199,8 @@ def _spec() -> ConfigObj:
 
 
 def _clean_list(values) -> tuple[str, ...]:
-    return tuple(v.strip() for v in values if v and v.strip())
+    # configobj already trims unquoted items; a quoted name keeps its spaces.
+    return tuple(v for v in values if v and v.strip())
 
 
 def load(
@@ -222,7 +225,15 @@ def load(
     lines = [("" if _WHEN_LINE.match(line) else line) for line in raw_lines]
     index = _index_lines(lines)
     try:
-        config = ConfigObj(lines, configspec=_spec(), file_error=False, raise_errors=False)
+        # No interpolation: "%(name)s" in a value is text (a domain name, a
+        # path), as backupninja reads it, never a reference to another key.
+        config = ConfigObj(
+            lines,
+            configspec=_spec(),
+            file_error=False,
+            raise_errors=False,
+            interpolation=False,
+        )
     except ConfigObjError as parse_error:
         errors = getattr(parse_error, "errors", [parse_error])
         raise ConfigError(path, [_describe_parse_error(path, lines, e) for e in errors]) from None
@@ -380,13 +391,15 @@ def permission_problems(
             f"{path}: owned by uid {info.st_uid}, not root, which backupninja refuses: "
             f"chown root {path}"
         )
-    if info.st_mode & stat.S_IRWXO:
+    # backupninja compares `stat %A`: a sticky or setgid bit shows in the
+    # others' or the group's letters, so it counts as a permission there.
+    if info.st_mode & (stat.S_IRWXO | stat.S_ISVTX):
         problems.append(
             f"{path}: mode {mode} opens it to every user, which backupninja refuses: "
             f"chmod o= {path}"
         )
     if (
-        info.st_mode & stat.S_IRWXG
+        info.st_mode & (stat.S_IRWXG | stat.S_ISGID)
         and info.st_gid != 0
         and admingroup not in (str(info.st_gid), group_name)
     ):
@@ -553,6 +566,22 @@ def _check_remote(
     if not str(dest["host"]).strip():
         where_dest = where(path, index, "dest", "dest")
         return [(line, f"{where_dest}: remote needs a host (the [dest] host key)")]
+    # ssh and rsync would read a value starting with "-" as an option.
+    names = []
+    for key, pattern, what in (
+        ("host", _HOST, "a host name or address"),
+        ("user", _USER, "a user name"),
+    ):
+        value = str(dest[key]).strip()
+        if value and not pattern.match(value):
+            names.append(
+                (
+                    index.get(("dest", key), line),
+                    f"{where(path, index, 'dest', key)}: {value!r} is not {what}",
+                )
+            )
+    if names:
+        return names
     if check_remote is None:
         return []
     try:

@@ -565,7 +565,7 @@ for name in *; do
   if [ ! -L "$name" ]; then
     for m in B3SUMS SHA256SUMS; do
       if [ -f "$name/$m" ]; then
-        if sed 's/^[^ ]*  //' "$name/$m" | grep -qvx 'domain.xml'; then kind=images
+        if sed 's/^[^ ]*  //' "$name/$m" | grep -qvxF -e domain.xml -e ''; then kind=images
         else kind=empty; fi
         break
       fi

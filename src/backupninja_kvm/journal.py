@@ -101,6 +101,8 @@ def read(uuid: str) -> Journal | None:
         return None
     except (OSError, ValueError) as error:
         raise JournalError(f"journal {path} is unreadable: {error}") from None
+    if not isinstance(data, dict):
+        raise JournalError(f"journal {path} is malformed: not a JSON object")
     if data.get("schema") != SCHEMA:
         raise JournalError(
             f"journal {path} has schema {data.get('schema')!r}, this version reads {SCHEMA}"
@@ -108,7 +110,7 @@ def read(uuid: str) -> Journal | None:
     try:
         disks = tuple(DiskEntry(**d) for d in data.pop("disks"))
         return Journal(disks=disks, **data)
-    except TypeError as error:
+    except (TypeError, KeyError) as error:
         raise JournalError(f"journal {path} is malformed: {error}") from None
 
 

@@ -135,6 +135,13 @@ def data_bytes(path: str) -> int:
 
 
 CONTROL_PERSIST = 60  # seconds an idle shared ssh connection stays open
+MAX_CONTROL_DIR = 107 - 17 - 1 - 40
+# A destination that stops answering must not keep a VM on its overlay for
+# ever: ssh gives up after SERVER_ALIVE_INTERVAL * SERVER_ALIVE_COUNT seconds
+# without an answer, rsync after RSYNC_TIMEOUT seconds without any I/O.
+SERVER_ALIVE_INTERVAL = 15
+SERVER_ALIVE_COUNT = 4
+RSYNC_TIMEOUT = 600
 
 # The shared ssh connections of this run: their sockets live in a private
 # folder (mkdtemp: mode 0700, a name nobody can take first), made on first
@@ -147,7 +154,10 @@ def _control_path() -> str:
     global _control_dir
     if _control_dir is None:
         _control_dir = tempfile.mkdtemp(prefix="bnkvm-ssh-")
-        if len(_control_dir) > 60:  # a socket path has at most 107 bytes; %C takes 40
+        # A socket path has at most 107 bytes, and ssh binds "PATH.XXXXXXXXXXXXXXXX"
+        # (17 more) before renaming it to PATH: the folder, "/" and %C's 40
+        # characters must fit in 107 - 17.
+        if len(_control_dir) > MAX_CONTROL_DIR:
             os.rmdir(_control_dir)
             _control_dir = tempfile.mkdtemp(prefix="bnkvm-ssh-", dir="/tmp")
         atexit.register(close_connections)
@@ -207,6 +217,10 @@ class Remote:
             "-o",
             "ConnectTimeout=15",
             "-o",
+            f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}",
+            "-o",
+            f"ServerAliveCountMax={SERVER_ALIVE_COUNT}",
+            "-o",
             "ControlMaster=auto",
             "-o",
             f"ControlPath={_control_path()}",
@@ -252,6 +266,7 @@ class Remote:
                 "--ignore-times",
                 "--chmod=F600",
                 "--stats",
+                f"--timeout={RSYNC_TIMEOUT}",
                 *delta,
                 "-e",
                 shlex.join(self._ssh()),

@@ -129,6 +129,28 @@ def test_helper_crash_fails_the_action(ninja, new_vm, scratch):
     assert any("finished action" in line and "FAILED" in line for line in fatals)
 
 
+def test_the_handler_relays_a_last_line_without_newline_and_backslashes_as_written(ninja, scratch):
+    action = ninja.action("20-vms.kvm", action_text(backups_dir(scratch), "web1"))
+    fake = os.path.join(scratch, "fake-helper")
+    with open(fake, "w") as handle:
+        handle.write(
+            "#!/bin/sh\n"
+            "printf 'Warning: web1: disk vdb: block disk (/srv/a\\\\cb\\\\n)\\n'\n"
+            "printf 'Fatal: web1: the last line, without a newline'\n"
+            "exit 2\n"
+        )
+    os.chmod(fake, stat.S_IRWXU)
+
+    result = ninja.run(action, helper=fake)
+
+    assert any(
+        "web1: disk vdb: block disk (/srv/a\\cb\\n)" in line for line in result.lines("Warning")
+    ), result.log
+    fatals = result.lines("Fatal")
+    assert any("web1: the last line, without a newline" in line for line in fatals), result.log
+    assert not any("without saying why" in line for line in fatals), result.log
+
+
 def test_helper_killed_mid_copy_reports_each_overlay_and_the_recover_command(
     ninja, new_vm, scratch, monkeypatch
 ):

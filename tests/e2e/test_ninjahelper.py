@@ -263,7 +263,7 @@ def test_wizard_writes_names_with_spaces_commas_and_hashes_that_both_parsers_rea
     ninjahelper_conf, test_driver, scratch
 ):
     conf, configdir = ninjahelper_conf
-    backups = os.path.join(scratch, "backups")
+    backups = os.path.join(scratch, "back#ups,1")  # a path the file must quote too
     dialogs = Dialogs(conf, LIBVIRT_DEFAULT_URI=test_driver)
     try:
         dialogs.answer("create a new backup action", "n" + ENTER)
@@ -291,6 +291,7 @@ def test_wizard_writes_names_with_spaces_commas_and_hashes_that_both_parsers_rea
 
     assert settings.domains == ("probe-sp ace", "probe-a,b", "probe-c#d")
     assert settings.uri == test_driver
+    assert settings.directory == backups
     # backupninja's own parser still reads its key, when, from the same file.
     when = subprocess.run(
         ["awk", "-f", "/usr/lib/backupninja/parseini", "S=", "P=when", action],

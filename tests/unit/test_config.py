@@ -692,6 +692,11 @@ def stat_of(mode: int, uid: int = 0, gid: int = 0) -> os.stat_result:
         pytest.param(
             0o100666, 65534, 100, "users", "root", ["uid", "every user", "group"], id="all"
         ),
+        # backupninja reads `stat %A`: a sticky or setgid bit fills a letter there.
+        pytest.param(0o101600, 0, 0, "root", "root", ["every user"], id="sticky-file"),
+        pytest.param(0o041700, 0, 0, "root", "root", ["every user"], id="sticky-folder"),
+        pytest.param(0o042700, 0, 1, "daemon", "root", ["group daemon"], id="setgid-folder"),
+        pytest.param(0o042700, 0, 0, "root", "root", [], id="setgid-root-group"),
     ],
 )
 def test_permissions_are_checked_as_backupninja_checks_them(
@@ -732,6 +737,37 @@ def test_line_numbers_count_newlines_only_as_backupninja_does(tmp_path):
     ]
 
 
+def test_percent_signs_are_text_not_references_to_other_keys(tmp_path):
+    path = write(
+        tmp_path,
+        f"""[source]
+        domains = "%(z)s", web1
+        [dest]
+        directory = {tmp_path}
+        user = %(host)s
+        host = backup.example.org
+        sshoptions = -o ProxyCommand=%(user)s
+        """,
+        domains=None,
+    )
+
+    settings = config.load(path)
+
+    assert settings.domains == ("%(z)s", "web1")
+    assert settings.user == "%(host)s"
+    assert settings.sshoptions == "-o ProxyCommand=%(user)s"
+
+
+def test_a_quoted_name_keeps_the_spaces_at_its_ends(tmp_path):
+    path = write(
+        tmp_path,
+        f'[source]\ndomains = " lead", "trail ", plain \n[dest]\ndirectory = {tmp_path}\n',
+        domains=None,
+    )
+
+    assert config.load(path).domains == (" lead", "trail ", "plain")
+
+
 def test_whatever_the_bytes_loading_raises_only_a_config_error(tmp_path):
     import random
 
@@ -739,6 +775,7 @@ def test_whatever_the_bytes_loading_raises_only_a_config_error(tmp_path):
     pieces = ["[general]", "[source]", "[dest]", "[[dest]]", "[", "domains = a", "keep = 3"]
     pieces += ["merge = pull", '"', "'", "a = b = c", "\x0c", "\x00", "é", "\xe9", "=x"]
     pieces += [f"directory = {tmp_path}", "exclude = ,,", "port = -1", "[[[x]]]", "\\"]
+    pieces += ["user = %(nokey)s", "user = %(user)s", "host = %(user)s", "domains = %(x)s"]
     path = tmp_path / "fuzz.kvm"
     for case in range(600):
         if case % 3 == 0:
@@ -751,3 +788,27 @@ def test_whatever_the_bytes_loading_raises_only_a_config_error(tmp_path):
             config.load(str(path))
         except ConfigError:
             pass
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("user", "-oProxyCommand=touch /tmp/x"), ("host", "-oProxyCommand=x"), ("host", "a b")],
+)
+def test_a_remote_host_or_user_that_ssh_would_take_for_an_option_is_refused(tmp_path, key, value):
+    values = {"host": "backup.example.org", "user": "root", key: value}
+    path = write(
+        tmp_path,
+        f"[dest]\ndest = remote\ndirectory = /srv/backups\nhost = {values['host']}\n"
+        f"user = {values['user']}\n",
+    )
+
+    problems = problems_of(path)
+
+    assert any(f"[dest] {key}: {value!r} is not" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("host", ["backup.example.org", "192.0.2.7", "[2001:db8::1]", "nas_1"])
+def test_ordinary_remote_hosts_are_accepted(tmp_path, host):
+    path = write(tmp_path, f"[dest]\ndest = remote\ndirectory = /srv/backups\nhost = {host}\n")
+
+    assert config.load(path).host == host

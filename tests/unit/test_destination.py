@@ -560,6 +560,37 @@ def test_the_remote_listing_tells_sets_with_images_from_those_without(tmp_path):
     assert destination.next_stamp("20261202T024654Z", names) == "20261203T000001Z"
 
 
+def test_the_remote_listing_counts_images_as_the_local_one_does(tmp_path):
+    # A blank line, or a name that only looks like domain.xml, is no image.
+    domain_dir = tmp_path / "web1"
+    for stamp, manifest in (
+        ("20261201T000000Z", "abc  domain.xml\n\n"),
+        ("20261202T000000Z", "abc  domain.xml\nabc  domainXxml\n"),
+    ):
+        (domain_dir / stamp).mkdir(parents=True)
+        (domain_dir / stamp / MANIFEST).write_text(manifest)
+
+    _, remote = remote_listing(domain_dir)
+
+    local = [
+        destination.SetEntry(
+            e.stamp,
+            destination.manifest_has_images(
+                (domain_dir / e.stamp / MANIFEST).read_text().splitlines()
+            ),
+        )
+        for e in remote
+    ]
+    assert (
+        remote
+        == local
+        == [
+            destination.SetEntry("20261201T000000Z", False),
+            destination.SetEntry("20261202T000000Z", True),
+        ]
+    )
+
+
 def test_a_remote_latest_folder_is_a_warning_after_the_set_is_complete(tmp_path):
     domain_dir = tmp_path / "web1"
     (domain_dir / "latest").mkdir(parents=True)

@@ -57,6 +57,9 @@ def test_no_journal_reads_as_none_and_remove_is_idempotent():
         ("{not json", "unreadable"),
         (json.dumps({"schema": 99}), "schema 99"),
         (json.dumps({"schema": 1, "disks": [{"target": "vda"}]}), "malformed"),
+        (json.dumps({"schema": 1, "domain": "web1"}), "malformed"),
+        (json.dumps([1, 2]), "malformed"),
+        (json.dumps("text"), "malformed"),
     ],
 )
 def test_an_unusable_journal_is_an_error_and_is_left_in_place(state_dir, content, message):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -282,3 +284,30 @@ def test_ssh_shares_a_connection_in_a_private_folder_and_sshoptions_still_win():
         transfer.close_connections()
     assert not os.path.exists(folder)
     transfer.close_connections()  # idempotent
+
+
+def test_the_socket_folder_leaves_room_for_sshs_temporary_name(monkeypatch):
+    from backupninja_kvm import transfer
+
+    # A TMPDIR of 36 characters makes mkdtemp's folder 55 long: ssh's
+    # PATH.XXXXXXXXXXXXXXXX would pass 107 bytes there.
+    deep = tempfile.mkdtemp(prefix="bnkvm-sock-test-", dir="/tmp")
+    deep_enough = deep + "d" * (36 - len(deep))
+    os.rename(deep, deep_enough)
+    monkeypatch.setattr(tempfile, "tempdir", deep_enough)
+    try:
+        argv = transfer.Remote("backup.example.org")._ssh()
+        [path] = [a.split("=", 1)[1] for a in argv if a.startswith("ControlPath=")]
+        socket = path.replace("%C", "c" * 40)
+        assert len(socket) + len(".XXXXXXXXXXXXXXXX") <= 107, socket
+    finally:
+        transfer.close_connections()
+        shutil.rmtree(deep_enough, ignore_errors=True)
+
+
+def test_a_destination_that_stops_answering_is_given_up():
+    from backupninja_kvm import transfer
+
+    argv = transfer.Remote("backup.example.org")._ssh()
+    transfer.close_connections()
+    assert "ServerAliveInterval=15" in argv and "ServerAliveCountMax=4" in argv
