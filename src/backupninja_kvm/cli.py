@@ -16,7 +16,7 @@ import sys
 import time
 
 from backupninja_kvm import __version__, config, interrupts, prometheus, report
-from backupninja_kvm.backup import back_up_domain, quiesce_wanted
+from backupninja_kvm.backup import back_up_domain
 from backupninja_kvm.destination import new_stamp as destination_stamp
 from backupninja_kvm.errors import (
     BackupNinjaKvmError,
@@ -27,6 +27,7 @@ from backupninja_kvm.errors import (
 )
 from backupninja_kvm.interrupts import Interrupted
 from backupninja_kvm.plan import make_plan
+from backupninja_kvm.quiesce import quiesce_wanted
 from backupninja_kvm.report import human_bytes, log
 from backupninja_kvm.transfer import Remote
 

@@ -34,6 +34,7 @@ from backupninja_kvm.hypervisor import (
 )
 from backupninja_kvm.journal import DISK_MERGED, DiskEntry, Journal
 from backupninja_kvm.progress import Progress
+from backupninja_kvm.quiesce import thaw_left_frozen
 from backupninja_kvm.report import log
 
 # Step kinds
@@ -165,7 +166,7 @@ def recover_domain(
         return []
     done: list[str] = []
     if journal.quiesce and domain.is_active():
-        done += _thaw_left_frozen(domain)
+        done += thaw_left_frozen(domain)
     refusals: list[str] = []
     for entry in journal.disks:
         steps = decide(entry, observe(domain, entry), journal.merge)
@@ -238,31 +239,6 @@ def _record_finished_pulls(domain: Domain, journal: Journal) -> list[str]:
         )
         for entry in pulled
     ]
-
-
-THAW_TIMEOUT = 60  # seconds for the guest agent to answer a thaw during recovery
-
-
-def _thaw_left_frozen(domain: Domain) -> list[str]:
-    """A run killed between freezing the guest's filesystems and thawing
-    them leaves the guest's writes blocked: thaw first (harmless when
-    nothing is frozen)."""
-    try:
-        domain.set_agent_timeout(THAW_TIMEOUT)  # libvirt's default waits without limit
-        try:
-            thawed = domain.fs_thaw()
-        finally:
-            domain.set_agent_timeout(None)
-    except HypervisorError as error:
-        log.warning(
-            "%s: could not thaw the guest's filesystems (%s); if its writes hang, run "
-            "`virsh domfsthaw %s`",
-            domain.name,
-            error.reason,
-            domain.name,
-        )
-        return []
-    return [f"thawed {thawed} guest filesystem(s) left frozen"] if thawed else []
 
 
 def _carry_out(domain: Domain, entry: DiskEntry, step: Step, timeout: int, bandwidth: int) -> str:
