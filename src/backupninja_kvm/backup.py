@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from backupninja_kvm import destination, faults, images, interrupts, preflight, recovery
 from backupninja_kvm import journal as journals
+from backupninja_kvm import merge as merges
 from backupninja_kvm.config import Settings
 from backupninja_kvm.disks import (
     INFO,
@@ -33,7 +34,7 @@ from backupninja_kvm.errors import (
     OverlayLeftError,
     TransferError,
 )
-from backupninja_kvm.hypervisor import ERR_NO_DOMAIN, Domain
+from backupninja_kvm.hypervisor import Domain
 from backupninja_kvm.lock import domain_lock
 from backupninja_kvm.outcome import Outcome
 from backupninja_kvm.plan import (
@@ -150,7 +151,7 @@ def _back_up_locked(
         log.warning("%s: the set is complete, but pruning old sets failed: %s", name, error)
     if removed:
         log.info("%s: removed %d old set(s) beyond keep = %d", name, len(removed), settings.keep)
-    delete_superseded_pulls(domain)  # the set holds what they held
+    merges.delete_superseded_pulls(domain)  # the set holds what they held
     outcome.complete_seconds = time.monotonic() - completing
     outcome.flush_seconds = backup_set.flush_seconds
     return outcome
@@ -318,18 +319,12 @@ def _recover_first(domain: Domain, settings: Settings) -> None:
         raise _repair_failed(domain, error) from None
 
 
-def _describe(error: Exception) -> str:
-    if isinstance(error, HypervisorError | OSError | journals.JournalError):
-        return str(error)
-    return f"{type(error).__name__}: {error}"  # not ours: name it, it is a bug
-
-
 def _repair_failed(domain: Domain, error: Exception) -> DomainError | OverlayLeftError:
     """The error to report when the repair before the backup failed with
     *error*, saying the state found afterwards."""
-    why = _describe(error)
+    why = merges.describe_error(error)
     journal = journals.journal_path(domain.uuid)
-    in_use = recovery.overlays_in_use(domain)
+    in_use = merges.overlays_in_use(domain)
     if in_use == []:
         return DomainError(
             f"{domain.name}: the repair of what an interrupted backup left failed ({why}); "
@@ -439,7 +434,7 @@ def _back_up_running(
                 back_on_images = merge(domain, plan.disks, overlays, settings, journal)
                 outcome.merge_seconds = back_on_images - merge_started
                 outcome.overlay_seconds = back_on_images - frozen_at
-                _resume_if_paused_by_io_error(domain, overlays, outcome)
+                merges.resume_if_paused_by_io_error(domain, overlays, outcome)
             else:
                 journals.remove(domain.uuid)
             if not copied:
@@ -454,22 +449,6 @@ def _back_up_running(
                 ]
             )
         )
-
-
-def _resume_if_paused_by_io_error(
-    domain: Domain, overlays: dict[str, str], outcome: Outcome
-) -> None:
-    """A full overlay filesystem makes QEMU pause the guest; once the merge
-    has put the disks back on their images, the guest can go on."""
-    if not domain.is_active() or not domain.paused_by_io_error():
-        return
-    domain.resume()
-    places = ", ".join(sorted({os.path.dirname(p) for p in overlays.values()}))
-    outcome.problems.append(
-        f"{domain.name}: QEMU paused the guest during the backup because a write failed "
-        f"(the filesystem of the overlays, {places}, is probably full); it was merged back "
-        f"and resumed, its pending writes retried; raise overlay_reserve or free space there"
-    )
 
 
 def _runs_on_any(domain: Domain, overlays: dict[str, str]) -> bool:
@@ -504,44 +483,17 @@ def merge(
                 _merge_offline(domain)
                 back_on_images = time.monotonic()
             elif settings.merge == "pull":
-                _merge_by_pull(domain, disks, overlays, settings, journal)
+                merges.merge_by_pull(domain, disks, overlays, settings, journal)
                 back_on_images = time.monotonic()
             else:
-                back_on_images = _merge_by_commit(domain, disks, overlays, settings, journal)
+                back_on_images = merges.merge_by_commit(domain, disks, overlays, settings, journal)
         except (OverlayLeftError, DomainError):
             raise
         except Exception as error:  # a bug, or libvirt-python: no traceback hides the overlays
-            raise _merge_failed(domain, overlays, error) from None
+            raise merges.merge_failed(domain, overlays, error) from None
         journals.remove(domain.uuid)
         log.info("%s: merged %s by %s", domain.name, ", ".join(overlays), settings.merge)
     return back_on_images
-
-
-def _merge_failed(domain: Domain, overlays: dict[str, str], error: Exception) -> OverlayLeftError:
-    """The error for a merge that failed with *error* (a HypervisorError, or
-    anything else escaping from libvirt-python or a bug), naming the state."""
-    name = domain.name
-    journal = journals.journal_path(domain.uuid)
-    files = ", ".join(overlays.values())
-    text = f"{name}: the merge of {', '.join(overlays)} failed ({_describe(error)}); "
-    if isinstance(error, HypervisorError) and error.code == ERR_NO_DOMAIN:
-        return OverlayLeftError(
-            text + f"the domain no longer exists (destroyed during the backup?): the guest's "
-            f"last writes are only in the overlays {files}; do not delete them and do not "
-            f"start the domain again before they are merged: run `backupninja-kvm recover "
-            f"{name}`, which commits them offline into the images named in the journal {journal}"
-        )
-    in_use = recovery.overlays_in_use(domain)
-    if in_use:
-        state = f"the domain still runs on the overlay(s) {', '.join(in_use)}"
-    elif in_use == []:
-        state = f"the domain shows its own images on top, but the merge was not verified ({files})"
-    else:
-        state = f"the domain may still use the overlays {files}"
-    return OverlayLeftError(
-        text + f"{state}; nothing is lost, do not delete them: run "
-        f"`backupninja-kvm recover {name}` (journal {journal})"
-    )
 
 
 def _merge_offline(domain: Domain) -> None:
@@ -552,232 +504,3 @@ def _merge_offline(domain: Domain) -> None:
     )
     done = recovery.recover_domain(domain, interrupted=False)
     log.info("%s: %s", domain.name, "; ".join(done))
-
-
-def _merge_by_commit(
-    domain: Domain,
-    disks: list[Disk],
-    overlays: dict[str, str],
-    settings: Settings,
-    journal: journals.Journal,
-) -> float:
-    # One journal write before the jobs start and one after every pivot
-    # (each an fsync, the disks not pivoted yet still on their overlays): a
-    # repair then knows which disks were merged, and deletes their overlays
-    # without having to prove it by comparing the images.
-    _check_frozen_chains(domain, journal)
-    for target in overlays:
-        journal = journal.with_disk(target, journals.DISK_MERGING)
-    journals.write(journal)
-    bandwidths = {}  # what each commit runs with: a refused value is not tried again
-    for target, overlay in overlays.items():
-        bandwidths[target] = recovery.start_commit(domain, target, overlay, settings.bandwidth)
-    faults.checkpoint("mid-merge")
-    for target, overlay in overlays.items():
-        recovery.wait_ready_and_pivot(
-            domain, target, overlay, settings.merge_timeout, bandwidths[target]
-        )
-        journal = journal.with_disk(target, journals.DISK_MERGED)
-        journals.write(journal)
-    faults.checkpoint("after-pivot")
-    _verify_tops(domain, journal, {e.target: e.base for e in journal.disks})
-    back_on_images = time.monotonic()
-    journals.write(journal.at(journals.MERGED))
-    faults.checkpoint("before-delete")
-    for target, overlay in overlays.items():
-        try:
-            recovery.delete_overlay(domain, target, overlay)
-        except OSError as error:
-            log.warning(
-                "%s: %s: merged, but the overlay %s could not be deleted: %s",
-                domain.name,
-                target,
-                overlay,
-                error.strerror,
-            )
-    return back_on_images
-
-
-def _check_frozen_chains(domain: Domain, journal: journals.Journal) -> None:
-    """Before merging: each of our overlays still sits on the base the
-    journal recorded, so that a shallow commit writes into that base only and
-    a pull copies that base only."""
-    live = {d.target: d for d in parse_disks(domain.xml())}
-    for entry in journal.disks:
-        disk = live.get(entry.target)
-        if disk is not None and disk.path == entry.overlay and disk.backing != entry.base:
-            raise recovery.left_on_overlay(
-                domain,
-                entry.target,
-                entry.overlay,
-                f"its backing file is now {disk.backing}, not {entry.base} as recorded before "
-                f"the freeze; nothing was merged",
-            )
-
-
-def _merge_by_pull(
-    domain: Domain,
-    disks: list[Disk],
-    overlays: dict[str, str],
-    settings: Settings,
-    journal: journals.Journal,
-) -> None:
-    _check_frozen_chains(domain, journal)
-    # One disk after the other: QEMU 7.2 was seen to crash with two pulls at once.
-    for disk in disks:
-        overlay = overlays[disk.target]
-        try:
-            # Pull only the layer we froze; a template below it stays shared.
-            domain.start_pull(disk.target, disk.backing, settings.bandwidth)
-        except HypervisorError as error:
-            raise recovery.left_on_overlay(
-                domain, disk.target, overlay, f"pull refused: {error}"
-            ) from None
-        faults.checkpoint("mid-merge")
-        if not recovery.wait_for_pull(domain, disk.target, settings.merge_timeout):
-            raise recovery.left_on_overlay(
-                domain, disk.target, overlay, f"pull not done within {settings.merge_timeout} s"
-            )
-    faults.checkpoint("after-pivot")
-    # After a pull the overlay *is* the disk, on the frozen image's own
-    # backing file (a template) if it had one; the frozen image is unused.
-    _verify_tops(domain, journal, overlays)
-    live = domain.xml()
-    for disk in disks:
-        if disk.path in referenced_paths(live):
-            raise recovery.left_on_overlay(
-                domain, disk.target, overlays[disk.target], "the pull did not detach the image"
-            )
-    try:
-        record = journals.read_pulled(domain.uuid)
-        journals.write_pulled(
-            domain.uuid,
-            record.after_pull({d.path for d in disks if d.path}, set(overlays.values())),
-        )
-    except (journals.JournalError, OSError) as error:
-        # Without the record nothing is ever deleted: the images pile up, but
-        # nothing of the administrator's can be taken for ours.
-        log.warning(
-            "%s: cannot update the record of the images our pulls made (%s); none of them "
-            "will be deleted",
-            domain.name,
-            error,
-        )
-        record = journals.Pulled()
-    for disk in disks:
-        if disk.path in record.made:
-            log.info(
-                "%s: %s now runs on %s (merge = pull); %s, made by the pull of an earlier "
-                "backup, is deleted once the set is complete",
-                domain.name,
-                disk.target,
-                overlays[disk.target],
-                disk.path,
-            )
-        else:
-            log.warning(
-                "%s: %s now runs on %s (merge = pull); %s is no longer used; kept, delete it "
-                "once checked",
-                domain.name,
-                disk.target,
-                overlays[disk.target],
-                disk.path,
-            )
-    faults.checkpoint("before-delete")
-
-
-def delete_superseded_pulls(domain: Domain) -> None:
-    """Delete the images our pulls made that a later pull superseded, once
-    no chain uses them; call when the set is complete (it holds what they
-    held).
-
-    Only an image recorded as made by our pull is deleted: the
-    administrator's own image, even with a tagged name, never is.
-    """
-    try:
-        record = journals.read_pulled(domain.uuid)
-    except journals.JournalError as error:
-        log.warning("%s: %s; no superseded image deleted", domain.name, error)
-        return
-    if not record.superseded:
-        return
-    try:
-        referenced = recovery.chain_references(domain)
-    except HypervisorError as error:
-        log.warning(
-            "%s: cannot read its chains (%s); no superseded image deleted", domain.name, error
-        )
-        return
-    kept = set()
-    for image in sorted(record.superseded):
-        if image in referenced:
-            kept.add(image)
-            continue
-        try:
-            os.unlink(image)
-        except FileNotFoundError:
-            continue
-        except OSError as error:
-            log.warning(
-                "%s: could not delete %s, an image superseded by merge = pull: %s",
-                domain.name,
-                image,
-                error.strerror,
-            )
-            kept.add(image)
-            continue
-        log.info("%s: deleted %s, superseded by the pull (merge = pull)", domain.name, image)
-    journals.write_pulled(domain.uuid, journals.Pulled(record.made, frozenset(kept)))
-
-
-def _verify_tops(domain: Domain, journal: journals.Journal, expected: dict[str, str]) -> None:
-    """After the merge: the live XML shows the *expected* image on top of each
-    disk, with the base's own backing file below it after a pull, and no
-    mirror; the persistent XML too, for the disks it defined on their base
-    before the freeze (a disk hot-plugged live only, a pending `--config`
-    change or an edited definition is not ours to check).
-    """
-    live = {d.target: d for d in parse_disks(domain.xml())}
-    persistent = (
-        {d.target: d for d in parse_disks(domain.xml(inactive=True))}
-        if domain.is_persistent()
-        else {}
-    )
-    for entry in journal.disks:
-        want = expected[entry.target]
-        disk = live.get(entry.target)
-        if disk is not None and (disk.mirror or (disk.path == entry.overlay != want)):
-            raise recovery.left_on_overlay(
-                domain,
-                entry.target,
-                entry.overlay,
-                "a block job is still attached" if disk.mirror else "the merge did not pivot",
-            )
-        if disk is None or disk.path != want:
-            # Neither merged nor on our overlay: someone else changed the disk.
-            shown = f"runs on {disk.path}" if disk else "is gone from the live definition"
-            raise OverlayLeftError(
-                f"{domain.name}: after the merge, disk {entry.target} {shown}, not on {want}; "
-                f"{entry.overlay} is kept; check `virsh domblklist {domain.name}` and delete "
-                f"{entry.overlay} once nothing uses it (journal "
-                f"{journals.journal_path(domain.uuid)})"
-            )
-        if want == entry.overlay and disk.backing != entry.base_backing:
-            raise recovery.left_on_overlay(
-                domain,
-                entry.target,
-                entry.overlay,
-                f"after the pull its backing file is {disk.backing}, not {entry.base_backing}",
-            )
-        if entry.persistent_base != entry.base or not persistent:
-            continue
-        defined = persistent.get(entry.target)
-        if defined is None or defined.path != want:
-            named = defined.path if defined else "no such disk"
-            raise OverlayLeftError(
-                f"{domain.name}: disk {entry.target} runs on {want} now, but its persistent "
-                f"definition shows {named} instead (it showed {entry.base} before the backup): "
-                f"it would boot from there; {entry.overlay} is kept; check `virsh dumpxml "
-                f"--inactive {domain.name}`, fix it with `virsh edit {domain.name}`, then "
-                f"delete {entry.overlay} if nothing uses it"
-            )

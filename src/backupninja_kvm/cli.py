@@ -356,12 +356,12 @@ def _back_up_all(
 def _state_after_interrupt(domain) -> tuple[str, bool]:
     """What an interrupted backup left of *domain* (None: not looked up yet),
     as the message says it, and whether it may still be on an overlay."""
-    from backupninja_kvm import journal, recovery
+    from backupninja_kvm import journal, merge
 
     if domain is None:
         return "nothing was done to it yet", False
     name = domain.name
-    in_use = recovery.overlays_in_use(domain)
+    in_use = merge.overlays_in_use(domain)
     if in_use:
         return (
             f"it is still on the overlay(s) {', '.join(in_use)} and no set was made for it; "

@@ -15,27 +15,30 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from functools import partial
 
 from backupninja_kvm import journal as journals
 from backupninja_kvm.disks import (
     parse_disks,
     referenced_paths,
-    top_paths,
-    with_disk_source,
 )
 from backupninja_kvm.errors import HypervisorError, OverlayLeftError
 from backupninja_kvm.hypervisor import (
-    ERR_BLOCK_COPY_ACTIVE,
     ERR_NO_DOMAIN,
     Domain,
     Hypervisor,
-    wait_until,
 )
 from backupninja_kvm.journal import DISK_MERGED, DiskEntry, Journal
-from backupninja_kvm.progress import Progress
+from backupninja_kvm.merge import (
+    commit_and_pivot,
+    commit_offline,
+    delete_overlay,
+    image_info,
+    left_on_overlay,
+    record_finished_pulls,
+    wait_for_pull,
+    wait_ready_and_pivot,
+)
 from backupninja_kvm.quiesce import thaw_left_frozen
-from backupninja_kvm.report import log
 
 # Step kinds
 PIVOT = "pivot"  # an active commit job exists: wait until ready, pivot
@@ -195,7 +198,7 @@ def recover_domain(
             f"{domain.name}` and merge by hand"
         )
     if journal.merge == "pull":
-        done += _record_finished_pulls(domain, journal)
+        done += record_finished_pulls(domain, journal)
     journals.remove(domain.uuid)
     if interrupted:
         done += remove_partial(journal)
@@ -205,40 +208,6 @@ def recover_domain(
             f"(pid {journal.pid}, started {started})"
         )
     return done
-
-
-def _record_finished_pulls(domain: Domain, journal: Journal) -> list[str]:
-    """An overlay that a pull made the disk is ours for good: record it, so
-    that the pull of a later night may delete it once superseded; say what
-    became of the image it left."""
-    tops: set[str | None] = set()
-    if domain.is_active():
-        tops |= set(top_paths(domain.xml()).values())
-    if domain.is_persistent():
-        tops |= set(top_paths(domain.xml(inactive=True)).values())
-    pulled = [entry for entry in journal.disks if entry.overlay in tops]
-    if not pulled:
-        return []
-    try:
-        record = journals.read_pulled(domain.uuid)
-        journals.write_pulled(
-            domain.uuid,
-            record.after_pull(
-                {entry.base for entry in pulled}, {entry.overlay for entry in pulled}
-            ),
-        )
-    except (journals.JournalError, OSError) as error:
-        record = journals.Pulled()  # nothing is deleted without the record
-        log.warning("%s: cannot record the images our pulls made: %s", domain.name, error)
-    return [
-        f"{entry.target}: the pull had finished, the disk runs on {entry.overlay}; "
-        + (
-            f"{entry.base}, made by an earlier pull, is deleted after the next complete set"
-            if entry.base in record.made
-            else f"{entry.base} is no longer used; kept, delete it once checked"
-        )
-        for entry in pulled
-    ]
 
 
 def _carry_out(domain: Domain, entry: DiskEntry, step: Step, timeout: int, bandwidth: int) -> str:
@@ -262,205 +231,6 @@ def _carry_out(domain: Domain, entry: DiskEntry, step: Step, timeout: int, bandw
     raise AssertionError(step)
 
 
-def left_on_overlay(domain: Domain, target: str, overlay: str, why: str) -> OverlayLeftError:
-    hint = ""
-    if "Permission denied" in why:
-        # libvirt 9.0 may regenerate a running VM's AppArmor profile with a
-        # deny-write rule for its backing files, so the commit cannot write.
-        hint = (
-            " (on an AppArmor host, the VM's profile may deny writing its own image now "
-            "that it is a backing file: check `dmesg | grep apparmor` and the profile in "
-            "/etc/apparmor.d/libvirt/, keep overlaydir empty)"
-        )
-    return OverlayLeftError(
-        f"{domain.name}: disk {target} is still running on the overlay {overlay} ({why}){hint}; "
-        f"nothing is lost, but the overlay grows until merged: run "
-        f"`backupninja-kvm recover {domain.name}`, or by hand `virsh blockcommit "
-        f"{domain.name} {target} --active --shallow --pivot --wait`, then delete {overlay}"
-    )
-
-
-def start_commit(domain: Domain, target: str, overlay: str, bandwidth: int) -> int:
-    """Start the active commit of *target*; returns the bandwidth it runs with.
-
-    A commit refused with the configured bandwidth (libvirt's own limit, or
-    libvirt-python's OverflowError for a value beyond a C long) is started
-    once more without a limit, with a warning: a bad value must never keep
-    a VM on its overlay.
-    """
-    try:
-        domain.start_commit(target, bandwidth)
-        return bandwidth
-    except (HypervisorError, OverflowError) as error:
-        if not bandwidth:
-            raise left_on_overlay(domain, target, overlay, f"commit refused: {error}") from None
-        refusal = str(error) if isinstance(error, HypervisorError) else repr(error)
-    log.warning(
-        "%s: %s: the commit with bandwidth = %s MiB/s was refused (%s); committing "
-        "without a bandwidth limit instead",
-        domain.name,
-        target,
-        bandwidth,
-        refusal,
-    )
-    try:
-        domain.start_commit(target, 0)
-    except HypervisorError as error:
-        raise left_on_overlay(domain, target, overlay, f"commit refused: {error}") from None
-    return 0
-
-
-def commit_and_pivot(
-    domain: Domain, target: str, overlay: str, timeout: int, bandwidth: int
-) -> None:
-    bandwidth = start_commit(domain, target, overlay, bandwidth)
-    wait_ready_and_pivot(domain, target, overlay, timeout, bandwidth)
-
-
-def wait_ready_and_pivot(
-    domain: Domain, target: str, overlay: str, timeout: int, bandwidth: int
-) -> None:
-    """Wait for the active commit on *target* to be ready, then pivot.
-
-    A job not ready in time is aborted and started once more; a pivot refused
-    as not ready yet is retried after waiting again.
-    """
-    for attempt in (1, 2):
-        progress = Progress(f"{domain.name}: {target}: commit", 0)
-        ready = wait_until(
-            partial(_commit_ready, domain, target, progress), timeout, wake=domain.job_changed
-        )
-        progress.finish()
-        if not ready:
-            log.warning(
-                "%s: %s: commit not ready after %d s (attempt %d)",
-                domain.name,
-                target,
-                timeout,
-                attempt,
-            )
-            try:
-                domain.abort_job(target)
-                wait_until(partial(domain.job_finished, target), 30, wake=domain.job_changed)
-                if attempt == 1:
-                    bandwidth = start_commit(domain, target, overlay, bandwidth)
-                    continue
-            except HypervisorError as error:
-                raise left_on_overlay(domain, target, overlay, str(error)) from None
-            raise left_on_overlay(domain, target, overlay, f"commit not ready within {timeout} s")
-        try:
-            domain.pivot(target)
-        except HypervisorError as error:
-            if error.code == ERR_BLOCK_COPY_ACTIVE and attempt == 1:
-                continue
-            raise left_on_overlay(domain, target, overlay, f"pivot failed: {error}") from None
-        if not wait_until(partial(domain.job_finished, target), 30, wake=domain.job_changed):
-            raise left_on_overlay(domain, target, overlay, "job still present after pivot")
-        return
-
-
-def _commit_ready(domain: Domain, target: str, progress: Progress) -> bool:
-    job = domain.block_job(target)
-    if job is not None:
-        progress.total = max(job.end, 1)
-        progress.update(job.current)
-    return domain.mirror_ready(target)
-
-
-def wait_for_pull(domain: Domain, target: str, timeout: int) -> bool:
-    """Wait until the pull on *target* is done; False after *timeout* s."""
-    progress = Progress(f"{domain.name}: {target}: pull", 0)
-
-    def finished() -> bool:
-        job = domain.block_job(target)
-        if job is None:
-            return True
-        progress.total = max(job.end, 1)
-        progress.update(job.current)
-        return False
-
-    done = wait_until(finished, timeout, wake=domain.job_changed)
-    progress.finish()
-    return done
-
-
-def commit_offline(domain: Domain, entry: DiskEntry) -> None:
-    """Merge the overlay of a shut-off domain into its base and point the
-    definition back at the base."""
-    result = subprocess.run(
-        # The base named explicitly: only into the image the journal recorded.
-        ["qemu-img", "commit", "-q", "-f", "qcow2", "-b", entry.base, entry.overlay],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        raise left_on_overlay(
-            domain, entry.target, entry.overlay, f"qemu-img commit failed: {result.stderr.strip()}"
-        )
-    base_format = entry.base_format
-    if base_format == "unknown":
-        base_format = image_info(entry.base).get("format", "raw")
-    xml = with_disk_source(domain.xml(inactive=True), entry.target, entry.base, base_format)
-    domain.redefine(xml)
-
-
-def image_info(path: str) -> dict:
-    """``qemu-img info`` of one image (no lock taken), {} when it cannot tell."""
-    result = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", path], capture_output=True, text=True
-    )
-    try:
-        return json.loads(result.stdout) if result.returncode == 0 else {}
-    except ValueError:
-        return {}
-
-
-def chain_references(domain: Domain) -> set[str]:
-    """Every file a chain of the domain refers to: the live and the persistent
-    XML, and the backing chain of each top image as qemu-img reads it (a
-    definition of a shut-off domain does not describe its backing files)."""
-    xmls = [domain.xml()] if domain.is_active() else []
-    if domain.is_persistent():
-        xmls.append(domain.xml(inactive=True))
-    referenced: set[str] = set()
-    for xml in xmls:
-        referenced |= referenced_paths(xml)
-        for disk in parse_disks(xml):
-            if disk.path and disk.source_type == "file":
-                referenced |= backing_chain(disk.path)
-    return referenced
-
-
-def backing_chain(path: str) -> set[str]:
-    """The files of *path*'s backing chain (``qemu-img info --backing-chain``)."""
-    result = subprocess.run(
-        ["qemu-img", "info", "-U", "--backing-chain", "--output=json", path],
-        capture_output=True,
-        text=True,
-    )
-    try:
-        layers = json.loads(result.stdout) if result.returncode == 0 else []
-    except ValueError:
-        return set()
-    files: set[str] = set()
-    for layer in layers if isinstance(layers, list) else []:
-        for key in ("filename", "full-backing-filename"):
-            if isinstance(layer.get(key), str):
-                files.add(layer[key])
-    return files
-
-
-def delete_overlay(domain: Domain, target: str, overlay: str) -> None:
-    """Delete an overlay file, only when no chain (live or persistent XML,
-    backing chains) refers to it."""
-    if overlay in chain_references(domain):
-        raise left_on_overlay(domain, target, overlay, "a chain still references it")
-    try:
-        os.unlink(overlay)
-    except FileNotFoundError:
-        pass
-
-
 def remove_partial(journal: Journal) -> list[str]:
     """Remove the incomplete set that the interrupted backup of *journal*
     was writing; returns what was done. Call only with the domain's lock
@@ -477,25 +247,6 @@ def remove_partial(journal: Journal) -> list[str]:
         return []
     shutil.rmtree(path)
     return [f"removed the incomplete set {path}"]
-
-
-def overlays_in_use(domain: Domain) -> list[str] | None:
-    """The overlays of ours that the domain's live or persistent XML still
-    shows: those named in its journal (without one, none is ours). None
-    when that cannot be read."""
-    try:
-        journal = journals.read(domain.uuid)
-        xmls = [domain.xml()] if domain.is_active() else []
-        if domain.is_persistent():
-            xmls.append(domain.xml(inactive=True))
-    except (HypervisorError, journals.JournalError):
-        return None
-    found: set[str] = set()
-    if journal is None:
-        return []  # only a journal makes a layer ours
-    for xml in xmls:
-        found |= referenced_paths(xml) & {d.overlay for d in journal.disks}
-    return sorted(found)
 
 
 def vanished_journals(hypervisor: Hypervisor) -> tuple[list[Journal], list[str]]:
