@@ -4,7 +4,8 @@
 state (live chain, block job, persistent XML, overlay file); it returns the
 steps that bring the disk back, or a refusal that touches nothing. Running
 it again on the state it leaves yields no step: recovery is idempotent.
-``recover_domain`` observes, decides and carries the steps out.
+``recover_domain`` observes, decides and carries the steps out with the
+merge's own primitives (``merge.py``).
 """
 
 from __future__ import annotations
@@ -16,29 +17,27 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from backupninja_kvm import interrupts
 from backupninja_kvm import journal as journals
-from backupninja_kvm.disks import (
-    parse_disks,
-    referenced_paths,
-)
-from backupninja_kvm.errors import HypervisorError, OverlayLeftError
-from backupninja_kvm.hypervisor import (
-    ERR_NO_DOMAIN,
-    Domain,
-    Hypervisor,
-)
+from backupninja_kvm.config import Settings
+from backupninja_kvm.disks import parse_disks, referenced_paths
+from backupninja_kvm.errors import DomainError, HypervisorError, OverlayLeftError
+from backupninja_kvm.hypervisor import ERR_NO_DOMAIN, Domain, Hypervisor
 from backupninja_kvm.journal import DISK_MERGED, DiskEntry, Journal
 from backupninja_kvm.merge import (
     commit_and_pivot,
     commit_offline,
     delete_overlay,
+    describe_error,
     image_info,
     left_on_overlay,
+    overlays_in_use,
     record_finished_pulls,
     wait_for_pull,
     wait_ready_and_pivot,
 )
 from backupninja_kvm.quiesce import thaw_left_frozen
+from backupninja_kvm.report import log
 
 # Step kinds
 PIVOT = "pivot"  # an active commit job exists: wait until ready, pivot
@@ -208,6 +207,56 @@ def recover_domain(
             f"(pid {journal.pid}, started {started})"
         )
     return done
+
+
+def recover_before_backup(domain: Domain, settings: Settings) -> None:
+    """Repair what an interrupted earlier run left, before anything else.
+
+    The repair is a merge: a signal waits until it is done (or has failed).
+    Raises DomainError when the domain runs on its own images but was not
+    repaired, OverlayLeftError (with the state found) when it may not.
+    """
+    try:
+        with interrupts.critical():
+            repaired = recover_domain(domain, settings.merge_timeout, settings.bandwidth)
+            if repaired:
+                log.warning(
+                    "%s: repaired what an interrupted backup left: %s",
+                    domain.name,
+                    "; ".join(repaired),
+                )
+    except journals.JournalError as error:
+        raise DomainError(
+            f"{domain.name}: {error}; remove it once checked; domain skipped"
+        ) from None
+    except (OverlayLeftError, DomainError):
+        raise
+    except Exception as error:  # a bug, or libvirt-python: never hide the state
+        raise _repair_failed(domain, error) from None
+
+
+def _repair_failed(domain: Domain, error: Exception) -> DomainError | OverlayLeftError:
+    """The error to report when the repair before the backup failed with
+    *error*, saying the state found afterwards."""
+    why = describe_error(error)
+    journal = journals.journal_path(domain.uuid)
+    in_use = overlays_in_use(domain)
+    if in_use == []:
+        return DomainError(
+            f"{domain.name}: the repair of what an interrupted backup left failed ({why}); "
+            f"the domain runs on its own images, its journal {journal} is left: run "
+            f"`backupninja-kvm recover {domain.name}`; domain skipped"
+        )
+    state = (
+        f"it still runs on the overlay(s) {', '.join(in_use)}"
+        if in_use
+        else "its state could not be read, it may still run on an overlay"
+    )
+    return OverlayLeftError(
+        f"{domain.name}: the repair of what an interrupted backup left failed ({why}); "
+        f"{state}; nothing is lost, do not delete them: run `backupninja-kvm recover "
+        f"{domain.name}` (journal {journal}); domain skipped"
+    )
 
 
 def _carry_out(domain: Domain, entry: DiskEntry, step: Step, timeout: int, bandwidth: int) -> str:
