@@ -1,7 +1,8 @@
-"""The backup cycle of one domain: plan, freeze, ship, merge, verify, clean.
+"""The full stage, for one domain: plan, freeze, ship, merge, complete.
 
-The hypervisor is reached only through ``hypervisor.Domain``; everything here
-works on names, paths and XML text.
+Each phase has its module (``plan``, ``quiesce``, ``freeze``, ``ship``,
+``merge``, ``complete``; ``recovery`` repairs first); this one only puts them
+in order. The hypervisor is reached only through ``hypervisor.Domain``.
 
 Between the freeze and the merge, only the copy runs. Whatever happens during
 the copy, the merge still runs; checksums, the manifest and pruning come after.
@@ -9,289 +10,34 @@ the copy, the merge still runs; checksums, the manifest and pruning come after.
 
 from __future__ import annotations
 
-import os
-import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
-from backupninja_kvm import destination, faults, images, interrupts, preflight, recovery
+from backupninja_kvm import complete, destination, faults, freeze, interrupts, recovery, ship
 from backupninja_kvm import journal as journals
+from backupninja_kvm import merge as merges
 from backupninja_kvm.config import Settings
-from backupninja_kvm.disks import (
-    ERROR,
-    GUEST_AGENT_CHANNEL,
-    INFO,
-    WARNING,
-    ChainPlan,
-    Disk,
-    SkippedDisk,
-    guest_agent_connected,
-    has_guest_agent,
-    is_our_overlay,
-    overlay_paths,
-    parse_disks,
-    plan_chain,
-    referenced_paths,
-    select_disks,
-    snapshot_xml,
-    strip_tag,
-)
-from backupninja_kvm.errors import (
-    DomainError,
-    HypervisorError,
-    OverlayLeftError,
-    TransferError,
-)
-from backupninja_kvm.hypervisor import ERR_NO_DOMAIN, Domain
+from backupninja_kvm.disks import WARNING, Disk, overlay_paths, parse_disks
+from backupninja_kvm.errors import DomainError, OverlayLeftError, TransferError
+from backupninja_kvm.hypervisor import Domain
 from backupninja_kvm.lock import domain_lock
-from backupninja_kvm.progress import Board, Progress
-from backupninja_kvm.report import human_bytes, log, seconds
+from backupninja_kvm.outcome import Outcome
+from backupninja_kvm.plan import (
+    Plan,
+    check_space,
+    make_plan,
+    nothing_to_back_up,
+    open_set,
+    refuse_unsafe_chains,
+    report_skipped,
+)
+from backupninja_kvm.quiesce import quiesce_wanted
+from backupninja_kvm.report import log
 
 # Called right after the freeze, before the copy, while the domain runs on its
 # overlays, with the domain and {target: overlay path}. Tests use it to write
 # into the guest during the backup window.
 WindowHook = Callable[[Domain, dict[str, str]], None]
-
-
-@dataclass(frozen=True)
-class SetFile:
-    """One file copied into the set: a disk's top, a backing layer, a data file."""
-
-    target: str
-    source: str
-    name: str  # its name in the set
-
-
-@dataclass(frozen=True)
-class HeaderFix:
-    """A ``qemu-img`` change on a copy in the set, so that the set's layers
-    refer to each other by relative names instead of to the domain's files."""
-
-    target: str
-    image: str  # the copy changed, by its name in the set
-    argv: tuple[str, ...]  # qemu-img's arguments, run in the set's folder
-    what: str  # for messages
-
-
-@dataclass
-class Plan:
-    """What a backup of one domain will do."""
-
-    name: str
-    active: bool
-    disks: list[Disk]
-    skipped: list[SkippedDisk]
-    agent: bool = False  # has a guest agent channel
-    files: list[SetFile] = field(default_factory=list)  # what is copied, disks' tops first
-    fixes: list[HeaderFix] = field(default_factory=list)  # after the copy
-    notes: list[tuple[str, str]] = field(default_factory=list)  # (level, message)
-
-    def describe(self) -> str:
-        state = "running" if self.active else "shut off"
-        parts = [f"{d.target} ({d.path}, {d.format})" for d in self.disks]
-        text = f"{self.name} ({state}): "
-        text += ("back up " + ", ".join(parts)) if parts else "no disk to back up"
-        extra = [f.source for f in self.files[len(self.disks) :]]
-        if extra:
-            text += " with " + ", ".join(extra)
-        if self.skipped:
-            text += "; skip " + ", ".join(f"{s.disk.target} ({s.reason})" for s in self.skipped)
-        if self.agent:
-            text += "; guest agent channel"
-        return text
-
-
-@dataclass
-class Outcome:
-    """What a backup of one domain did, for the summary line."""
-
-    name: str
-    disks: list[str] = field(default_factory=list)
-    bytes_copied: int = 0  # data copied; for a remote set, bytes rsync sent over the wire
-    remote: bool = False  # the summary then says "sent"
-    overlay_seconds: float = 0.0  # from the freeze until verified back on its images
-    merge: str = ""
-    merge_seconds: float = 0.0
-    freeze_seconds: float = 0.0  # the snapshot call
-    copy_seconds: float = 0.0
-    hook_seconds: float = 0.0  # the tests' and the benchmark's window hook
-    quiesced: int | None = None  # guest filesystems frozen for the snapshot
-    complete_seconds: float = 0.0  # flush, checksums, manifest, rename, prune
-    flush_seconds: float = 0.0  # of which writing the copy to disk (fsync), local sets
-    total_seconds: float = 0.0
-    set_path: str = ""
-    live: bool = True
-    problems: list[str] = field(default_factory=list)  # Error lines; the set is still good
-
-    def summary(self) -> str:
-        disks = ", ".join(self.disks) or "no disk"
-        verb = "sent" if self.remote else "copied"
-        text = f"{self.name}: backed up {disks}, {human_bytes(self.bytes_copied)} {verb}"
-        if self.live:
-            text += (
-                f", {'quiesced' if self.quiesced is not None else 'crash-consistent'}"
-                f", {seconds(self.overlay_seconds)} on the overlay"
-                f", {self.merge} merge in {seconds(self.merge_seconds)}"
-            )
-        else:
-            text += " (shut off, copied without snapshot)"
-        return text + f", set {self.set_path}"
-
-
-def make_plan(domain: Domain, backing: str = "chain") -> Plan:
-    """Read the domain's live XML and choose its disks, and for each disk
-    the files that go into the set (see ``_plan_files``)."""
-    active = domain.is_active()
-    xml = domain.xml()
-    chosen, skipped = select_disks(parse_disks(xml))
-    plan = Plan(domain.name, active, [], skipped, has_guest_agent(xml))
-    owners: dict[str, set[str]] | None = None
-    for disk in chosen:
-        assert disk.path
-        try:
-            layers = images.chain(disk.path)
-        except images.ImageError as error:
-            plan.skipped.append(SkippedDisk(disk, str(error), ERROR))
-            continue
-        if len(layers) > 1 and owners is None:
-            owners = _owners_of_other_domains(domain)
-        chain = plan_chain(layers, owners or {}, backing)
-        problem = _unusable_data_file(disk, chain)
-        if problem:
-            plan.skipped.append(SkippedDisk(disk, problem, ERROR))
-            continue
-        plan.disks.append(disk)
-        _plan_files(plan, disk, chain, backing)
-    return plan
-
-
-def _owners_of_other_domains(domain: Domain) -> dict[str, set[str]]:
-    """real path -> the other domains whose disks use that file, in their
-    live or persistent chain (a persistent XML names only the top: the
-    layers below it are read from the images)."""
-    owners: dict[str, set[str]] = {}
-    for name, paths in domain.paths_of_other_domains().items():
-        for path in paths:
-            found = {path}
-            if os.path.isfile(path):
-                try:
-                    found |= {layer.path for layer in images.chain(path)}
-                except images.ImageError:
-                    pass
-            for each in found:
-                owners.setdefault(os.path.realpath(each), set()).add(name)
-    return owners
-
-
-def _unusable_data_file(disk: Disk, chain: ChainPlan) -> str:
-    for layer in chain.copied:
-        if layer.data_file and not os.path.isfile(layer.data_file):
-            return (
-                f"{layer.path} keeps its data in {layer.data_file}, which is not a regular "
-                f"file and cannot be copied: the disk is not in the set"
-            )
-    return ""
-
-
-def _plan_files(plan: Plan, disk: Disk, chain: ChainPlan, backing: str) -> None:
-    """The files of one disk in the set, the header fixes that make them
-    refer to each other, and what to say about the layers left out."""
-    name, target = plan.name, disk.target
-    used = {f.name for f in plan.files} | {"domain.xml"}
-
-    def set_name(path: str, first: str = "") -> str:
-        wanted = first or f"{target}-{os.path.basename(path)}"
-        candidate, number = wanted, 1
-        while candidate in used:
-            number += 1
-            candidate = f"{target}-{number}-{os.path.basename(path)}"
-        used.add(candidate)
-        return candidate
-
-    names = []
-    for position, layer in enumerate(chain.copied):
-        names.append(set_name(layer.path, backup_file_name(disk) if position == 0 else ""))
-        plan.files.append(SetFile(target, layer.path, names[-1]))
-    for position, layer in enumerate(chain.copied):
-        if layer.data_file:
-            data_name = set_name(layer.data_file)
-            plan.files.append(SetFile(target, layer.data_file, data_name))
-            plan.fixes.append(
-                HeaderFix(
-                    target,
-                    names[position],
-                    tuple(images.data_file_argv(data_name, names[position])),
-                    f"point {names[position]} at its data file {data_name}",
-                )
-            )
-    for position, layer in enumerate(chain.copied[1:], start=1):
-        plan.fixes.append(
-            HeaderFix(
-                target,
-                names[position - 1],
-                tuple(images.rebase_argv(names[position], layer.format, names[position - 1])),
-                f"point {names[position - 1]} at {names[position]}",
-            )
-        )
-    left = (*chain.own_left, *chain.shared)
-    lowest = chain.copied[-1]
-    if left and lowest.backing_name and not os.path.isabs(lowest.backing_name):
-        # The original names its backing file relative to its own folder; the
-        # copy is meant to find the very file the domain uses.
-        plan.fixes.append(
-            HeaderFix(
-                target,
-                names[-1],
-                tuple(images.rebase_argv(left[0].path, left[0].format, names[-1])),
-                f"point {names[-1]} at {left[0].path}",
-            )
-        )
-    if len(chain.copied) > 1:
-        plan.notes.append(
-            (
-                INFO,
-                f"{name}: {target}: its backing file(s) "
-                f"{', '.join(layer.path for layer in chain.copied[1:])} belong to no other "
-                f"domain: copied into the set with it (backing = chain)",
-            )
-        )
-    if chain.own_left:
-        plan.notes.append(
-            (
-                WARNING,
-                f"{name}: {target}: its backing file(s) "
-                f"{', '.join(layer.path for layer in chain.own_left)} belong to no other "
-                f"domain and are not in the set (backing = {backing}); the set cannot be "
-                f"restored without them: set [source] backing = chain to save them",
-            )
-        )
-    if chain.shared:
-        plan.notes.append(
-            (
-                INFO,
-                f"{name}: {target}: its backing file {chain.shared[0].path} is a template "
-                f"also used by {', '.join(chain.shared_with)}; it is not in the set, which "
-                f"needs it to be restored",
-            )
-        )
-
-
-def backup_file_name(disk: Disk) -> str:
-    """Name of a disk's image in the set: target plus the image's own name.
-
-    Our tag is left out: after ``merge = pull`` the disk runs on a tagged
-    image whose name changes every night, and the set's names must not (a
-    remote ``delta`` finds its basis by name). ``a.bnkvm-STAMP.qcow2`` gives
-    ``vda-a.qcow2``, ``p.raw.bnkvm-STAMP.qcow2`` gives ``vda-p.raw.qcow2``.
-    """
-    assert disk.path
-    name = os.path.basename(disk.path)
-    if is_our_overlay(name):
-        name = strip_tag(name).removesuffix(".qcow2") + ".qcow2"
-    return f"{disk.target}-{name}"
 
 
 def back_up_domain(
@@ -315,13 +61,13 @@ def back_up_domain(
 def _back_up_locked(
     domain: Domain, settings: Settings, stamp: str, window_hook: WindowHook | None
 ) -> Outcome:
-    _recover_first(domain, settings)
+    recovery.recover_before_backup(domain, settings)
     plan = make_plan(domain, settings.backing)
     name = plan.name
     if not plan.disks:
-        raise DomainError(_nothing_to_back_up(plan))
-    unsaved = [_report_skipped(name, skipped) for skipped in plan.skipped]
-    _refuse_unsafe_chains(plan)
+        raise DomainError(nothing_to_back_up(plan))
+    unsaved = [report_skipped(name, skipped) for skipped in plan.skipped]
+    refuse_unsafe_chains(plan)
     for level, note in plan.notes:
         (log.warning if level == WARNING else log.info)("%s", note)
 
@@ -329,11 +75,11 @@ def _back_up_locked(
     backup_set = open_set(settings, name, stamp)
     domain_dir = backup_set.domain_dir
     overlays = overlay_paths(plan.disks, backup_set.stamp, settings.overlaydir, name)
-    _check_space(plan, settings, overlays, backup_set)
+    check_space(plan, settings, overlays, backup_set)
 
     try:
         backup_set.begin()
-        _write_definition(domain, backup_set)
+        ship.write_definition(domain, backup_set)
     except destination.SetExists as error:
         raise DomainError(f"{name}: {error}; domain skipped") from None
     except OSError as error:
@@ -352,456 +98,13 @@ def _back_up_locked(
             )
         else:
             outcome.live = False
-            _back_up_shut_off(domain, plan, backup_set, outcome)
-        _fix_headers(plan, backup_set, outcome)
+            ship.copy_shut_off(domain, plan, backup_set, outcome)
+        complete.fix_headers(plan, backup_set)
     except BaseException:
         backup_set.discard()  # failed or interrupted: never leave a half set behind
         raise
-
-    completing = time.monotonic()
-    try:
-        outcome.set_path = backup_set.complete()
-    except (OSError, TransferError) as error:
-        backup_set.discard()
-        reason = error.strerror if isinstance(error, OSError) else str(error)
-        raise DomainError(
-            f"{name}: cannot complete the set in {domain_dir}: {reason}; "
-            f"the domain runs on its own images"
-        ) from None
-    # A set that lacks a disk's data (skipped with a Warning or an Error)
-    # never replaces the sets that may hold it: nothing is pruned until the
-    # sets are whole again (or the administrator leaves the disk out).
-    lacking = [s.disk.target for s in plan.skipped if s.level != INFO]
-    try:
-        removed = [] if lacking else backup_set.prune(settings.keep)
-        if lacking:
-            log.warning(
-                "%s: no old set was removed: this set lacks %s (see above), and older sets "
-                "may hold it; remove them by hand once checked",
-                name,
-                ", ".join(lacking),
-            )
-        for old in backup_set.remove_stale_partials():
-            log.warning("%s: removed the incomplete set %s left by an earlier run", name, old)
-    except (OSError, TransferError) as error:
-        removed = []
-        log.warning("%s: the set is complete, but pruning old sets failed: %s", name, error)
-    if removed:
-        log.info("%s: removed %d old set(s) beyond keep = %d", name, len(removed), settings.keep)
-    delete_superseded_pulls(domain)  # the set holds what they held
-    outcome.complete_seconds = time.monotonic() - completing
-    outcome.flush_seconds = backup_set.flush_seconds
+    complete.complete_set(domain, plan, settings, backup_set, outcome)
     return outcome
-
-
-def _nothing_to_back_up(plan: Plan) -> str:
-    if not plan.skipped:
-        return (
-            f"{plan.name}: the domain has no disk, nothing to back up; no set made "
-            f"(leave it out with [source] exclude if that is intended)"
-        )
-    reasons = "; ".join(_skipped_text(s) for s in plan.skipped)
-    return (
-        f"{plan.name}: no disk can be backed up ({reasons}); no set made, nothing frozen; "
-        f"its last sets are kept"
-    )
-
-
-def _skipped_text(skipped: SkippedDisk) -> str:
-    disk = skipped.disk
-    source = f" ({disk.path})" if disk.path else ""
-    return f"{disk.target}: {skipped.reason}{source}"
-
-
-def _report_skipped(name: str, skipped: SkippedDisk) -> str:
-    """Info for what holds none of the VM's data, a Warning for a disk whose
-    data is not saved (the report mail shows only warnings and errors).
-    Returns the Error text for a disk whose data could not be saved (the
-    set of the other disks is still made), or ""."""
-    text = _skipped_text(skipped)
-    if skipped.level == INFO:
-        log.info("%s: skipping disk %s", name, text)
-    elif skipped.level == WARNING:
-        log.warning("%s: disk %s; its data is not in the set", name, text)
-    else:
-        return f"{name}: disk {text}; it is not in the set"
-    return ""
-
-
-def open_set(settings: Settings, name: str, stamp: str) -> destination.AnySet:
-    """The new set of domain *name*, under the next free name from *stamp*
-    (the caller holds the domain's lock). Raises DomainError for a name that
-    is not a safe folder name, or a destination that cannot be listed."""
-    domain_dir = destination.domain_directory(settings.directory, name)
-    backup_set: destination.AnySet
-    if settings.dest == "remote":
-        backup_set = destination.RemoteBackupSet(
-            domain_dir, stamp, settings.remote(), delta=settings.delta
-        )
-    else:
-        backup_set = destination.BackupSet(domain_dir, stamp)
-    try:
-        backup_set.check_folder()
-        chosen = backup_set.choose_stamp()
-    except (OSError, TransferError) as error:
-        reason = error.strerror if isinstance(error, OSError) else str(error)
-        raise DomainError(f"{name}: cannot read {domain_dir}: {reason}; domain skipped") from None
-    if chosen != stamp:
-        log.info("%s: a set named %s or later exists; this one is %s", name, stamp, chosen)
-    return backup_set
-
-
-def _check_space(
-    plan: Plan, settings: Settings, overlays: dict[str, str], backup_set: destination.AnySet
-) -> None:
-    """Refuse, before anything is frozen, a backup that would fill a disk."""
-    set_need = preflight.destination_need(settings.directory, [f.source for f in plan.files])
-    needs = []
-    problems = []
-    if isinstance(backup_set, destination.RemoteBackupSet):
-        try:
-            free = backup_set.free_bytes()
-        except (TransferError, ValueError, IndexError) as error:
-            raise DomainError(
-                f"{plan.name}: cannot check the space at the destination: {error}"
-            ) from None
-        if free < set_need.needed:
-            problems.append(
-                f"not enough free space for the backup set in {backup_set.remote.label}:"
-                f"{settings.directory}: {human_bytes(set_need.needed)} needed, "
-                f"{human_bytes(free)} free"
-            )
-    else:
-        needs.append(set_need)
-    if plan.active:
-        needs += preflight.overlay_needs(list(overlays.values()), settings.overlay_reserve)
-    problems += preflight.shortfalls(needs)
-    if problems:
-        raise DomainError(f"{plan.name}: " + "; ".join(problems) + "; nothing was frozen")
-
-
-def _fix_headers(plan: Plan, backup_set: destination.AnySet, outcome: Outcome) -> None:
-    """Make the copies in the set refer to each other (backing files, data
-    files) by relative names, so that the set restores on its own. Runs on
-    the copies only, after the merge. On a remote destination this needs
-    qemu-img there; without it, each copy keeps the names of the domain's
-    own files, which a Warning says with the command to run on a restore."""
-    failed: set[str] = set()
-    for fix in plan.fixes:
-        if fix.image in failed:
-            # Its data file is still the domain's: qemu-img would open that one.
-            log.warning(
-                "%s: %s: did not %s in the set; after a restore, run `qemu-img %s`",
-                plan.name,
-                fix.target,
-                fix.what,
-                " ".join(fix.argv),
-            )
-            continue
-        try:
-            if isinstance(backup_set, destination.RemoteBackupSet):
-                backup_set.remote.run(
-                    'cd "$1" && shift && exec qemu-img "$@"', backup_set.partial_path, *fix.argv
-                )
-            else:
-                images.run_in(backup_set.partial_path, list(fix.argv))
-        except (TransferError, images.ImageError) as error:
-            failed.add(fix.image)
-            log.warning(
-                "%s: %s: could not %s in the set (%s); after a restore, run "
-                "`qemu-img %s` in the set's folder",
-                plan.name,
-                fix.target,
-                fix.what,
-                error,
-                " ".join(fix.argv),
-            )
-
-
-def _refuse_unsafe_chains(plan: Plan) -> None:
-    for disk in plan.disks:
-        if disk.mirror:
-            raise DomainError(
-                f"{plan.name}: disk {disk.target} has a block job running "
-                f"(see `virsh blockjob {plan.name} {disk.target}`); domain skipped"
-            )
-    # A disk named like our overlay with no journal (recovery has run) is the
-    # domain's own disk, e.g. what a finished `merge = pull` left on top of a
-    # template: backed up like any other, never merged.
-
-
-def _write_definition(domain: Domain, backup_set: destination.AnySet) -> None:
-    """Save the definition a restore needs, console passwords included (the
-    set is 0700, the file 0600). libvirt secrets (LUKS keys) are not in it."""
-    persistent = domain.is_persistent()
-    xml = domain.xml(inactive=persistent, secure=True)
-    backup_set.write_file("domain.xml", xml)
-
-
-class _CopyStopped(Exception):
-    """Another disk's copy failed, or we were interrupted: stop this one."""
-
-
-def _copy_disks(plan: Plan, backup_set: destination.AnySet, outcome: Outcome) -> None:
-    """Copy every file of the plan (each disk's top, its own backing layers,
-    data files) into the set, side by side.
-
-    Files are copied in parallel (one thread each, at most 4): measured
-    about twice as fast as one after the other here, and the time on the
-    overlay is the copy's. A failure or a signal stops the other copies at
-    their next chunk; the first error is raised.
-    """
-    started = time.monotonic()
-    board = Board()
-    stop = threading.Event()
-    copied: dict[str, int] = {}
-
-    def copy_one(item: SetFile, progress: Progress) -> None:
-        def update(done: int) -> None:
-            if stop.is_set():
-                raise _CopyStopped()
-            progress.update(done)
-
-        file_started = time.monotonic()
-        copied[item.name] = backup_set.copy_image(item.source, item.name, update)
-        progress.finish()
-        log.debug(
-            "%s: %s: %s from %s in %s",
-            plan.name,
-            item.target,
-            f"sent {human_bytes(copied[item.name])} over the wire"
-            if isinstance(backup_set, destination.RemoteBackupSet)
-            else f"copied {human_bytes(copied[item.name])} of data",
-            item.source,
-            seconds(time.monotonic() - file_started),
-        )
-
-    files = plan.files
-    tops = {d.path for d in plan.disks}
-    progresses = {
-        f.name: board.add(
-            f"{plan.name}: {f.target}: copy" + ("" if f.source in tops else f" {f.name}"),
-            preflight.allocated_bytes(f.source),
-        )
-        for f in files
-    }
-    pool = ThreadPoolExecutor(max_workers=min(len(files), 4) or 1)
-    futures = [pool.submit(copy_one, f, progresses[f.name]) for f in files]
-    try:
-        for number, future in enumerate(as_completed(futures)):
-            error = future.exception()
-            if error is not None and not isinstance(error, _CopyStopped):
-                raise error
-            if number == 0 and len(futures) > 1:
-                faults.checkpoint("mid-copy")
-    finally:
-        stop.set()
-        pool.shutdown(wait=True)  # each copy stops at its next chunk
-        board.close()  # later log lines go below it
-    outcome.bytes_copied += sum(copied.values())
-    outcome.remote = isinstance(backup_set, destination.RemoteBackupSet)
-    outcome.copy_seconds = time.monotonic() - started
-
-
-def _back_up_shut_off(
-    domain: Domain, plan: Plan, backup_set: destination.AnySet, outcome: Outcome
-) -> None:
-    """Copy the images of a shut-off domain: nothing writes them, unless it starts."""
-    before = {f.name: _signature(f.source) for f in plan.files}
-    try:
-        _copy_disks(plan, backup_set, outcome)
-    except TransferError as error:
-        backup_set.discard()
-        raise DomainError(f"{plan.name}: {error}") from None
-    changed = [f.name for f in plan.files if _signature(f.source) != before[f.name]]
-    if domain.is_active() or changed:
-        backup_set.discard()
-        raise DomainError(
-            f"{plan.name}: the domain started during the copy of its images "
-            f"(changed: {', '.join(changed) or 'none yet'}); the copy was discarded"
-        )
-
-
-def _signature(path: str | None) -> tuple[int, int]:
-    assert path
-    status = os.stat(path)
-    return status.st_mtime_ns, status.st_size
-
-
-def _recover_first(domain: Domain, settings: Settings) -> None:
-    """Repair what an interrupted earlier run left, before anything else.
-
-    The repair is a merge: a signal waits until it is done (or has failed).
-    Raises DomainError when the domain runs on its own images but was not
-    repaired, OverlayLeftError (with the state found) when it may not.
-    """
-    try:
-        with interrupts.critical():
-            repaired = recovery.recover_domain(domain, settings.merge_timeout, settings.bandwidth)
-            if repaired:
-                log.warning(
-                    "%s: repaired what an interrupted backup left: %s",
-                    domain.name,
-                    "; ".join(repaired),
-                )
-    except journals.JournalError as error:
-        raise DomainError(
-            f"{domain.name}: {error}; remove it once checked; domain skipped"
-        ) from None
-    except (OverlayLeftError, DomainError):
-        raise
-    except Exception as error:  # a bug, or libvirt-python: never hide the state
-        raise _repair_failed(domain, error) from None
-
-
-def _describe(error: Exception) -> str:
-    if isinstance(error, HypervisorError | OSError | journals.JournalError):
-        return str(error)
-    return f"{type(error).__name__}: {error}"  # not ours: name it, it is a bug
-
-
-def _repair_failed(domain: Domain, error: Exception) -> DomainError | OverlayLeftError:
-    """The error to report when the repair before the backup failed with
-    *error*, saying the state found afterwards."""
-    why = _describe(error)
-    journal = journals.journal_path(domain.uuid)
-    in_use = recovery.overlays_in_use(domain)
-    if in_use == []:
-        return DomainError(
-            f"{domain.name}: the repair of what an interrupted backup left failed ({why}); "
-            f"the domain runs on its own images, its journal {journal} is left: run "
-            f"`backupninja-kvm recover {domain.name}`; domain skipped"
-        )
-    state = (
-        f"it still runs on the overlay(s) {', '.join(in_use)}"
-        if in_use
-        else "its state could not be read, it may still run on an overlay"
-    )
-    return OverlayLeftError(
-        f"{domain.name}: the repair of what an interrupted backup left failed ({why}); "
-        f"{state}; nothing is lost, do not delete them: run `backupninja-kvm recover "
-        f"{domain.name}` (journal {journal}); domain skipped"
-    )
-
-
-def quiesce_wanted(plan: Plan, settings: Settings) -> bool:
-    """Whether to freeze the guest's filesystems for the snapshot; raises
-    DomainError, before anything is done, when quiesce = yes cannot be met."""
-    if settings.quiesce == "no" or not plan.active or not plan.disks:
-        return False
-    if plan.agent:
-        return True
-    if settings.quiesce == "yes":
-        raise DomainError(
-            f"{plan.name}: {settings.where('general', 'quiesce')} is yes, but the domain has "
-            f"no guest agent channel ({GUEST_AGENT_CHANNEL}); nothing done, domain skipped"
-        )
-    log.info("%s: no guest agent channel: the snapshot will be crash-consistent", plan.name)
-    return False
-
-
-@contextmanager
-def _filesystems_frozen(
-    domain: Domain, wanted: bool, settings: Settings, outcome: Outcome
-) -> Iterator[None]:
-    """Freeze the guest's filesystems around the body (the snapshot) when
-    *wanted*; thaw them however the body ends.
-
-    libvirt waits for the agent without limit by default: the freeze and the
-    thaw get ``quiesce_timeout`` each. A freeze given up after that may still
-    complete in the guest, so the agent is asked to thaw until it answers
-    before the snapshot is taken (crash-consistent then).
-    """
-    if not wanted:
-        yield
-        return
-    timeout = settings.quiesce_timeout
-    try:
-        domain.set_agent_timeout(timeout)
-        try:
-            outcome.quiesced = domain.fs_freeze()
-        except HypervisorError as error:
-            reason = error.reason
-            if _agent_connected(domain):  # it may finish the freeze later
-                reason += f"; quiesce_timeout {timeout} s"
-                _thaw_a_late_freeze(domain, timeout, outcome)
-            if settings.quiesce == "yes":
-                raise DomainError(
-                    "; ".join(
-                        [
-                            f"{domain.name}: could not freeze the guest's filesystems "
-                            f"({reason}); quiesce = yes: nothing done, domain skipped",
-                            *outcome.problems,
-                        ]
-                    )
-                ) from None
-            log.warning(
-                "%s: could not freeze the guest's filesystems (%s); the snapshot is "
-                "crash-consistent",
-                domain.name,
-                reason,
-            )
-            yield
-            return
-        try:
-            faults.checkpoint("after-fsfreeze")
-            yield
-        finally:
-            _thaw(domain, outcome)
-    finally:
-        try:
-            domain.set_agent_timeout(None)
-        except HypervisorError as error:
-            log.debug("%s: could not reset the guest agent timeout: %s", domain.name, error)
-
-
-def _agent_connected(domain: Domain) -> bool:
-    try:
-        return guest_agent_connected(domain.xml())
-    except HypervisorError:
-        return True  # cannot tell: ask for the thaw anyway
-
-
-def _thaw_a_late_freeze(domain: Domain, timeout: int, outcome: Outcome) -> None:
-    """The freeze failed with an agent connected: if it timed out, the agent
-    may still finish it. Ask for a thaw until the agent answers (at once
-    when it is idle; at most max(timeout, 60) s)."""
-    deadline = time.monotonic() + max(timeout, 60)
-    while True:
-        try:
-            thawed = domain.fs_thaw()
-        except HypervisorError:
-            if time.monotonic() < deadline:
-                time.sleep(1)
-                continue
-            outcome.problems.append(
-                f"{domain.name}: the guest agent finished neither the freeze nor a thaw in "
-                f"time; if the guest's writes hang, run `virsh domfsthaw {domain.name}`"
-            )
-            return
-        if thawed:
-            log.warning(
-                "%s: the guest agent finished the freeze late; thawed %d filesystem(s)",
-                domain.name,
-                thawed,
-            )
-        return
-
-
-def _thaw(domain: Domain, outcome: Outcome) -> None:
-    failure: HypervisorError | None = None
-    for attempt in range(3):
-        try:
-            domain.fs_thaw()
-            return
-        except HypervisorError as error:
-            failure = error
-            time.sleep(0.5 * (attempt + 1))
-    outcome.problems.append(
-        f"{domain.name}: the guest's filesystems could not be thawed after the snapshot "
-        f"({failure.reason if failure else 'no answer'}); the guest's writes may be blocked: "
-        f"run `virsh domfsthaw {domain.name}`"
-    )
 
 
 def _back_up_running(
@@ -817,38 +120,7 @@ def _back_up_running(
     name = plan.name
     if not plan.disks:
         return
-    for target, path in overlays.items():
-        if os.path.lexists(path):
-            backup_set.discard()
-            raise DomainError(f"{name}: {target}: overlay {path} already exists; domain skipped")
-
-    defined = (
-        {d.target: d.path for d in parse_disks(domain.xml(inactive=True))}
-        if domain.is_persistent()
-        else {}
-    )
-    journal = journals.Journal(
-        name,
-        domain.uuid,
-        journals.FROZEN,
-        settings.merge,
-        tuple(
-            journals.DiskEntry(
-                d.target,
-                d.path or "",
-                d.format or "raw",
-                overlays[d.target],
-                base_backing=d.backing,
-                persistent_base=defined.get(d.target),
-            )
-            for d in plan.disks
-        ),
-        quiesce=quiesce,
-        partial=backup_set.partial_path,
-        partial_host=backup_set.remote.label
-        if isinstance(backup_set, destination.RemoteBackupSet)
-        else "",
-    )
+    journal = freeze.new_journal(domain, plan, settings, quiesce, overlays, backup_set)
     all_disks = parse_disks(domain.xml())
     frozen_at = time.monotonic()
     frozen = copied = False
@@ -856,29 +128,14 @@ def _back_up_running(
     journals.write(journal)
     try:
         faults.checkpoint("after-journal")
-        try:
-            # A signal waits until the guest is thawed.
-            with interrupts.critical(), _filesystems_frozen(domain, quiesce, settings, outcome):
-                domain.create_overlays(snapshot_xml(all_disks, overlays))
-        except HypervisorError as error:
-            raise DomainError(f"{name}: could not freeze the disks: {error}") from None
+        freeze.freeze(domain, all_disks, overlays, quiesce, settings, outcome, frozen_at)
         frozen = True
-        outcome.freeze_seconds = time.monotonic() - frozen_at
-        log.info(
-            "%s: froze %s in %s%s",
-            name,
-            ", ".join(overlays),
-            seconds(time.monotonic() - frozen_at),
-            ""
-            if outcome.quiesced is None
-            else f", {outcome.quiesced} guest filesystem(s) quiesced",
-        )
         faults.checkpoint("after-freeze")
         if window_hook:
             hook_started = time.monotonic()
             window_hook(domain, overlays)
             outcome.hook_seconds = time.monotonic() - hook_started
-        _copy_disks(plan, backup_set, outcome)
+        ship.copy_disks(plan, backup_set, outcome)
         copied = True
         faults.checkpoint("after-copy")
     except (TransferError, OSError) as error:
@@ -889,13 +146,13 @@ def _back_up_running(
         # on; a signal arriving from here on waits for that too.
         with interrupts.critical():
             faults.checkpoint("before-merge")
-            frozen = frozen or _runs_on_any(domain, overlays)
+            frozen = frozen or freeze.runs_on_any(domain, overlays)
             if frozen:
                 merge_started = time.monotonic()
                 back_on_images = merge(domain, plan.disks, overlays, settings, journal)
                 outcome.merge_seconds = back_on_images - merge_started
                 outcome.overlay_seconds = back_on_images - frozen_at
-                _resume_if_paused_by_io_error(domain, overlays, outcome)
+                merges.resume_if_paused_by_io_error(domain, overlays, outcome)
             else:
                 journals.remove(domain.uuid)
             if not copied:
@@ -910,30 +167,6 @@ def _back_up_running(
                 ]
             )
         )
-
-
-def _resume_if_paused_by_io_error(
-    domain: Domain, overlays: dict[str, str], outcome: Outcome
-) -> None:
-    """A full overlay filesystem makes QEMU pause the guest; once the merge
-    has put the disks back on their images, the guest can go on."""
-    if not domain.is_active() or not domain.paused_by_io_error():
-        return
-    domain.resume()
-    places = ", ".join(sorted({os.path.dirname(p) for p in overlays.values()}))
-    outcome.problems.append(
-        f"{domain.name}: QEMU paused the guest during the backup because a write failed "
-        f"(the filesystem of the overlays, {places}, is probably full); it was merged back "
-        f"and resumed, its pending writes retried; raise overlay_reserve or free space there"
-    )
-
-
-def _runs_on_any(domain: Domain, overlays: dict[str, str]) -> bool:
-    try:
-        xml = domain.xml() if domain.is_active() else domain.xml(inactive=True)
-    except HypervisorError:
-        return True  # cannot tell: let the merge look closer
-    return bool(referenced_paths(xml) & set(overlays.values()))
 
 
 def merge(
@@ -960,44 +193,17 @@ def merge(
                 _merge_offline(domain)
                 back_on_images = time.monotonic()
             elif settings.merge == "pull":
-                _merge_by_pull(domain, disks, overlays, settings, journal)
+                merges.merge_by_pull(domain, disks, overlays, settings, journal)
                 back_on_images = time.monotonic()
             else:
-                back_on_images = _merge_by_commit(domain, disks, overlays, settings, journal)
+                back_on_images = merges.merge_by_commit(domain, disks, overlays, settings, journal)
         except (OverlayLeftError, DomainError):
             raise
         except Exception as error:  # a bug, or libvirt-python: no traceback hides the overlays
-            raise _merge_failed(domain, overlays, error) from None
+            raise merges.merge_failed(domain, overlays, error) from None
         journals.remove(domain.uuid)
         log.info("%s: merged %s by %s", domain.name, ", ".join(overlays), settings.merge)
     return back_on_images
-
-
-def _merge_failed(domain: Domain, overlays: dict[str, str], error: Exception) -> OverlayLeftError:
-    """The error for a merge that failed with *error* (a HypervisorError, or
-    anything else escaping from libvirt-python or a bug), naming the state."""
-    name = domain.name
-    journal = journals.journal_path(domain.uuid)
-    files = ", ".join(overlays.values())
-    text = f"{name}: the merge of {', '.join(overlays)} failed ({_describe(error)}); "
-    if isinstance(error, HypervisorError) and error.code == ERR_NO_DOMAIN:
-        return OverlayLeftError(
-            text + f"the domain no longer exists (destroyed during the backup?): the guest's "
-            f"last writes are only in the overlays {files}; do not delete them and do not "
-            f"start the domain again before they are merged: run `backupninja-kvm recover "
-            f"{name}`, which commits them offline into the images named in the journal {journal}"
-        )
-    in_use = recovery.overlays_in_use(domain)
-    if in_use:
-        state = f"the domain still runs on the overlay(s) {', '.join(in_use)}"
-    elif in_use == []:
-        state = f"the domain shows its own images on top, but the merge was not verified ({files})"
-    else:
-        state = f"the domain may still use the overlays {files}"
-    return OverlayLeftError(
-        text + f"{state}; nothing is lost, do not delete them: run "
-        f"`backupninja-kvm recover {name}` (journal {journal})"
-    )
 
 
 def _merge_offline(domain: Domain) -> None:
@@ -1008,232 +214,3 @@ def _merge_offline(domain: Domain) -> None:
     )
     done = recovery.recover_domain(domain, interrupted=False)
     log.info("%s: %s", domain.name, "; ".join(done))
-
-
-def _merge_by_commit(
-    domain: Domain,
-    disks: list[Disk],
-    overlays: dict[str, str],
-    settings: Settings,
-    journal: journals.Journal,
-) -> float:
-    # One journal write before the jobs start and one after every pivot
-    # (each an fsync, the disks not pivoted yet still on their overlays): a
-    # repair then knows which disks were merged, and deletes their overlays
-    # without having to prove it by comparing the images.
-    _check_frozen_chains(domain, journal)
-    for target in overlays:
-        journal = journal.with_disk(target, journals.DISK_MERGING)
-    journals.write(journal)
-    bandwidths = {}  # what each commit runs with: a refused value is not tried again
-    for target, overlay in overlays.items():
-        bandwidths[target] = recovery.start_commit(domain, target, overlay, settings.bandwidth)
-    faults.checkpoint("mid-merge")
-    for target, overlay in overlays.items():
-        recovery.wait_ready_and_pivot(
-            domain, target, overlay, settings.merge_timeout, bandwidths[target]
-        )
-        journal = journal.with_disk(target, journals.DISK_MERGED)
-        journals.write(journal)
-    faults.checkpoint("after-pivot")
-    _verify_tops(domain, journal, {e.target: e.base for e in journal.disks})
-    back_on_images = time.monotonic()
-    journals.write(journal.at(journals.MERGED))
-    faults.checkpoint("before-delete")
-    for target, overlay in overlays.items():
-        try:
-            recovery.delete_overlay(domain, target, overlay)
-        except OSError as error:
-            log.warning(
-                "%s: %s: merged, but the overlay %s could not be deleted: %s",
-                domain.name,
-                target,
-                overlay,
-                error.strerror,
-            )
-    return back_on_images
-
-
-def _check_frozen_chains(domain: Domain, journal: journals.Journal) -> None:
-    """Before merging: each of our overlays still sits on the base the
-    journal recorded, so that a shallow commit writes into that base only and
-    a pull copies that base only."""
-    live = {d.target: d for d in parse_disks(domain.xml())}
-    for entry in journal.disks:
-        disk = live.get(entry.target)
-        if disk is not None and disk.path == entry.overlay and disk.backing != entry.base:
-            raise recovery.left_on_overlay(
-                domain,
-                entry.target,
-                entry.overlay,
-                f"its backing file is now {disk.backing}, not {entry.base} as recorded before "
-                f"the freeze; nothing was merged",
-            )
-
-
-def _merge_by_pull(
-    domain: Domain,
-    disks: list[Disk],
-    overlays: dict[str, str],
-    settings: Settings,
-    journal: journals.Journal,
-) -> None:
-    _check_frozen_chains(domain, journal)
-    # One disk after the other: QEMU 7.2 was seen to crash with two pulls at once.
-    for disk in disks:
-        overlay = overlays[disk.target]
-        try:
-            # Pull only the layer we froze; a template below it stays shared.
-            domain.start_pull(disk.target, disk.backing, settings.bandwidth)
-        except HypervisorError as error:
-            raise recovery.left_on_overlay(
-                domain, disk.target, overlay, f"pull refused: {error}"
-            ) from None
-        faults.checkpoint("mid-merge")
-        if not recovery.wait_for_pull(domain, disk.target, settings.merge_timeout):
-            raise recovery.left_on_overlay(
-                domain, disk.target, overlay, f"pull not done within {settings.merge_timeout} s"
-            )
-    faults.checkpoint("after-pivot")
-    # After a pull the overlay *is* the disk, on the frozen image's own
-    # backing file (a template) if it had one; the frozen image is unused.
-    _verify_tops(domain, journal, overlays)
-    live = domain.xml()
-    for disk in disks:
-        if disk.path in referenced_paths(live):
-            raise recovery.left_on_overlay(
-                domain, disk.target, overlays[disk.target], "the pull did not detach the image"
-            )
-    try:
-        record = journals.read_pulled(domain.uuid)
-        journals.write_pulled(
-            domain.uuid,
-            record.after_pull({d.path for d in disks if d.path}, set(overlays.values())),
-        )
-    except (journals.JournalError, OSError) as error:
-        # Without the record nothing is ever deleted: the images pile up, but
-        # nothing of the administrator's can be taken for ours.
-        log.warning(
-            "%s: cannot update the record of the images our pulls made (%s); none of them "
-            "will be deleted",
-            domain.name,
-            error,
-        )
-        record = journals.Pulled()
-    for disk in disks:
-        if disk.path in record.made:
-            log.info(
-                "%s: %s now runs on %s (merge = pull); %s, made by the pull of an earlier "
-                "backup, is deleted once the set is complete",
-                domain.name,
-                disk.target,
-                overlays[disk.target],
-                disk.path,
-            )
-        else:
-            log.warning(
-                "%s: %s now runs on %s (merge = pull); %s is no longer used; kept, delete it "
-                "once checked",
-                domain.name,
-                disk.target,
-                overlays[disk.target],
-                disk.path,
-            )
-    faults.checkpoint("before-delete")
-
-
-def delete_superseded_pulls(domain: Domain) -> None:
-    """Delete the images our pulls made that a later pull superseded, once
-    no chain uses them; call when the set is complete (it holds what they
-    held).
-
-    Only an image recorded as made by our pull is deleted: the
-    administrator's own image, even with a tagged name, never is.
-    """
-    try:
-        record = journals.read_pulled(domain.uuid)
-    except journals.JournalError as error:
-        log.warning("%s: %s; no superseded image deleted", domain.name, error)
-        return
-    if not record.superseded:
-        return
-    try:
-        referenced = recovery.chain_references(domain)
-    except HypervisorError as error:
-        log.warning(
-            "%s: cannot read its chains (%s); no superseded image deleted", domain.name, error
-        )
-        return
-    kept = set()
-    for image in sorted(record.superseded):
-        if image in referenced:
-            kept.add(image)
-            continue
-        try:
-            os.unlink(image)
-        except FileNotFoundError:
-            continue
-        except OSError as error:
-            log.warning(
-                "%s: could not delete %s, an image superseded by merge = pull: %s",
-                domain.name,
-                image,
-                error.strerror,
-            )
-            kept.add(image)
-            continue
-        log.info("%s: deleted %s, superseded by the pull (merge = pull)", domain.name, image)
-    journals.write_pulled(domain.uuid, journals.Pulled(record.made, frozenset(kept)))
-
-
-def _verify_tops(domain: Domain, journal: journals.Journal, expected: dict[str, str]) -> None:
-    """After the merge: the live XML shows the *expected* image on top of each
-    disk, with the base's own backing file below it after a pull, and no
-    mirror; the persistent XML too, for the disks it defined on their base
-    before the freeze (a disk hot-plugged live only, a pending `--config`
-    change or an edited definition is not ours to check).
-    """
-    live = {d.target: d for d in parse_disks(domain.xml())}
-    persistent = (
-        {d.target: d for d in parse_disks(domain.xml(inactive=True))}
-        if domain.is_persistent()
-        else {}
-    )
-    for entry in journal.disks:
-        want = expected[entry.target]
-        disk = live.get(entry.target)
-        if disk is not None and (disk.mirror or (disk.path == entry.overlay != want)):
-            raise recovery.left_on_overlay(
-                domain,
-                entry.target,
-                entry.overlay,
-                "a block job is still attached" if disk.mirror else "the merge did not pivot",
-            )
-        if disk is None or disk.path != want:
-            # Neither merged nor on our overlay: someone else changed the disk.
-            shown = f"runs on {disk.path}" if disk else "is gone from the live definition"
-            raise OverlayLeftError(
-                f"{domain.name}: after the merge, disk {entry.target} {shown}, not on {want}; "
-                f"{entry.overlay} is kept; check `virsh domblklist {domain.name}` and delete "
-                f"{entry.overlay} once nothing uses it (journal "
-                f"{journals.journal_path(domain.uuid)})"
-            )
-        if want == entry.overlay and disk.backing != entry.base_backing:
-            raise recovery.left_on_overlay(
-                domain,
-                entry.target,
-                entry.overlay,
-                f"after the pull its backing file is {disk.backing}, not {entry.base_backing}",
-            )
-        if entry.persistent_base != entry.base or not persistent:
-            continue
-        defined = persistent.get(entry.target)
-        if defined is None or defined.path != want:
-            named = defined.path if defined else "no such disk"
-            raise OverlayLeftError(
-                f"{domain.name}: disk {entry.target} runs on {want} now, but its persistent "
-                f"definition shows {named} instead (it showed {entry.base} before the backup): "
-                f"it would boot from there; {entry.overlay} is kept; check `virsh dumpxml "
-                f"--inactive {domain.name}`, fix it with `virsh edit {domain.name}`, then "
-                f"delete {entry.overlay} if nothing uses it"
-            )

@@ -16,7 +16,7 @@ import sys
 import time
 
 from backupninja_kvm import __version__, config, interrupts, prometheus, report
-from backupninja_kvm.backup import back_up_domain, make_plan, quiesce_wanted
+from backupninja_kvm.backup import back_up_domain
 from backupninja_kvm.destination import new_stamp as destination_stamp
 from backupninja_kvm.errors import (
     BackupNinjaKvmError,
@@ -26,6 +26,8 @@ from backupninja_kvm.errors import (
     OverlayLeftError,
 )
 from backupninja_kvm.interrupts import Interrupted
+from backupninja_kvm.plan import make_plan
+from backupninja_kvm.quiesce import quiesce_wanted
 from backupninja_kvm.report import human_bytes, log
 from backupninja_kvm.transfer import Remote
 
@@ -205,7 +207,8 @@ def _dry_run_domain(hypervisor, settings: config.Settings, name: str) -> list[st
     """The real run's checks for one domain; returns the Error lines of a
     backup that would be made but incomplete. Raises DomainError for one that
     would fail."""
-    from backupninja_kvm import backup, journal, lock
+    from backupninja_kvm import journal, lock
+    from backupninja_kvm import plan as plans
     from backupninja_kvm.destination import SetEntry, sets_to_prune
     from backupninja_kvm.disks import guest_agent_connected, overlay_paths
     from backupninja_kvm.errors import TransferError
@@ -230,18 +233,18 @@ def _dry_run_domain(hypervisor, settings: config.Settings, name: str) -> list[st
     plan = make_plan(domain, settings.backing)
     log.info("test run, would %s", plan.describe())
     if not plan.disks:
-        raise DomainError(backup._nothing_to_back_up(plan))
-    unsaved = [text for s in plan.skipped if (text := backup._report_skipped(name, s))]
+        raise DomainError(plans.nothing_to_back_up(plan))
+    unsaved = [text for s in plan.skipped if (text := plans.report_skipped(name, s))]
     if not repair:  # else the chain is the one the repair leaves, not this one
-        backup._refuse_unsafe_chains(plan)
+        plans.refuse_unsafe_chains(plan)
     if quiesce_wanted(plan, settings) and not guest_agent_connected(domain.xml()):
         message = f"{name}: the guest agent is not connected: the freeze would fail"
         if settings.quiesce == "yes":
             raise DomainError(f"{message} and quiesce = yes skips the domain")
         log.warning("test run: %s; the snapshot would be crash-consistent", message)
-    backup_set = backup.open_set(settings, name, destination_stamp())
+    backup_set = plans.open_set(settings, name, destination_stamp())
     overlays = overlay_paths(plan.disks, backup_set.stamp, settings.overlaydir, name)
-    backup._check_space(plan, settings, overlays, backup_set)
+    plans.check_space(plan, settings, overlays, backup_set)
     log.info("test run: %s: would write the set %s", name, backup_set.final_path)
     try:
         entries = backup_set.entries()
@@ -353,12 +356,12 @@ def _back_up_all(
 def _state_after_interrupt(domain) -> tuple[str, bool]:
     """What an interrupted backup left of *domain* (None: not looked up yet),
     as the message says it, and whether it may still be on an overlay."""
-    from backupninja_kvm import journal, recovery
+    from backupninja_kvm import journal, merge
 
     if domain is None:
         return "nothing was done to it yet", False
     name = domain.name
-    in_use = recovery.overlays_in_use(domain)
+    in_use = merge.overlays_in_use(domain)
     if in_use:
         return (
             f"it is still on the overlay(s) {', '.join(in_use)} and no set was made for it; "

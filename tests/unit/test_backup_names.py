@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from backupninja_kvm import lock
-from backupninja_kvm.backup import backup_file_name
 from backupninja_kvm.disks import Disk
+from backupninja_kvm.plan import backup_file_name
 
 
 def disk(path: str, image_format: str = "qcow2") -> Disk:

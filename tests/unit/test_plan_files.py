@@ -3,8 +3,8 @@ to each other (pure: a chain plan in, file names and qemu-img steps out)."""
 
 from __future__ import annotations
 
-from backupninja_kvm.backup import Plan, SetFile, _plan_files
 from backupninja_kvm.disks import INFO, WARNING, ChainPlan, Disk, Layer
+from backupninja_kvm.plan import Plan, SetFile, _plan_files
 
 DISK = Disk("vda", "disk", "file", "/srv/vm/web1.s2", "qcow2")
 TOP = Layer("/srv/vm/web1.s2", "qcow2", "/srv/vm/web1.s1")

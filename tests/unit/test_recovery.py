@@ -220,7 +220,7 @@ class _Named:
 
 
 def test_a_permission_denied_merge_points_at_apparmor_and_says_what_to_run():
-    from backupninja_kvm.recovery import left_on_overlay
+    from backupninja_kvm.merge import left_on_overlay
 
     error = left_on_overlay(_Named(), "vda", OVERLAY, "commit refused: Permission denied")
     text = str(error)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from backupninja_kvm import backup, journal, recovery, report
+from backupninja_kvm import backup, journal, merge, recovery, report
 from backupninja_kvm.disks import Disk
 from backupninja_kvm.errors import HypervisorError, OverlayLeftError
 
@@ -89,7 +89,7 @@ def test_a_foreign_exception_in_the_merge_becomes_a_fatal_with_the_true_state():
 def test_a_commit_refused_with_the_configured_bandwidth_runs_unlimited(log):
     domain = FakeDomain(refuse_unlimited=False)
 
-    used = recovery.start_commit(domain, "vda", OVERLAY, 2**64)  # type: ignore[arg-type]
+    used = merge.start_commit(domain, "vda", OVERLAY, 2**64)  # type: ignore[arg-type]
 
     assert used == 0
     assert domain.commits == [2**64, 0]  # the refused value is not tried again
@@ -107,7 +107,7 @@ def test_libvirts_own_bandwidth_refusal_also_falls_back(log):
                 )
 
     domain = Limited()
-    assert recovery.start_commit(domain, "vda", OVERLAY, 8796093022207) == 0  # type: ignore[arg-type]
+    assert merge.start_commit(domain, "vda", OVERLAY, 8796093022207) == 0  # type: ignore[arg-type]
     assert domain.commits == [8796093022207, 0]
     assert "bandwidth must be less than" in log.getvalue()
 
@@ -120,7 +120,7 @@ def test_an_unlimited_commit_refused_leaves_a_fatal_not_a_retry():
 
     domain = Refusing()
     with pytest.raises(OverlayLeftError) as raised:
-        recovery.start_commit(domain, "vda", OVERLAY, 0)  # type: ignore[arg-type]
+        merge.start_commit(domain, "vda", OVERLAY, 0)  # type: ignore[arg-type]
     assert domain.commits == [0]
     assert "still running on the overlay" in str(raised.value)
 
@@ -179,11 +179,11 @@ def test_the_merge_waits_for_its_commit_with_the_bandwidth_it_runs_with(monkeypa
         waited.append(bandwidth)
         raise Stop
 
-    monkeypatch.setattr(recovery, "wait_ready_and_pivot", wait_ready_and_pivot)
+    monkeypatch.setattr(merge, "wait_ready_and_pivot", wait_ready_and_pivot)
     disk = Disk(target="vda", device="disk", source_type="file", path=BASE, format="qcow2")
 
     with pytest.raises(Stop):
-        backup._merge_by_commit(domain, [disk], {"vda": OVERLAY}, settings(), pending)  # type: ignore[arg-type]
+        merge.merge_by_commit(domain, [disk], {"vda": OVERLAY}, settings(), pending)  # type: ignore[arg-type]
 
     assert domain.commits == [2**64, 0]
     assert waited == [0]

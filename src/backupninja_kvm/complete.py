@@ -1,0 +1,101 @@
+"""Complete: make the set restore on its own (header fixes on the copies),
+then flush, checksum, rename and point ``latest`` at it, prune, and delete
+the images earlier pulls made that this set supersedes."""
+
+from __future__ import annotations
+
+import time
+
+from backupninja_kvm import destination, images, merge
+from backupninja_kvm.config import Settings
+from backupninja_kvm.disks import INFO
+from backupninja_kvm.errors import DomainError, TransferError
+from backupninja_kvm.hypervisor import Domain
+from backupninja_kvm.outcome import Outcome
+from backupninja_kvm.plan import Plan
+from backupninja_kvm.report import log
+
+
+def fix_headers(plan: Plan, backup_set: destination.AnySet) -> None:
+    """Make the copies in the set refer to each other (backing files, data
+    files) by relative names, so that the set restores on its own. Runs on
+    the copies only, after the merge. On a remote destination this needs
+    qemu-img there; without it, each copy keeps the names of the domain's
+    own files, which a Warning says with the command to run on a restore."""
+    failed: set[str] = set()
+    for fix in plan.fixes:
+        if fix.image in failed:
+            # Its data file is still the domain's: qemu-img would open that one.
+            log.warning(
+                "%s: %s: did not %s in the set; after a restore, run `qemu-img %s`",
+                plan.name,
+                fix.target,
+                fix.what,
+                " ".join(fix.argv),
+            )
+            continue
+        try:
+            if isinstance(backup_set, destination.RemoteBackupSet):
+                backup_set.remote.run(
+                    'cd "$1" && shift && exec qemu-img "$@"', backup_set.partial_path, *fix.argv
+                )
+            else:
+                images.run_in(backup_set.partial_path, list(fix.argv))
+        except (TransferError, images.ImageError) as error:
+            failed.add(fix.image)
+            log.warning(
+                "%s: %s: could not %s in the set (%s); after a restore, run "
+                "`qemu-img %s` in the set's folder",
+                plan.name,
+                fix.target,
+                fix.what,
+                error,
+                " ".join(fix.argv),
+            )
+
+
+def complete_set(
+    domain: Domain,
+    plan: Plan,
+    settings: Settings,
+    backup_set: destination.AnySet,
+    outcome: Outcome,
+) -> None:
+    """Turn the partial set, copied and fixed, into a complete one, then
+    prune. Raises DomainError (the set discarded) when it cannot be
+    completed; a failed pruning is a Warning."""
+    name = plan.name
+    domain_dir = backup_set.domain_dir
+    completing = time.monotonic()
+    try:
+        outcome.set_path = backup_set.complete()
+    except (OSError, TransferError) as error:
+        backup_set.discard()
+        reason = error.strerror if isinstance(error, OSError) else str(error)
+        raise DomainError(
+            f"{name}: cannot complete the set in {domain_dir}: {reason}; "
+            f"the domain runs on its own images"
+        ) from None
+    # A set that lacks a disk's data (skipped with a Warning or an Error)
+    # never replaces the sets that may hold it: nothing is pruned until the
+    # sets are whole again (or the administrator leaves the disk out).
+    lacking = [s.disk.target for s in plan.skipped if s.level != INFO]
+    try:
+        removed = [] if lacking else backup_set.prune(settings.keep)
+        if lacking:
+            log.warning(
+                "%s: no old set was removed: this set lacks %s (see above), and older sets "
+                "may hold it; remove them by hand once checked",
+                name,
+                ", ".join(lacking),
+            )
+        for old in backup_set.remove_stale_partials():
+            log.warning("%s: removed the incomplete set %s left by an earlier run", name, old)
+    except (OSError, TransferError) as error:
+        removed = []
+        log.warning("%s: the set is complete, but pruning old sets failed: %s", name, error)
+    if removed:
+        log.info("%s: removed %d old set(s) beyond keep = %d", name, len(removed), settings.keep)
+    merge.delete_superseded_pulls(domain)  # the set holds what they held
+    outcome.complete_seconds = time.monotonic() - completing
+    outcome.flush_seconds = backup_set.flush_seconds

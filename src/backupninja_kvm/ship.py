@@ -1,0 +1,115 @@
+"""Ship: copy the definition and every file of the plan into the set, while
+the domain runs on its overlays (or, shut off, checked unchanged)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+from backupninja_kvm import destination, faults, preflight
+from backupninja_kvm.errors import DomainError, TransferError
+from backupninja_kvm.hypervisor import Domain
+from backupninja_kvm.outcome import Outcome
+from backupninja_kvm.plan import Plan, SetFile
+from backupninja_kvm.progress import Board, Progress
+from backupninja_kvm.report import human_bytes, log, seconds
+
+
+def write_definition(domain: Domain, backup_set: destination.AnySet) -> None:
+    """Save the definition a restore needs, console passwords included (the
+    set is 0700, the file 0600). libvirt secrets (LUKS keys) are not in it."""
+    persistent = domain.is_persistent()
+    xml = domain.xml(inactive=persistent, secure=True)
+    backup_set.write_file("domain.xml", xml)
+
+
+class _CopyStopped(Exception):
+    """Another disk's copy failed, or we were interrupted: stop this one."""
+
+
+def copy_disks(plan: Plan, backup_set: destination.AnySet, outcome: Outcome) -> None:
+    """Copy every file of the plan (each disk's top, its own backing layers,
+    data files) into the set, side by side.
+
+    Files are copied in parallel (one thread each, at most 4): measured
+    about twice as fast as one after the other here, and the time on the
+    overlay is the copy's. A failure or a signal stops the other copies at
+    their next chunk; the first error is raised.
+    """
+    started = time.monotonic()
+    board = Board()
+    stop = threading.Event()
+    copied: dict[str, int] = {}
+
+    def copy_one(item: SetFile, progress: Progress) -> None:
+        def update(done: int) -> None:
+            if stop.is_set():
+                raise _CopyStopped()
+            progress.update(done)
+
+        file_started = time.monotonic()
+        copied[item.name] = backup_set.copy_image(item.source, item.name, update)
+        progress.finish()
+        log.debug(
+            "%s: %s: %s from %s in %s",
+            plan.name,
+            item.target,
+            f"sent {human_bytes(copied[item.name])} over the wire"
+            if isinstance(backup_set, destination.RemoteBackupSet)
+            else f"copied {human_bytes(copied[item.name])} of data",
+            item.source,
+            seconds(time.monotonic() - file_started),
+        )
+
+    files = plan.files
+    tops = {d.path for d in plan.disks}
+    progresses = {
+        f.name: board.add(
+            f"{plan.name}: {f.target}: copy" + ("" if f.source in tops else f" {f.name}"),
+            preflight.allocated_bytes(f.source),
+        )
+        for f in files
+    }
+    pool = ThreadPoolExecutor(max_workers=min(len(files), 4) or 1)
+    futures = [pool.submit(copy_one, f, progresses[f.name]) for f in files]
+    try:
+        for number, future in enumerate(as_completed(futures)):
+            error = future.exception()
+            if error is not None and not isinstance(error, _CopyStopped):
+                raise error
+            if number == 0 and len(futures) > 1:
+                faults.checkpoint("mid-copy")
+    finally:
+        stop.set()
+        pool.shutdown(wait=True)  # each copy stops at its next chunk
+        board.close()  # later log lines go below it
+    outcome.bytes_copied += sum(copied.values())
+    outcome.remote = isinstance(backup_set, destination.RemoteBackupSet)
+    outcome.copy_seconds = time.monotonic() - started
+
+
+def copy_shut_off(
+    domain: Domain, plan: Plan, backup_set: destination.AnySet, outcome: Outcome
+) -> None:
+    """Copy the images of a shut-off domain: nothing writes them, unless it starts."""
+    before = {f.name: _signature(f.source) for f in plan.files}
+    try:
+        copy_disks(plan, backup_set, outcome)
+    except TransferError as error:
+        backup_set.discard()
+        raise DomainError(f"{plan.name}: {error}") from None
+    changed = [f.name for f in plan.files if _signature(f.source) != before[f.name]]
+    if domain.is_active() or changed:
+        backup_set.discard()
+        raise DomainError(
+            f"{plan.name}: the domain started during the copy of its images "
+            f"(changed: {', '.join(changed) or 'none yet'}); the copy was discarded"
+        )
+
+
+def _signature(path: str | None) -> tuple[int, int]:
+    assert path
+    status = os.stat(path)
+    return status.st_mtime_ns, status.st_size
