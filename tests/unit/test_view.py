@@ -82,8 +82,8 @@ def test_unknown_consistency_is_refused():
 MOUNTINFO = """\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
 30 22 0:25 / /tmp rw,nosuid,nodev shared:5 - tmpfs tmpfs rw,size=1024k
-41 22 8:1 /var/lib/libvirt/images/a.qcow2 /var/lib/view/web/vda-a.qcow2 ro,nosuid,nodev,noexec,relatime shared:1 - ext4 /dev/sda1 rw
-42 22 0:25 /b\\040c.raw /var/lib/view/my\\040vm/vdb-b\\040c.raw ro,relatime shared:5 - tmpfs tmpfs rw
+41 22 8:1 /images/a.qcow2 /var/lib/view/web/vda-a.qcow2 ro,nosuid,nodev,noexec - ext4 /dev/sda1 rw
+42 22 0:25 /b\\040c.raw /var/lib/view/my\\040vm/vdb-b\\040c.raw ro shared:5 - tmpfs tmpfs rw
 43 22 8:1 /x /var/lib/view2/web/vda-x rw shared:1 - ext4 /dev/sda1 rw
 44 41 8:1 /y /var/lib/view/web/vda-a.qcow2 ro master:3 - ext4 /dev/sda1 rw
 not a mountinfo line
