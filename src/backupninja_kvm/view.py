@@ -492,6 +492,7 @@ def take_down(view_dir: str, domain: str, wait: float = 60.0) -> TakenDown:
     result = TakenDown()
     deadline = time.monotonic() + wait
     pending = [m.mount_point for m in mounts_under(_read_mountinfo(), domain_path)]
+    gone: set[str] = set()
     while pending:
         busy = []
         for point in pending:
@@ -500,7 +501,9 @@ def take_down(view_dir: str, domain: str, wait: float = 60.0) -> TakenDown:
                 result.unmounted.append(point)
             elif code == errno.EBUSY:
                 busy.append(point)
-            elif code != errno.EINVAL:  # EINVAL: no longer a mount point
+            elif code == errno.EINVAL:  # no longer a mount point, unless listed again
+                gone.add(point)
+            else:
                 raise ViewError(f"view {point}: umount failed: {os.strerror(code)}")
         if busy and time.monotonic() >= deadline:
             for point in busy:
@@ -514,6 +517,11 @@ def take_down(view_dir: str, domain: str, wait: float = 60.0) -> TakenDown:
             time.sleep(0.2)
         # a point can hold stacked mounts: look again until none is left
         pending = busy or [m.mount_point for m in mounts_under(_read_mountinfo(), domain_path)]
+        stuck = sorted(gone & set(pending))
+        if stuck and not busy:
+            raise ViewError(
+                f"view {stuck[0]}: still mounted, but umount says it is not a mount point"
+            )
     _remove_files(view_path, domain, result)
     return result
 

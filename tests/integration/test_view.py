@@ -141,6 +141,10 @@ def test_rsync_of_the_view_gives_the_images_with_holes_kept(images, scratch):
         target = os.path.join(scratch, "rsync")
         _run(["rsync", "-a", "-S", f"{view_dir}/", f"{target}/"])
         _same_images(files, os.path.join(target, DOMAIN))
+        # -x stops at mount points of folders only: the tmpfs image is still read
+        one_fs = os.path.join(scratch, "rsync-x")
+        _run(["rsync", "-a", "-S", "-x", f"{view_dir}/", f"{one_fs}/"])
+        _same_images(files, os.path.join(one_fs, DOMAIN))
         raw_copy = os.path.join(target, DOMAIN, "vdb-b.raw")
         # 1 MiB + 4 KiB of data in 64 MiB: holes kept, no more allocated than the source
         assert _allocated(raw_copy) <= _allocated(files[1].source) + MiB
