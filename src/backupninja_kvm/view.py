@@ -29,6 +29,7 @@ import json
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backupninja_kvm.destination import check_domain_name
@@ -342,6 +343,9 @@ def build(
 ) -> str:
     """Expose *files* read-only under VIEW/DOMAIN; return that folder.
 
+    *manifest* gives the domain, freeze time and consistency; its files are
+    *files*. Each source must be a regular file (the frozen image).
+
     The manifest is written first (so a crash in between leaves a view that
     ``take_down`` fully recognises), then each placeholder is made and the
     frozen image bound onto it read-only (nosuid, nodev, noexec). On any
@@ -567,7 +571,7 @@ def _remove_files(view_path: str, domain: str, result: TakenDown) -> None:
         os.close(view_fd)
 
 
-def _opener(dir_fd: int):  # type: ignore[no-untyped-def]
+def _opener(dir_fd: int) -> Callable[[str, int], int]:
     def opener(name: str, flags: int) -> int:
         return os.open(name, flags | os.O_NOFOLLOW, dir_fd=dir_fd)
 

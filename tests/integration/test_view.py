@@ -289,3 +289,13 @@ def test_a_view_folder_that_is_not_ours_is_refused(images, scratch):
     with pytest.raises(ViewError, match="symbolic link"):
         _build(link, files)
     assert view.mounted(view_dir) == [] and os.listdir(elsewhere) == []
+
+
+def test_a_source_that_is_not_a_regular_file_is_refused_before_anything_is_made(images, scratch):
+    view_dir, files = images
+    folder = os.path.join(scratch, "images")
+    refused = [*files[:1], ViewFile("vdd", "vdd-images", folder, "raw", 1)]
+    with pytest.raises(ViewError, match="not a regular file"):
+        _build(view_dir, refused)
+    assert view.mounted(view_dir) == []
+    assert not os.path.exists(os.path.join(view_dir, DOMAIN))
