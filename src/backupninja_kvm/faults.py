@@ -7,7 +7,8 @@ kill would at that boundary of the cycle. The names, in the cycle's order:
 
 after-journal, after-freeze, mid-copy, after-copy, before-merge (the
 copy's cleanup begins), mid-merge, after-pivot, before-delete; and, with
-quiesce, after-fsfreeze (guest filesystems frozen, snapshot not taken yet).
+quiesce, after-fsfreeze (guest filesystems frozen, snapshot not taken yet);
+in view.build, mid-view (the first image mounted, the others not yet).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ POINTS = (
     "before-delete",
 )
 QUIESCE_POINTS = ("after-fsfreeze",)  # reached only when a guest agent answers
+VIEW_POINTS = ("mid-view",)  # view.build, not yet used by a stage
 
 
 def checkpoint(name: str) -> None:
-    assert name in POINTS or name in QUIESCE_POINTS, name
+    assert name in POINTS or name in QUIESCE_POINTS or name in VIEW_POINTS, name
     if os.environ.get("BACKUPNINJA_KVM_FAULT") == name:
         signame = os.environ.get("BACKUPNINJA_KVM_FAULT_SIGNAL", "KILL")
         os.kill(os.getpid(), getattr(signal, f"SIG{signame}"))

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from backupninja_kvm import faults
 from backupninja_kvm.destination import check_domain_name
 from backupninja_kvm.disks import Disk
 from backupninja_kvm.errors import BackupNinjaKvmError
@@ -402,6 +403,7 @@ def build(
             )
             if not os.statvfs(placeholder).f_flag & os.ST_RDONLY:
                 raise OSError(errno.EROFS, "the bind mount is not read-only", placeholder)
+            faults.checkpoint("mid-view")
     except OSError as error:
         try:
             take_down(view_path, domain, wait=0)

@@ -267,6 +267,32 @@ def test_a_view_left_by_a_crashed_process_is_found_and_taken_down(images):
         view.take_down(view_dir, other, wait=0)
 
 
+def test_a_view_half_built_when_its_process_was_killed_is_taken_down(images):
+    view_dir, files = images
+    try:
+        code = (
+            "import sys; from backupninja_kvm import view\n"
+            "files = [view.ViewFile(*f) for f in eval(sys.argv[2])]\n"
+            "view.build(sys.argv[1], sys.argv[3], files, '<domain/>',"
+            " view.Manifest(sys.argv[3], '2026-12-02T01:00:00Z', 'quiesced'))\n"
+        )
+        plain = repr([(f.target, f.name, f.source, f.format, f.virtual_size) for f in files])
+        killed = subprocess.run(
+            [sys.executable, "-c", code, view_dir, plain, DOMAIN],
+            env=dict(os.environ, BACKUPNINJA_KVM_FAULT="mid-view"),
+        )
+        assert killed.returncode == -9
+        assert [m.mount_point for m in view.mounted(view_dir)] == [
+            os.path.join(view_dir, DOMAIN, files[0].name)
+        ]
+        assert len(os.listdir(os.path.join(view_dir, DOMAIN))) == 3  # manifest, xml, one file
+        taken = view.take_down(view_dir, DOMAIN, wait=5)
+        assert len(taken.unmounted) == 1 and not taken.forced
+        assert view.mounted(view_dir) == [] and os.listdir(view_dir) == []
+    finally:
+        view.take_down(view_dir, DOMAIN, wait=0)
+
+
 def test_a_view_folder_that_is_not_ours_is_refused(images, scratch):
     view_dir, files = images
     elsewhere = os.path.join(scratch, "elsewhere")
