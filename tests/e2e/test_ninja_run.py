@@ -1,0 +1,183 @@
+"""ninja_run's prediction against the real backupninja 1.2.2.
+
+A scratch backupninja.conf and backup.d whose handlers (in a scratch
+scriptdirectory) only append the action they were given to a log; the kvm
+handler also dumps the shell variables ninja_run reads (HANDLER_VARIABLES),
+NUL-separated, as the real handler will pass them to the helper. The order
+and the set of actions backupninja ran must equal the prediction, made both
+from the files alone and from those variables. No libvirt needed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from backupninja_kvm import ninja_run
+from backupninja_kvm.ninja_run import Context
+
+pytestmark = [
+    pytest.mark.backupninja,
+    pytest.mark.skipif(shutil.which("backupninja") is None, reason="backupninja is not installed"),
+]
+
+NAMES = ["05-x", "10-a.kvm", "100-late.sh", "50-data.rsync", "60-x.disabled", "9-early.sh"]
+NAMES += ["noext", "70-y.nohandler", "20-b.sh~"]
+
+
+class Scratch:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.configdir = os.path.join(root, "backup.d")
+        self.scripts = os.path.join(root, "scripts")
+        self.log = os.path.join(root, "ran.log")
+        self.variables = os.path.join(root, "variables")
+        self.conf = os.path.join(root, "backupninja.conf")
+        os.mkdir(self.configdir, 0o700)
+        os.mkdir(self.scripts, 0o700)
+        for handler in ("sh", "rsync", "kvm"):
+            with open(os.path.join(self.scripts, handler), "w") as handle:
+                handle.write(f'echo "$1" >> {self.log}\n')
+                if handler == "kvm":
+                    names = " ".join(ninja_run.HANDLER_VARIABLES)
+                    handle.write(
+                        f": > {self.variables}\nfor name in {names}; do\n"
+                        '  if declare -p "$name" >/dev/null 2>&1; then\n'
+                        f'    printf "%s\\0%s\\0" "$name" "${{!name}}" >> {self.variables}\n'
+                        "  fi\ndone\n"
+                    )
+        with open(self.conf, "w") as handle:
+            handle.write(
+                f"loglevel = 5\nreportemail =\nreportsuccess = no\nreportwarning = no\n"
+                f"logfile = {os.path.join(root, 'backupninja.log')}\n"
+                f"configdirectory = {self.configdir}\nscriptdirectory = {self.scripts}\n"
+                "libdirectory = /usr/lib/backupninja\nusecolors = no\n"
+            )
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.configdir, name)
+
+    def action(self, name: str, text: str = "") -> str:
+        with open(self.path(name), "w") as handle:
+            handle.write(text)
+        os.chmod(self.path(name), 0o600)
+        return self.path(name)
+
+    def run(self, *options: str) -> list[str]:
+        for stale in (self.log, self.variables):
+            if os.path.exists(stale):
+                os.unlink(stale)
+        subprocess.run(
+            ["backupninja", "-f", self.conf, *options],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ, LC_ALL="C"),
+        )
+        if not os.path.exists(self.log):
+            return []
+        with open(self.log) as handle:
+            return handle.read().splitlines()
+
+    def handler_variables(self) -> dict[str, str]:
+        with open(self.variables, "rb") as handle:
+            fields = handle.read().decode().split("\0")[:-1]
+        return dict(zip(fields[::2], fields[1::2], strict=True))
+
+    def context(self, **keys) -> Context:
+        return Context(configdirectory=self.configdir, scriptdirectory=self.scripts, **keys)
+
+    def remove_locks(self) -> None:
+        for name in os.listdir(self.configdir):
+            lock = "/var/lock/backupninja/" + self.path(name).replace("/", "_")
+            if os.path.exists(lock):
+                os.unlink(lock)
+
+
+@pytest.fixture
+def bn(scratch):
+    made = Scratch(scratch)
+    yield made
+    made.remove_locks()
+
+
+def test_order_and_set_of_a_now_run_are_predicted(bn):
+    for name in NAMES:
+        bn.action(name)
+    ran = bn.run("--now")
+    assert ran == [bn.path(n) for n in ("10-a.kvm", "100-late.sh", "50-data.rsync", "9-early.sh")]
+    from_files = ninja_run.predict(bn.context(processnow=True))
+    assert from_files.run() == ran
+    variables = bn.handler_variables()
+    assert variables["file"] == bn.path("10-a.kvm") and variables["processnow"] == "1"
+    from_shell = ninja_run.predict(Context.from_variables(variables))
+    assert from_shell.run() == ran
+    later = [step.path for step in from_shell.after(variables["file"]) if step.runs]
+    assert later == ran[1:]
+
+
+def test_every_handler_variable_is_visible(bn):
+    bn.action("10-a.kvm")
+    bn.run("--run", bn.path("10-a.kvm"))
+    variables = bn.handler_variables()
+    # unset in a plain run: test (only -t), halts is 0 here
+    assert set(ninja_run.HANDLER_VARIABLES) - set(variables) == {"test"}
+    bn.run("--test", "--now")
+    assert set(ninja_run.HANDLER_VARIABLES) - set(bn.handler_variables()) == {"singlerun"}
+
+
+def test_a_single_run_is_predicted(bn):
+    for name in NAMES:
+        bn.action(name, "when = manual\n")
+    ran = bn.run("--run", bn.path("10-a.kvm"))
+    assert ran == [bn.path("10-a.kvm")]
+    context = Context.from_variables(bn.handler_variables())
+    assert context.singlerun == bn.path("10-a.kvm") and context.processnow
+    assert ninja_run.predict(context).run() == ran
+    assert "--run" in ninja_run.freeze_refusals(context, "/nonexistent/view")[0]
+
+
+def test_when_without_now_is_predicted(bn):
+    now = subprocess.run(["date", "+%H %-d %A"], capture_output=True, text=True, check=True)
+    hour, day, weekday = now.stdout.split()
+    other = f"{(int(hour) + 5) % 24:02d}"
+    whens = {
+        "10-a.kvm": "when = hourly\n",
+        "11-now.sh": f"when = everyday at {hour}\n",
+        "12-now-minutes.sh": f"when = {weekday.lower()}s at {hour}:30\n",
+        "13-day.sh": f"when = {day}th at {hour}\n",
+        "14-other.sh": f"when = everyday at {other}\n",
+        "15-one-digit.sh": f"when = everyday at {int(hour)}\n",
+        "16-manual.sh": "when = manual\n",
+        "17-two.sh": f"when = everyday at {other}\nwhen = Everyday at {hour}:00\n",
+        "18-section.sh": f"[x]\nwhen = everyday at {other}\n",  # conffile default: 01:00
+        "19-hourly-and.sh": f"when = hourly\nwhen = everyday at {other}\n",
+    }
+    for name, text in whens.items():
+        bn.action(name, text)
+    ran = bn.run()
+    variables = bn.handler_variables()
+    assert ninja_run.predict(Context.from_variables(variables)).run() == ran
+    never = {"14-other.sh", "15-one-digit.sh", "16-manual.sh", "19-hourly-and.sh"}
+    assert {bn.path(n) for n in ("10-a.kvm", "11-now.sh")} <= set(ran) or variables[
+        "nowtime"
+    ] != hour
+    assert not {bn.path(n) for n in never} & set(ran)
+
+
+def test_a_later_file_refused_by_check_perms_is_predicted(bn):
+    for name in NAMES:
+        bn.action(name)
+    os.chmod(bn.path("50-data.rsync"), 0o644)
+    ran = bn.run("--now")
+    assert ran == [bn.path("10-a.kvm"), bn.path("100-late.sh")]
+    prediction = ninja_run.predict(Context.from_variables(bn.handler_variables()))
+    assert prediction.run() == ran
+    assert prediction.ended_by == bn.path("50-data.rsync")
+    refusals = ninja_run.freeze_refusals(
+        Context.from_variables(bn.handler_variables()), "/nonexistent/view"
+    )
+    assert any("50-data.rsync would end backupninja" in line for line in refusals)
