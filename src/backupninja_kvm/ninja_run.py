@@ -143,7 +143,7 @@ def is_now(when: str, now: Now) -> bool:
     without two digits (``at 1``) never matches."""
     if when == "manual":
         return False
-    words = when.split()
+    words = [word for word in re.split(r"[ \t\n]+", when) if word]  # set -- $when
     first, at, time = (words + ["", "", ""])[:3]
     day = re.sub(r"[^0-9]", "", first).lstrip("0")
     weekday = first.lower()
@@ -485,12 +485,12 @@ def exclude_drops(kind: str, pattern: str, include: str, path: str) -> bool:
                 return True
         return False
     if kind == "borg":
-        style, _, body = pattern.partition(":")
-        if not (len(style) == 2 and _ and style in ("fm", "sh", "re", "pp", "pf")):
+        style, colon, body = pattern.partition(":")
+        if not (colon and style in ("fm", "sh", "re", "pp", "pf")):
             style, body = "fm", pattern
         for folder in _ancestors(path):
             target = folder.lstrip("/")
-            if style == "re" and re.search(body, target):
+            if style == "re" and _search(body, target):
                 return True
             if style == "pf" and _norm(body) == folder:
                 return True
@@ -506,6 +506,14 @@ def exclude_drops(kind: str, pattern: str, include: str, path: str) -> bool:
         if _match_tail(pattern.rstrip("/"), folder, anchored=pattern.startswith("/")):
             return True
     return False
+
+
+def _search(regex: str, text: str) -> bool:
+    """re.search, with a pattern borg would refuse counted as no match."""
+    try:
+        return re.search(regex, text) is not None
+    except re.error:
+        return False
 
 
 def covering_include(action: ShipAction, path: str) -> str:

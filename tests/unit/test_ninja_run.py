@@ -305,6 +305,7 @@ def _action(kind, includes, excludes=(), **keys):
         ("borg", ["/var"], ["/var/*/backupninja-kvm"], False),
         ("borg", ["/var"], ["pp:/var/lib"], False),
         ("borg", ["/var"], ["re:backupninja-kvm"], False),
+        ("borg", ["/var"], ["re:(unclosed"], True),  # no traceback for a bad pattern
         ("borg", ["/var"], ["sh:/var/lib/*"], False),
         ("restic", ["/var"], ["/var/lib/backupninja-kvm"], False),
         ("restic", ["/var"], ["backupninja-kvm"], False),
