@@ -496,7 +496,9 @@ def exclude_drops(kind: str, pattern: str, include: str, path: str) -> bool:
                 return True
             if style == "pp" and _under(folder, body):
                 return True
-            if style in ("fm", "sh"):
+            if style == "sh" and _match_tail(body.rstrip("/"), folder, anchored=True):
+                return True  # borg's sh: * stays within a name, ** crosses
+            if style == "fm":
                 glob = body.lstrip("/").rstrip("/")
                 if fnmatch.fnmatchcase(target, glob) or fnmatch.fnmatchcase(target, glob + "/*"):
                     return True

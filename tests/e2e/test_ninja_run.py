@@ -181,3 +181,101 @@ def test_a_later_file_refused_by_check_perms_is_predicted(bn):
         Context.from_variables(bn.handler_variables()), "/nonexistent/view"
     )
     assert any("50-data.rsync would end backupninja" in line for line in refusals)
+
+
+# ----------------------------------------------------------------------------
+# excludes, against the real rsync, borg and restic: does the view folder
+# (or a folder above it) get dropped? {r} is the scratch root standing for /.
+
+EXCLUDES = [
+    ("rsync", "*.bnkvm-*.qcow2"),
+    ("rsync", "/lib/backupninja-kvm"),
+    ("rsync", "/lib/backupninja-kvm/"),
+    ("rsync", "lib/backupninja-kvm"),
+    ("rsync", "backupninja-kvm"),
+    ("rsync", "view"),
+    ("rsync", "/var/lib/backupninja-kvm"),
+    ("rsync", "b*"),
+    ("rsync", "/lib"),
+    ("rsync", "lib/*/view"),
+    ("rsync", "/l*/backupninja-kvm"),
+    ("borg", "{r}/var/lib/backupninja-kvm"),
+    ("borg", "{r}/var/lib"),
+    ("borg", "{r}/var/lib/backupninja-kvm/view"),
+    ("borg", "{r}/var/lib/backupninja-kvm/"),
+    ("borg", "{r}/var/lib/libvirt"),
+    ("borg", "*.bnkvm-*.qcow2"),
+    ("borg", "{r}/var/*/backupninja-kvm"),
+    ("borg", "pp:{r}/var/lib"),
+    ("borg", "pp:{r}/var/li"),
+    ("borg", "re:backupninja-kvm"),
+    ("borg", "re:^nomatch"),
+    ("borg", "sh:{r}/var/lib/*"),
+    ("borg", "sh:{r}/var/*/view"),
+    ("borg", "fm:{r}/var/l*"),
+    ("restic", "{r}/var/lib/backupninja-kvm"),
+    ("restic", "{r}/var/lib/backupninja-kvm/"),
+    ("restic", "backupninja-kvm"),
+    ("restic", "lib/backupninja-kvm"),
+    ("restic", "*.bnkvm-*.qcow2"),
+    ("restic", "{r}/var/cache"),
+    ("restic", "view"),
+    ("restic", "{r}/var/*/backupninja-kvm"),
+    ("restic", "{r}/var/li*"),
+]
+
+
+@pytest.fixture(scope="module")
+def tools(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("excludes"))
+    os.makedirs(f"{root}/r/var/lib/backupninja-kvm/view/vm")
+    with open(f"{root}/r/var/lib/backupninja-kvm/view/vm/disk", "w") as handle:
+        handle.write("data")
+    env = dict(
+        os.environ,
+        LC_ALL="C",
+        BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+        BORG_BASE_DIR=f"{root}/borg-base",
+        RESTIC_PASSWORD="scratch",
+        RESTIC_CACHE_DIR=f"{root}/restic-cache",
+    )
+    if shutil.which("borg"):
+        subprocess.run(["borg", "init", "-e", "none", f"{root}/borg"], env=env, check=True)
+    if shutil.which("restic"):
+        subprocess.run(["restic", "-q", "-r", f"{root}/restic", "init"], env=env, check=True)
+    return root, env
+
+
+def _tool_keeps_view(kind: str, pattern: str, root: str, env: dict[str, str]) -> bool:
+    source = f"{root}/r/var"
+    view = f"{source}/lib/backupninja-kvm/view"
+    if kind == "rsync":
+        argv = ["rsync", "-a", "--dry-run", "--out-format=%n", f"--exclude={pattern}"]
+        out = subprocess.run(
+            [*argv, f"{source}/", f"{root}/dest/"], env=env, capture_output=True, text=True
+        )
+        return "lib/backupninja-kvm/view/" in out.stdout.splitlines()
+    if kind == "borg":
+        argv = ["borg", "create", "--dry-run", "--list", "--exclude", pattern]
+        out = subprocess.run(
+            [*argv, f"{root}/borg::a", source], env=env, capture_output=True, text=True
+        )
+        return f"- {view}" in (out.stdout + out.stderr).splitlines()
+    argv = ["restic", "-r", f"{root}/restic", "backup", "--dry-run", "-vv", "--exclude", pattern]
+    out = subprocess.run([*argv, source], env=env, capture_output=True, text=True)
+    return any(line.split()[1:2] == [f"{view}/,"] for line in out.stdout.splitlines())
+
+
+@pytest.mark.parametrize(("kind", "template"), EXCLUDES)
+def test_exclude_prediction_matches_the_real_tool(tools, kind, template):
+    if not shutil.which(kind):
+        pytest.skip(f"{kind} is not installed")
+    root, env = tools
+    action = ninja_run.ShipAction(
+        f"/b/20-v.{kind}", kind, "source", ("/var",), (template.format(r=""),)
+    )
+    predicted = ninja_run.reads(action, "/var/lib/backupninja-kvm/view")
+    real = _tool_keeps_view(kind, template.format(r=f"{root}/r"), root, env)
+    assert predicted is real, (
+        f"{kind} exclude {template}: the tool {'keeps' if real else 'drops'} the view"
+    )
