@@ -11,6 +11,7 @@ from the files alone and from those variables. No libvirt needed.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -279,3 +280,61 @@ def test_exclude_prediction_matches_the_real_tool(tools, kind, template):
     assert predicted is real, (
         f"{kind} exclude {template}: the tool {'keeps' if real else 'drops'} the view"
     )
+
+
+def test_rsync_keys_are_read_as_the_real_rsync_handler_reads_them(scratch):
+    """backupninja's own rsync handler under --test (rsync --dry-run) logs each
+    include it syncs and the command: read_ship_action must agree."""
+    for folder in ("backup.d", "dest/host", "src/a", "src/b", "src/c d"):
+        os.makedirs(f"{scratch}/{folder}", mode=0o700)
+    conf = f"{scratch}/backupninja.conf"
+    with open(conf, "w") as handle:
+        handle.write(
+            f"loglevel = 5\nreportemail =\nlogfile = {scratch}/backupninja.log\n"
+            f"configdirectory = {scratch}/backup.d\nscriptdirectory = /usr/share/backupninja\n"
+            "usecolors = no\n"
+        )
+    action = f"{scratch}/backup.d/20-v.rsync"
+    text = (
+        f"when = manual\n[general]\nlog = {scratch}/rsync.log\nmountpoint = {scratch}/dest\n"
+        f"backupdir = host\nformat = mirror\n[source]\nfrom = local\n"
+        f"include = {scratch}/src/a {scratch}/src/b\ninclude = {scratch}/src/c d\n"
+        "exclude = *.bnkvm-*.qcow2\nexclude = /x y\n"
+        "rsync_options = -aS --delete --recursive --out-format=file:%n\n[dest]\ndest = local\n"
+    )
+    with open(action, "w") as handle:
+        handle.write(text)
+    os.chmod(action, 0o600)
+    try:
+        subprocess.run(
+            ["backupninja", "-f", conf, "--test", "--run", action],
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ, LC_ALL="C"),
+        )
+    finally:
+        lock = "/var/lock/backupninja/" + action.replace("/", "_")
+        if os.path.exists(lock):
+            os.unlink(lock)
+    with open(f"{scratch}/backupninja.log") as handle:
+        log = handle.read()
+    synced = re.findall(r"Info: Syncing (\S+) on ", log)
+    command = re.search(r"Debug: .*su -c /usr/bin/rsync (.*?) --dry-run .*", log)
+    assert command is not None, log
+    excludes = re.findall(r"--exclude='([^']*)'", command.group(0))
+    read = ninja_run.read_ship_action(action, text)
+    assert read is not None
+    # blanks split rsync's includes: "c d" is two includes (and two warnings)
+    assert (
+        list(read.includes)
+        == synced
+        == [
+            f"{scratch}/src/a",
+            f"{scratch}/src/b",
+            f"{scratch}/src/c",
+            "d",
+        ]
+    )
+    assert list(read.excludes) == excludes == ["*.bnkvm-*.qcow2", "/x y"]
+    assert " ".join(read.options) == command.group(1)
+    assert read.format == "mirror" and not read.remote
