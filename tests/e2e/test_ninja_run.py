@@ -282,11 +282,10 @@ def test_exclude_prediction_matches_the_real_tool(tools, kind, template):
     )
 
 
-def test_rsync_keys_are_read_as_the_real_rsync_handler_reads_them(scratch):
-    """backupninja's own rsync handler under --test (rsync --dry-run) logs each
-    include it syncs and the command: read_ship_action must agree."""
+def _real_handler_test_run(scratch: str, name: str, text: str) -> str:
+    """Run one action through backupninja's own handler with --test; its log."""
     for folder in ("backup.d", "dest/host", "src/a", "src/b", "src/c d"):
-        os.makedirs(f"{scratch}/{folder}", mode=0o700)
+        os.makedirs(f"{scratch}/{folder}", mode=0o700, exist_ok=True)
     conf = f"{scratch}/backupninja.conf"
     with open(conf, "w") as handle:
         handle.write(
@@ -294,14 +293,7 @@ def test_rsync_keys_are_read_as_the_real_rsync_handler_reads_them(scratch):
             f"configdirectory = {scratch}/backup.d\nscriptdirectory = /usr/share/backupninja\n"
             "usecolors = no\n"
         )
-    action = f"{scratch}/backup.d/20-v.rsync"
-    text = (
-        f"when = manual\n[general]\nlog = {scratch}/rsync.log\nmountpoint = {scratch}/dest\n"
-        f"backupdir = host\nformat = mirror\n[source]\nfrom = local\n"
-        f"include = {scratch}/src/a {scratch}/src/b\ninclude = {scratch}/src/c d\n"
-        "exclude = *.bnkvm-*.qcow2\nexclude = /x y\n"
-        "rsync_options = -aS --delete --recursive --out-format=file:%n\n[dest]\ndest = local\n"
-    )
+    action = f"{scratch}/backup.d/{name}"
     with open(action, "w") as handle:
         handle.write(text)
     os.chmod(action, 0o600)
@@ -317,7 +309,21 @@ def test_rsync_keys_are_read_as_the_real_rsync_handler_reads_them(scratch):
         if os.path.exists(lock):
             os.unlink(lock)
     with open(f"{scratch}/backupninja.log") as handle:
-        log = handle.read()
+        return handle.read()
+
+
+def test_rsync_keys_are_read_as_the_real_rsync_handler_reads_them(scratch):
+    """backupninja's own rsync handler under --test (rsync --dry-run) logs each
+    include it syncs and the command: read_ship_action must agree."""
+    action = f"{scratch}/backup.d/20-v.rsync"
+    text = (
+        f"when = manual\n[general]\nlog = {scratch}/rsync.log\nmountpoint = {scratch}/dest\n"
+        f"backupdir = host\nformat = mirror\n[source]\nfrom = local\n"
+        f"include = {scratch}/src/a {scratch}/src/b\ninclude = {scratch}/src/c d\n"
+        "exclude = *.bnkvm-*.qcow2\nexclude = /x y\n"
+        "rsync_options = -aS --delete --recursive --out-format=file:%n\n[dest]\ndest = local\n"
+    )
+    log = _real_handler_test_run(scratch, "20-v.rsync", text)
     synced = re.findall(r"Info: Syncing (\S+) on ", log)
     command = re.search(r"Debug: .*su -c /usr/bin/rsync (.*?) --dry-run .*", log)
     assert command is not None, log
@@ -338,3 +344,24 @@ def test_rsync_keys_are_read_as_the_real_rsync_handler_reads_them(scratch):
     assert list(read.excludes) == excludes == ["*.bnkvm-*.qcow2", "/x y"]
     assert " ".join(read.options) == command.group(1)
     assert read.format == "mirror" and not read.remote
+
+
+def test_borg_keys_are_read_as_the_real_borg_handler_reads_them(scratch):
+    """backupninja's own borg handler under --test logs its borg create command."""
+    text = (
+        f"when = manual\n[source]\ninclude = {scratch}/src/a\ninclude = {scratch}/src/c d\n"
+        "exclude = *.bnkvm-*.qcow2\nexclude = /var/lib/libvirt\n"
+        "create_options = --chunker-params fixed,4194304 --sparse\nignore_missing = yes\n"
+        f"init = no\n[dest]\nhost = localhost\ndirectory = {scratch}/borg\narchive = vms\n"
+    )
+    log = _real_handler_test_run(scratch, "20-v.borg", text)
+    command = re.search(r"Debug: .*borg create --stats --compression lz4 (.*)", log)
+    assert command is not None, log
+    read = ninja_run.read_ship_action(f"{scratch}/backup.d/20-v.borg", text)
+    assert read is not None
+    line = command.group(1)
+    assert line.startswith(" ".join(read.options) + " ")
+    assert re.findall(r"--exclude '([^']*)'", line) == list(read.excludes)
+    assert re.findall(r"'([^']*)'", line.split("::vms", 1)[1]) == list(read.includes)
+    assert read.includes == (f"{scratch}/src/a", f"{scratch}/src/c d")  # newlines only
+    assert read.ignore_missing
