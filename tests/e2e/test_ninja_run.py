@@ -365,3 +365,32 @@ def test_borg_keys_are_read_as_the_real_borg_handler_reads_them(scratch):
     assert re.findall(r"'([^']*)'", line.split("::vms", 1)[1]) == list(read.includes)
     assert read.includes == (f"{scratch}/src/a", f"{scratch}/src/c d")  # newlines only
     assert read.ignore_missing
+
+
+@pytest.mark.skipif(shutil.which("restic") is None, reason="restic is not installed")
+def test_restic_keys_are_read_as_the_real_restic_handler_reads_them(scratch):
+    """backupninja's own restic handler under --test logs its restic backup command."""
+    subprocess.run(
+        ["restic", "-q", "-r", f"{scratch}/restic", "init"],
+        env=dict(os.environ, RESTIC_PASSWORD="scratch", RESTIC_CACHE_DIR=f"{scratch}/cache"),
+        check=True,
+        capture_output=True,
+    )
+    text = (
+        f"when = manual\n[general]\nrun_backup = yes\nrepository = {scratch}/restic\n"
+        f"password = scratch\ncache_dir = {scratch}/cache\n[backup]\n"
+        f"include = {scratch}/src/a\ninclude = {scratch}/src/c d\n"
+        "exclude = *.bnkvm-*.qcow2\nexclude = /var/lib/libvirt\none_file_system = no\n"
+    )
+    log = _real_handler_test_run(scratch, "20-v.restic", text)
+    command = re.search(r"Debug: (restic backup .*)", log)
+    assert command is not None, log
+    line = command.group(1)
+    read = ninja_run.read_ship_action(f"{scratch}/backup.d/20-v.restic", text)
+    assert read is not None
+    assert read.includes == (f"{scratch}/src/a", f"{scratch}/src/c d")
+    for include in read.includes:
+        assert f"'{include}'" in line
+    assert re.findall(r"--exclude '([^']*)'", line) == list(read.excludes)
+    # "no" turns it on too: [ -n "$one_file_system" ]
+    assert read.one_file_system and "--one-file-system" in line
