@@ -113,22 +113,7 @@ def merge_by_pull(
             raise left_on_overlay(
                 domain, disk.target, overlays[disk.target], "the pull did not detach the image"
             )
-    try:
-        record = journals.read_pulled(domain.uuid)
-        journals.write_pulled(
-            domain.uuid,
-            record.after_pull({d.path for d in disks if d.path}, set(overlays.values())),
-        )
-    except (journals.JournalError, OSError) as error:
-        # Without the record nothing is ever deleted: the images pile up, but
-        # nothing of the administrator's can be taken for ours.
-        log.warning(
-            "%s: cannot update the record of the images our pulls made (%s); none of them "
-            "will be deleted",
-            domain.name,
-            error,
-        )
-        record = journals.Pulled()
+    record = update_pull_record(domain, {d.path for d in disks if d.path}, set(overlays.values()))
     for disk in disks:
         if disk.path in record.made:
             log.info(
@@ -515,6 +500,26 @@ def delete_superseded_pulls(domain: Domain) -> None:
     journals.write_pulled(domain.uuid, journals.Pulled(record.made, frozenset(kept)))
 
 
+def update_pull_record(domain: Domain, frozen: set[str], overlays: set[str]) -> journals.Pulled:
+    """Record that pulls moved *domain*'s disks off the *frozen* images onto
+    the *overlays*; returns the record as it was before (which tells whether
+    a frozen image was made by an earlier pull). When it cannot be read or written,
+    a Warning, and an empty record: without it nothing is ever deleted (the
+    images pile up, but nothing of the administrator's is taken for ours)."""
+    try:
+        record = journals.read_pulled(domain.uuid)
+        journals.write_pulled(domain.uuid, record.after_pull(frozen, overlays))
+        return record
+    except (journals.JournalError, OSError) as error:
+        log.warning(
+            "%s: cannot update the record of the images our pulls made (%s); none of them "
+            "will be deleted",
+            domain.name,
+            error,
+        )
+        return journals.Pulled()
+
+
 def record_finished_pulls(domain: Domain, journal: Journal) -> list[str]:
     """An overlay that a pull made the disk is ours for good: record it, so
     that the pull of a later night may delete it once superseded; say what
@@ -527,17 +532,9 @@ def record_finished_pulls(domain: Domain, journal: Journal) -> list[str]:
     pulled = [entry for entry in journal.disks if entry.overlay in tops]
     if not pulled:
         return []
-    try:
-        record = journals.read_pulled(domain.uuid)
-        journals.write_pulled(
-            domain.uuid,
-            record.after_pull(
-                {entry.base for entry in pulled}, {entry.overlay for entry in pulled}
-            ),
-        )
-    except (journals.JournalError, OSError) as error:
-        record = journals.Pulled()  # nothing is deleted without the record
-        log.warning("%s: cannot record the images our pulls made: %s", domain.name, error)
+    record = update_pull_record(
+        domain, {entry.base for entry in pulled}, {entry.overlay for entry in pulled}
+    )
     return [
         f"{entry.target}: the pull had finished, the disk runs on {entry.overlay}; "
         + (
