@@ -151,7 +151,7 @@ def test_when_without_now_is_predicted(bn):
         "12-now-minutes.sh": f"when = {weekday.lower()}s at {hour}:30\n",
         "13-day.sh": f"when = {day}th at {hour}\n",
         "14-other.sh": f"when = everyday at {other}\n",
-        "15-one-digit.sh": f"when = everyday at {int(hour)}\n",
+        "15-one-digit.sh": f"when = everyday at {int(hour) % 10}\n",  # "7", never "07"
         "16-manual.sh": "when = manual\n",
         "17-two.sh": f"when = everyday at {other}\nwhen = Everyday at {hour}:00\n",
         "18-section.sh": f"[x]\nwhen = everyday at {other}\n",  # conffile default: 01:00
