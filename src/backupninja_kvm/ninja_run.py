@@ -544,6 +544,7 @@ def reads(action: ShipAction, view: str) -> bool:
 class Lint:
     level: str  # "Warning" | "Error"
     message: str
+    drops_view: bool = False  # an exclude of this action drops the view
 
 
 def _short_options(options: Sequence[str]) -> str:
@@ -591,6 +592,7 @@ def lint_ship_action(
                     "Warning",
                     f"{where} exclude = {pattern} drops the view {view} that include = "
                     f"{view_include} would ship: the VM images are not in this copy",
+                    drops_view=True,
                 )
             )
     if not reads(action, view):
@@ -731,9 +733,16 @@ def ship_lints(
     read = read or _read_text
     lints: list[Lint] = []
     image_paths = list(image_paths)
-    for step in predict(context, stat=stat, read=read).after(context.file):
-        if step.runs and step.suffix in SHIP_SUFFIXES:
-            action = read_ship_action(step.path, read(step.path))
-            if action is not None:
-                lints += lint_ship_action(action, view, live_dirs, image_paths=image_paths)
+    actions = [
+        action
+        for step in predict(context, stat=stat, read=read).after(context.file)
+        if step.runs
+        and step.suffix in SHIP_SUFFIXES
+        and (action := read_ship_action(step.path, read(step.path))) is not None
+    ]
+    shipped = any(reads(action, view) for action in actions)
+    for action in actions:
+        found = lint_ship_action(action, view, live_dirs, image_paths=image_paths)
+        # A data action excluding the view is right when another one ships it.
+        lints += [lint for lint in found if not (shipped and lint.drops_view)]
     return lints
