@@ -173,7 +173,7 @@ def merge(
     domain: Domain,
     disks: list[Disk],
     overlays: dict[str, str],
-    settings: Settings,
+    settings: merges.MergeOptions,
     journal: journals.Journal,
 ) -> float:
     """Bring every overlay back into its disk, verify, delete the overlays.

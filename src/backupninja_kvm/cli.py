@@ -117,6 +117,14 @@ def run(args: argparse.Namespace) -> int:
         log.critical("%s: %s", settings.where("source", "uri"), error)
         return EXIT_FATAL
     try:
+        from backupninja_kvm import stages
+
+        ninja = stages.Ninja.from_environ(os.environ)
+        if settings.stage == "thaw":
+            if args.test:
+                return stages.thaw_dry_run(settings)
+            return stages.thaw_all(hypervisor, settings, ninja)
+        swept = EXIT_OK if args.test else stages.sweep(hypervisor, ninja)
         known = [d.name for d in hypervisor.list_domains()]
         names = _selected(settings, known)
         unknown = [name for name in names if name not in known]
@@ -134,10 +142,15 @@ def run(args: argparse.Namespace) -> int:
                 return EXIT_DOMAIN_ERRORS
             log.warning("%s: no domain selected, nothing to back up", settings.path)
             return EXIT_OK
-        if args.test:
+        if settings.stage == "freeze" and args.test:
+            status = stages.freeze_dry_run(hypervisor, settings, names, ninja)
+        elif settings.stage == "freeze":
+            status = stages.freeze_all(hypervisor, settings, names, ninja)
+        elif args.test:
             status = _dry_run(hypervisor, settings, names)
         else:
             status = _back_up_all(hypervisor, settings, names, args.prometheus_dir, unknown)
+        status = max(status, swept) if EXIT_FATAL not in (status, swept) else EXIT_FATAL
         return EXIT_DOMAIN_ERRORS if unknown and status == EXIT_OK else status
     except HypervisorError as error:
         log.critical("%s", error)
@@ -655,6 +668,17 @@ def _status_of_vanished(uuid: str) -> int:
     return 1
 
 
+def guard(args: argparse.Namespace) -> int:
+    """``guard VIEW`` (hidden): started by stage = freeze, see ``guard``."""
+    from backupninja_kvm import guard as guards
+
+    locks = {}
+    for item in args.locks.split(","):
+        uuid, _, fd = item.partition("=")
+        locks[uuid] = int(fd)
+    return guards.main(args.view, locks, args.ready_fd, args.freeze_pid)
+
+
 def example_config(_args: argparse.Namespace) -> int:
     """``example-config``: print the documented example action file."""
     sys.stdout.write(config.render_example())
@@ -713,6 +737,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status_parser.add_argument("-c", "--connect", dest="uri", default="qemu:///system")
     status_parser.set_defaults(function=status)
+
+    guard_parser = commands.add_parser("guard")  # started by stage = freeze only
+    guard_parser.add_argument("view")
+    guard_parser.add_argument("--locks", required=True)
+    guard_parser.add_argument("--ready-fd", type=int, required=True)
+    guard_parser.add_argument("--freeze-pid", type=int, required=True)
+    guard_parser.set_defaults(function=guard)
 
     example_parser = commands.add_parser(
         "example-config", help="print an example action file with every key documented"

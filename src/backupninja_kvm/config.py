@@ -41,7 +41,24 @@ CONFIGSPEC = """\
 [general]
 # What this action does. "full": freeze, copy to the destination and merge back,
 # domain after domain.
-stage = option('full', default='full')
+# "freeze" and "thaw" ride along in backupninja's own .rsync, .borg or .restic
+# actions: "freeze" freezes the domains and exposes their frozen images
+# read-only in the view; a later ship action that includes the view copies
+# them; a later "thaw" action merges them back. The freeze refuses to freeze
+# (Fatal) when no thaw and no ship action of the view predictably run after it
+# in this backupninja run. [dest] is not used by freeze and thaw, and a thaw
+# has no domains: it thaws what the freeze with the same view froze.
+stage = option('full', 'freeze', 'thaw', default='full')
+# stage = freeze and thaw: the folder where the frozen images are exposed, as
+# VIEW/DOMAIN/TARGET-IMAGENAME (read-only bind mounts), VIEW/DOMAIN/domain.xml
+# and VIEW/DOMAIN/manifest.json; the ship action includes it. A freeze and its
+# thaw name the same view.
+view = string(default='/var/lib/backupninja-kvm/view')
+# stage = freeze: the longest a domain stays frozen. A guard process merges the
+# domains back when this has passed, or as soon as backupninja ends without
+# running the thaw (a Halt, a kill, a later action file with bad permissions).
+# A number with s, m or h (seconds, minutes, hours).
+max_frozen = string(default='12h')
 # How the overlay goes back into the image after the copy.
 # "commit": active block commit + pivot; the VM returns to its own image files,
 # and the cost is proportional to what the guest wrote during the backup.
@@ -121,6 +138,7 @@ keep = integer(min=1, max=100000, default=7)
 require_mount = boolean(default=False)
 """
 
+DEFAULT_VIEW = "/var/lib/backupninja-kvm/view"
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.%\w]+\]|[A-Za-z0-9_.:%][A-Za-z0-9_.:%-]*)$")
 _USER = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.$-]*$")
 _KEY_LINE = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*=")
@@ -155,6 +173,8 @@ class Settings:
     lines: dict[tuple[str, str], int]  # (section, key) -> line number, for messages
     backing: str = "chain"  # [source] backing: chain or top
     require_mount: bool = False
+    view: str = "/var/lib/backupninja-kvm/view"  # stage = freeze and thaw
+    max_frozen: int = 12 * 3600  # seconds, stage = freeze
 
     def where(self, section: str, key: str) -> str:
         """``FILE line N: [section] key`` for messages about a value."""
@@ -239,6 +259,8 @@ def load(
         raise ConfigError(path, [_describe_parse_error(path, lines, e) for e in errors]) from None
 
     problems = _remove_nested_sections(path, lines, config)
+    general_in = config.get("general")
+    stage = general_in.get("stage", "full") if isinstance(general_in, dict) else "full"
     result = config.validate(Validator(), preserve_errors=True)
     invalid: set[tuple[str, str]] = set()
     for sections, key, failure in flatten_errors(config, result):
@@ -246,6 +268,8 @@ def load(
         if key is None:
             problems.append((0, f"{path}: section [{section}] is malformed"))
             continue
+        if (section, key) == ("source", "domains") and not failure and stage == "thaw":
+            continue  # a thaw thaws what its freeze froze
         invalid.add((section, key))
         if (section, key) == ("source", "domains") and not failure:
             reason = f"missing: {_WRITE_ALL}"
@@ -271,7 +295,12 @@ def load(
 
     sections_ok = all(isinstance(config.get(name), dict) for name in ("source", "dest"))
     remote = sections_ok and config["dest"].get("dest") == "remote"
+    riding = stage in ("freeze", "thaw")
+    if sections_ok and riding:
+        problems += _check_riding(path, index, config, stage, invalid)
     for section, key in (("dest", "directory"), ("source", "overlaydir")):
+        if riding and section == "dest":
+            continue  # freeze and thaw write no set
         if sections_ok and (section, key) not in invalid:
             value = str(config[section][key]).strip()
             line = index.get((section, key), 0)
@@ -282,9 +311,10 @@ def load(
             elif value or key == "directory":
                 for problem in _check_directory(path, index, section, key, value):
                     problems.append((line, problem))
-    if remote and not invalid & {("dest", "host"), ("dest", "port"), ("dest", "directory")}:
+    remote_keys = {("dest", "host"), ("dest", "port"), ("dest", "directory")}
+    if remote and not riding and not invalid & remote_keys:
         problems += _check_remote(path, index, config["dest"], check_remote)
-    if sections_ok and ("source", "domains") not in invalid:
+    if sections_ok and ("source", "domains") not in invalid and stage != "thaw":
         problems += _check_domain_list(path, index, config["source"]["domains"])
     if sections_ok and ("source", "uri") not in invalid:
         uri_problems = _check_uri(path, index, str(config["source"]["uri"]))
@@ -295,7 +325,7 @@ def load(
         raise ConfigError(path, [text for _, text in sorted(problems, key=lambda p: p[0])])
 
     general, source, dest = config["general"], config["source"], config["dest"]
-    domains = _clean_list(source["domains"])
+    domains = _clean_list(source.get("domains") or [])
     settings = Settings(
         path=path,
         stage=general["stage"],
@@ -320,8 +350,75 @@ def load(
         lines=index,
         backing=source["backing"],
         require_mount=dest["require_mount"],
+        view=os.path.normpath(general["view"].strip()),
+        max_frozen=parse_duration(general["max_frozen"]) or 0,
     )
     return settings
+
+
+_DURATION = re.compile(r"^\s*([0-9]+)\s*([smh]?)\s*$")
+MAX_FROZEN_LIMIT = 7 * 24 * 3600
+
+
+def parse_duration(text: str) -> int | None:
+    """Seconds of ``90``, ``90s``, ``30m`` or ``12h``; None when malformed."""
+    match = _DURATION.match(str(text))
+    if not match:
+        return None
+    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def _check_riding(
+    path: str,
+    index: dict[tuple[str, str], int],
+    config: ConfigObj,
+    stage: str,
+    invalid: set[tuple[str, str]],
+) -> list[tuple[int, str]]:
+    """The keys of stage = freeze and thaw: the view, max_frozen, and the
+    keys that do not belong to the stage."""
+    problems = []
+    general = config["general"]
+    view = str(general["view"]).strip()
+    place = where(path, index, "general", "view")
+    line = index.get(("general", "view"), 0)
+    normal = os.path.normpath(view) if view else ""
+    if not view or not os.path.isabs(view):
+        problems.append((line, f"{place}: {view!r} is not an absolute path"))
+    elif normal == "/" or any(
+        normal == top or normal.startswith(top + "/") for top in ("/proc", "/sys", "/dev", "/tmp")
+    ):
+        problems.append(
+            (
+                line,
+                f"{place}: {view} cannot hold the view (use a folder of its own, such as "
+                "the default /var/lib/backupninja-kvm/view)",
+            )
+        )
+    if stage == "freeze" and ("general", "max_frozen") not in invalid:
+        seconds = parse_duration(general["max_frozen"])
+        where_max = where(path, index, "general", "max_frozen")
+        line_max = index.get(("general", "max_frozen"), 0)
+        if seconds is None:
+            problems.append(
+                (
+                    line_max,
+                    f"{where_max}: {general['max_frozen']!r} is not a duration "
+                    "(a number with s, m or h, such as 12h)",
+                )
+            )
+        elif not 1 <= seconds <= MAX_FROZEN_LIMIT:
+            problems.append((line_max, f"{where_max}: must be between 1s and 168h"))
+    if stage == "thaw" and ("source", "domains") in index:
+        problems.append(
+            (
+                index[("source", "domains")],
+                f"{where(path, index, 'source', 'domains')}: "
+                "stage = thaw has no domains: it thaws what the freeze with the same view froze; "
+                "remove the key",
+            )
+        )
+    return problems
 
 
 def _remove_nested_sections(

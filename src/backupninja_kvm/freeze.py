@@ -25,16 +25,19 @@ def new_journal(
     settings: Settings,
     quiesce: bool,
     overlays: dict[str, str],
-    backup_set: destination.AnySet,
+    backup_set: destination.AnySet | None,
+    view: str = "",
 ) -> journals.Journal:
     """The journal of the freeze about to be taken (the caller writes it):
     each disk's base, its backing file and persistent definition as they are
-    now, and its overlay. Raises DomainError, discarding the set, when an
-    overlay's file already exists."""
+    now, and its overlay; the set being written (stage = full) or the view
+    that will expose the frozen images (stage = freeze). Raises DomainError,
+    discarding the set, when an overlay's file already exists."""
     name = plan.name
     for target, path in overlays.items():
         if os.path.lexists(path):
-            backup_set.discard()
+            if backup_set is not None:
+                backup_set.discard()
             raise DomainError(f"{name}: {target}: overlay {path} already exists; domain skipped")
 
     defined = (
@@ -59,10 +62,11 @@ def new_journal(
             for d in plan.disks
         ),
         quiesce=quiesce,
-        partial=backup_set.partial_path,
+        partial=backup_set.partial_path if backup_set is not None else "",
         partial_host=backup_set.remote.label
         if isinstance(backup_set, destination.RemoteBackupSet)
         else "",
+        view=view,
     )
 
 

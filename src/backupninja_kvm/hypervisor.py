@@ -188,6 +188,12 @@ class Hypervisor:
         except libvirt.libvirtError as error:
             raise _translate(error, f"domain {name}") from None
 
+    def domain_by_uuid(self, uuid: str) -> Domain:
+        try:
+            return Domain(self, self._connection.lookupByUUIDString(uuid))
+        except libvirt.libvirtError as error:
+            raise _translate(error, f"domain {uuid}") from None
+
     def _lookup_uuid(self, uuid: str) -> libvirt.virDomain:
         return self._connection.lookupByUUIDString(uuid)
 

@@ -59,6 +59,9 @@ class Journal:
     started: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
     schema: int = SCHEMA
+    # stage = freeze: the view that exposes the frozen images (taken down
+    # before any merge), "" for stage = full.
+    view: str = ""
 
     def at(self, phase: str) -> Journal:
         return replace(self, phase=phase)
@@ -88,7 +91,7 @@ def journal_path(uuid: str) -> str:
 
 def write(journal: Journal) -> None:
     """Atomically replace the domain's journal with *journal*."""
-    _write_json(journal_dir(), journal_path(journal.uuid), asdict(journal))
+    write_json(journal_dir(), journal_path(journal.uuid), asdict(journal))
 
 
 def read(uuid: str) -> Journal | None:
@@ -121,7 +124,7 @@ def remove(uuid: str) -> None:
         pass
 
 
-def _write_json(directory: str, path: str, data: dict) -> None:
+def write_json(directory: str, path: str, data: dict) -> None:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     temporary = f"{path}.{os.getpid()}.tmp"
     with open(temporary, "w") as handle:
@@ -201,4 +204,4 @@ def write_pulled(uuid: str, pulled: Pulled) -> None:
             pass
         return
     data = {"schema": SCHEMA, "made": sorted(pulled.made), "superseded": sorted(pulled.superseded)}
-    _write_json(os.path.dirname(path), path, data)
+    write_json(os.path.dirname(path), path, data)

@@ -69,20 +69,44 @@ def _acquire(name: str, path: str) -> int:
 @contextmanager
 def domain_lock(name: str, uuid: str) -> Iterator[None]:
     """Hold the lock of one domain, or raise DomainError naming its holder."""
-    os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
-    path = lock_path(uuid)
-    fd = _acquire(name, path)
+    fd = acquire(name, uuid)
     try:
-        since = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)}, since {since}\n".encode(), 0)
         yield
     finally:
-        try:
+        release(fd, uuid)
+
+
+def acquire(name: str, uuid: str) -> int:
+    """Take the lock of one domain and return its descriptor (for
+    ``release``), or raise DomainError naming its holder. stage = freeze
+    hands the descriptors on to its guard, and the guard to the thaw: a
+    flock belongs to the open file, so it moves with the descriptor."""
+    os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
+    fd = _acquire(name, lock_path(uuid))
+    try:
+        describe(fd, " ".join(sys.argv))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def describe(fd: int, what: str) -> None:
+    """Say in the lock file who holds it now (what ``holder`` shows)."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}: {what}, since {since}\n".encode(), 0)
+
+
+def release(fd: int, uuid: str) -> None:
+    """Give up a lock taken with ``acquire`` (or handed over)."""
+    path = lock_path(uuid)
+    try:
+        if _still_named(fd, path):
             os.unlink(path)  # still holding the lock: see the module's docstring
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # releases the flock
+    except OSError:
+        pass
+    os.close(fd)  # releases the flock
 
 
 def holder(uuid: str) -> str | None:

@@ -10,10 +10,10 @@ import os
 import subprocess
 import time
 from functools import partial
+from typing import Protocol
 
 from backupninja_kvm import faults
 from backupninja_kvm import journal as journals
-from backupninja_kvm.config import Settings
 from backupninja_kvm.disks import Disk, parse_disks, referenced_paths, top_paths, with_disk_source
 from backupninja_kvm.errors import HypervisorError, OverlayLeftError
 from backupninja_kvm.hypervisor import ERR_BLOCK_COPY_ACTIVE, ERR_NO_DOMAIN, Domain, wait_until
@@ -23,11 +23,24 @@ from backupninja_kvm.progress import Progress
 from backupninja_kvm.report import log
 
 
+class MergeOptions(Protocol):
+    """How to merge: an action file's Settings, or what a freeze recorded."""
+
+    @property
+    def merge(self) -> str: ...  # commit or pull
+
+    @property
+    def merge_timeout(self) -> int: ...
+
+    @property
+    def bandwidth(self) -> int: ...
+
+
 def merge_by_commit(
     domain: Domain,
     disks: list[Disk],
     overlays: dict[str, str],
-    settings: Settings,
+    settings: MergeOptions,
     journal: journals.Journal,
 ) -> float:
     # One journal write before the jobs start and one after every pivot
@@ -86,7 +99,7 @@ def merge_by_pull(
     domain: Domain,
     disks: list[Disk],
     overlays: dict[str, str],
-    settings: Settings,
+    settings: MergeOptions,
     journal: journals.Journal,
 ) -> None:
     check_frozen_chains(domain, journal)

@@ -166,7 +166,7 @@ def recover_domain(
     journal = journals.read(domain.uuid)
     if journal is None:
         return []
-    done: list[str] = []
+    done: list[str] = take_down_view(journal)
     if journal.quiesce and domain.is_active():
         done += thaw_left_frozen(domain)
     refusals: list[str] = []
@@ -280,6 +280,23 @@ def _carry_out(domain: Domain, entry: DiskEntry, step: Step, timeout: int, bandw
     raise AssertionError(step)
 
 
+def take_down_view(journal: Journal, wait: float = 10.0) -> list[str]:
+    """Before any merge of a stage = freeze journal: take its domain's view
+    down, so that no ship reads a live image through it afterwards."""
+    if not journal.view:
+        return []
+    from backupninja_kvm import view
+
+    try:
+        result = view.take_down(journal.view, journal.domain, wait=wait)
+    except view.ViewError as error:
+        raise DomainError(f"{journal.domain}: {error}; nothing merged") from None
+    done = [forced.describe() + ": a copy it makes may be torn" for forced in result.forced]
+    if result.unmounted or result.removed:
+        done.append(f"took down its view {os.path.join(journal.view, journal.domain)}")
+    return done
+
+
 def remove_partial(journal: Journal) -> list[str]:
     """Remove the incomplete set that the interrupted backup of *journal*
     was writing; returns what was done. Call only with the domain's lock
@@ -346,7 +363,7 @@ def recover_vanished(hypervisor: Hypervisor, journal: Journal) -> list[str]:
         except HypervisorError as error:
             if error.code != ERR_NO_DOMAIN:
                 raise
-    done: list[str] = []
+    done: list[str] = take_down_view(journal)
     refusals: list[str] = []
     for entry in journal.disks:
         try:

@@ -1,8 +1,9 @@
 """Running the real backupninja on a scratch configuration.
 
-The scratch backupninja.conf points scriptdirectory at this checkout's
-handlers/ and logs to a scratch file, so nothing under /etc/backup.d or
-/usr/share/backupninja is touched; the handler finds the helper through
+The scratch backupninja.conf points scriptdirectory at a scratch folder of
+symlinks (backupninja's own handlers, and this checkout's kvm) and logs to
+a scratch file, so nothing under /etc/backup.d or /usr/share/backupninja is
+touched; the handler finds the helper through
 BACKUPNINJA_KVM (the checkout's venv).
 """
 
@@ -16,6 +17,7 @@ from tests.support.cli import HELPER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HANDLERS = os.path.join(ROOT, "handlers")
+SHIPPED = "/usr/share/backupninja"
 
 
 @dataclass
@@ -35,11 +37,20 @@ class Ninja:
         os.makedirs(self.configdir, mode=0o700, exist_ok=True)
         self.logfile = os.path.join(scratch, "backupninja.log")
         self.conf = os.path.join(scratch, "backupninja.conf")
+        # backupninja's own handlers (sh, rsync, borg, restic...) and this
+        # checkout's kvm, as an installed system has them side by side
+        self.scriptdir = os.path.join(scratch, "handlers")
+        os.makedirs(self.scriptdir, exist_ok=True)
+        for name in os.listdir(SHIPPED):
+            if name not in ("kvm", "kvm.helper"):
+                os.symlink(os.path.join(SHIPPED, name), os.path.join(self.scriptdir, name))
+        for name in ("kvm", "kvm.helper"):
+            os.symlink(os.path.join(HANDLERS, name), os.path.join(self.scriptdir, name))
         with open(self.conf, "w") as handle:
             handle.write(
                 f"loglevel = 5\nreportemail =\nreportsuccess = no\nreportwarning = no\n"
                 f"logfile = {self.logfile}\nconfigdirectory = {self.configdir}\n"
-                f"scriptdirectory = {HANDLERS}\nlibdirectory = /usr/lib/backupninja\n"
+                f"scriptdirectory = {self.scriptdir}\nlibdirectory = /usr/lib/backupninja\n"
                 f"usecolors = no\n{extra_conf}"
             )
 
@@ -51,11 +62,19 @@ class Ninja:
         return path
 
     def run(self, action: str, *options: str, helper: str = HELPER) -> NinjaRun:
+        """``backupninja --now --run ACTION``: that action alone."""
+        return self._run([*options, "--now", "--run", action], helper)
+
+    def run_all(self, *options: str, helper: str = HELPER) -> NinjaRun:
+        """``backupninja --now``: every action of the folder, in backupninja's order."""
+        return self._run([*options, "--now"], helper)
+
+    def _run(self, options: list[str], helper: str) -> NinjaRun:
         if os.path.exists(self.logfile):
             os.unlink(self.logfile)
         env = dict(os.environ, BACKUPNINJA_KVM=helper)
         result = subprocess.run(
-            ["backupninja", "-f", self.conf, *options, "--now", "--run", action],
+            ["backupninja", "-f", self.conf, *options],
             capture_output=True,
             text=True,
             env=env,

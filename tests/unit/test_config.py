@@ -208,8 +208,9 @@ def test_every_problem_is_reported_at_once_sorted_by_line(tmp_path):
             id="option-not-allowed",
         ),
         pytest.param(
-            "[general]\nstage = freeze",
-            'line 2: [general] stage: the value "freeze" is unacceptable (one of: full)',
+            "[general]\nstage = frozen",
+            'line 2: [general] stage: the value "frozen" is unacceptable (one of: full, freeze, '
+            "thaw)",
             id="stage-not-allowed",
         ),
         pytest.param(
