@@ -135,8 +135,7 @@ def test_the_kvm_examples_are_valid_action_files(name, stage):
     settings = config.load(EXAMPLES / name)
 
     assert settings.stage == stage
-    # getattr: the fields come with the stage branch
-    assert getattr(settings, "view") == VIEW
+    assert settings.view == VIEW
     if stage == "freeze":
         assert settings.domains == ()  # all
-        assert getattr(settings, "max_frozen") == 12 * 3600
+        assert settings.max_frozen == 12 * 3600
