@@ -36,7 +36,8 @@ install: host
 	install -D -m 644 handlers/kvm $(HANDLERDIR)/kvm
 	install -D -m 644 handlers/kvm.helper $(HANDLERDIR)/kvm.helper
 	install -D -m 644 examples/example.kvm $(DOCDIR)/example.kvm
-	@echo "installed: $(PREFIX)/bin/backupninja-kvm, $(HANDLERDIR)/kvm (+ kvm.helper for ninjahelper), $(DOCDIR)/example.kvm"
+	install -D -m 644 -t $(DOCDIR)/ride-along examples/ride-along/*
+	@echo "installed: $(PREFIX)/bin/backupninja-kvm, $(HANDLERDIR)/kvm (+ kvm.helper for ninjahelper), $(DOCDIR)/example.kvm, $(DOCDIR)/ride-along/"
 
 uninstall:
 	rm -f $(PREFIX)/bin/backupninja-kvm $(HANDLERDIR)/kvm $(HANDLERDIR)/kvm.helper

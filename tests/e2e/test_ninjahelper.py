@@ -25,9 +25,9 @@ import time
 import pexpect
 import pytest
 
-from backupninja_kvm import config
+from backupninja_kvm import config, ninja_run
 from tests.support.cli import HELPER
-from tests.support.ninja import HANDLERS
+from tests.support.ninja import HANDLERS, ROOT
 
 pytestmark = [pytest.mark.backupninja]
 
@@ -83,14 +83,20 @@ class Dialogs:
     def open_kvm_wizard(self) -> None:
         """From the main menu to the kvm wizard's first own question, with the
         default schedule and all domains (chosen, or typed when virsh lists none)."""
-        self.answer("create a new backup action", "n" + ENTER)
-        self.answer("live backup of libvirt/KVM virtual machines", "k" + ENTER)
+        self.open_kvm_choice("full")
         self.answer("When to run this action?", ENTER)
         self.answer(
             "Which domains does this action back up?",
             " " + ENTER,  # the first item: all
             **{"Domains to back up: all, or a comma-separated list": "all" + ENTER},
         )
+
+    def open_kvm_choice(self, choice: str) -> None:
+        """From the main menu through the kvm wizard's first menu: "full" (a
+        full backup) or "pair" (a freeze/thaw pair)."""
+        self.answer("create a new backup action", "n" + ENTER)
+        self.answer("live backup of libvirt/KVM virtual machines", "k" + ENTER)
+        self.answer("What should the new action do?", choice[0] + ENTER)
 
     def screen(self) -> str:
         return _ESCAPE.sub("", self.raw)[-2000:]
@@ -266,8 +272,7 @@ def test_wizard_writes_names_with_spaces_commas_and_hashes_that_both_parsers_rea
     backups = os.path.join(scratch, "back#ups,1")  # a path the file must quote too
     dialogs = Dialogs(conf, LIBVIRT_DEFAULT_URI=test_driver)
     try:
-        dialogs.answer("create a new backup action", "n" + ENTER)
-        dialogs.answer("live backup of libvirt/KVM virtual machines", "k" + ENTER)
+        dialogs.open_kvm_choice("full")
         dialogs.answer("When to run this action?", ENTER)
         # Nothing is preselected: Enter alone is not a choice.
         dialogs.answer("Which domains does this action back up?", ENTER)
@@ -310,3 +315,106 @@ def test_wizard_writes_names_with_spaces_commas_and_hashes_that_both_parsers_rea
         "probe-a,b",
         "probe-c#d",
     ], result.stdout
+
+
+# ----------------------------------------------------------------------------
+# the freeze/thaw pair
+
+VIEW = "/var/lib/backupninja-kvm/view"
+SHIP_EXAMPLE = os.path.join(ROOT, "examples", "ride-along", "20-vms.borg")
+
+
+def _put(configdir: str, name: str, text: str) -> str:
+    path = os.path.join(configdir, name)
+    with open(path, "w") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)
+    return path
+
+
+def _read(path: str) -> str:
+    with open(path) as handle:
+        return handle.read()
+
+
+def test_pair_wizard_numbers_a_freeze_and_a_thaw_around_the_ship_action(
+    ninjahelper_conf, test_driver
+):
+    conf, configdir = ninjahelper_conf
+    _put(configdir, "20-vms.borg", _read(SHIP_EXAMPLE))
+    _put(configdir, "19-db.sh", "when = everyday at 01:00\n")  # 19 is taken: the freeze is 18
+    dialogs = Dialogs(conf, LIBVIRT_DEFAULT_URI=test_driver)
+    try:
+        dialogs.open_kvm_choice("pair")
+        dialogs.answer("When to run this action?", ENTER)
+        # The checklist of the full wizard: "some", then the first domain.
+        dialogs.answer("Which domains does this action freeze?", DOWN + " " + ENTER)
+        dialogs.answer("Domains to freeze (space selects)", " " + ENTER)
+        dialogs.answer("Which action copies the frozen images", ENTER)  # the only one
+        dialogs.answer("Written: 18-vms.kvm (freeze) and 21-vms.kvm (thaw)", ENTER)
+        dialogs.answer(f"{configdir}/21-vms.kvm", "q" + ENTER)
+        assert dialogs.wait_exit() == 0
+    finally:
+        dialogs.child.close(force=True)
+    freeze, thaw = (os.path.join(configdir, name) for name in ("18-vms.kvm", "21-vms.kvm"))
+
+    assert sorted(os.listdir(configdir)) == ["18-vms.kvm", "19-db.sh", "20-vms.borg", "21-vms.kvm"]
+    for path in (freeze, thaw):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+    # As backupninja and the freeze's pre-flight read them.
+    freeze_text, thaw_text = _read(freeze), _read(thaw)
+    assert ninja_run.when_lines(freeze_text, "") == ["everyday at 01:00"]
+    assert ninja_run.when_lines(thaw_text, "") == ["everyday at 01:00"]
+    assert ninja_run.getconf(freeze_text, "general", "stage") == "freeze"
+    assert ninja_run.getconf(freeze_text, "general", "view") == VIEW
+    assert ninja_run.getconf(freeze_text, "source", "domains") == '"probe-sp ace"'
+    assert ninja_run.getconf(freeze_text, "source", "uri") == test_driver
+    assert ninja_run.is_kvm_thaw(thaw, thaw_text)
+    assert ninja_run.getconf(thaw_text, "general", "view") == VIEW
+    assert ninja_run.getconf(thaw_text, "source", "uri") == test_driver
+    assert ninja_run.getconf(thaw_text, "source", "domains") == ""  # a thaw has none
+    # The freeze would freeze: a thaw and the ship action of the view follow it.
+    scripts = os.path.join(os.path.dirname(configdir), "scripts")
+    context = ninja_run.Context(
+        configdirectory=configdir,
+        scriptdirectory=scripts,
+        now=ninja_run.Now("01", "8", "monday"),
+        file=freeze,
+    )
+    assert ninja_run.freeze_refusals(context, VIEW) == []
+
+
+def test_pair_wizard_without_a_ship_action_says_to_create_one_first(ninjahelper_conf):
+    conf, configdir = ninjahelper_conf
+    dialogs = Dialogs(conf)
+    try:
+        dialogs.open_kvm_choice("pair")
+        dialogs.answer("There is no .rsync, .borg or .restic action in", ENTER)
+        dialogs.answer("create a new backup action", "q" + ENTER)
+        assert dialogs.wait_exit() == 0
+    finally:
+        dialogs.child.close(force=True)
+
+    assert os.listdir(configdir) == []
+
+
+def test_pair_wizard_asks_to_rename_a_ship_action_without_a_two_digit_prefix(ninjahelper_conf):
+    conf, configdir = ninjahelper_conf
+    _put(configdir, "vms.borg", _read(SHIP_EXAMPLE))
+    dialogs = Dialogs(conf)
+    try:
+        dialogs.open_kvm_choice("pair")
+        dialogs.answer("When to run this action?", ENTER)
+        dialogs.answer(
+            "Which domains does this action freeze?",
+            " " + ENTER,
+            **{"Domains to freeze: all, or a comma-separated list": "all" + ENTER},
+        )
+        dialogs.answer("Which action copies the frozen images", ENTER)
+        dialogs.answer("vms.borg has no two-digit prefix", ENTER)
+        dialogs.answer(f"{configdir}/vms.borg", "q" + ENTER)
+        assert dialogs.wait_exit() == 0
+    finally:
+        dialogs.child.close(force=True)
+
+    assert os.listdir(configdir) == ["vms.borg"]  # nothing written
