@@ -110,10 +110,6 @@ def test_the_freeze_finds_its_ship_action_and_its_thaw_in_the_example_layout(tmp
     assert ninja_run.freeze_refusals(context, VIEW, stat=_as_root) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ninja_run lints 50-data.borg's exclude of the view although 20-vms.* ships it",
-)
 @pytest.mark.parametrize("ship", SHIPS)
 def test_the_example_layout_has_no_lint(tmp_path, ship):
     context = _example_layout(tmp_path, ship)
@@ -121,15 +117,6 @@ def test_the_example_layout_has_no_lint(tmp_path, ship):
     assert ninja_run.ship_lints(context, VIEW, [IMAGES], stat=_as_root) == []
 
 
-def _knows_ride_along_stages() -> bool:
-    return "'freeze'" in config.CONFIGSPEC and "'thaw'" in config.CONFIGSPEC
-
-
-@pytest.mark.xfail(
-    not _knows_ride_along_stages(),
-    strict=True,
-    reason="stage = freeze/thaw keys land with the stage branch",
-)
 @pytest.mark.parametrize(("name", "stage"), [("10-vms.kvm", "freeze"), ("90-vms.kvm", "thaw")])
 def test_the_kvm_examples_are_valid_action_files(name, stage):
     settings = config.load(EXAMPLES / name)
