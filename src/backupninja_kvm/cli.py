@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             status = _dry_run(hypervisor, settings, names)
         else:
             status = _back_up_all(hypervisor, settings, names, args.prometheus_dir, unknown)
-        status = max(status, swept) if EXIT_FATAL not in (status, swept) else EXIT_FATAL
+        status = stages.worse(status, swept)
         return EXIT_DOMAIN_ERRORS if unknown and status == EXIT_OK else status
     except HypervisorError as error:
         log.critical("%s", error)
@@ -445,6 +445,10 @@ def recover(args: argparse.Namespace) -> int:
             for problem in unreadable:
                 log.error("%s; remove it once checked", problem)
                 status = EXIT_DOMAIN_ERRORS
+        with interrupts.critical():
+            ridden = _recover_rides(hypervisor, set(args.domains))
+        if ridden == EXIT_FATAL or (ridden and status != EXIT_FATAL):
+            status = ridden
         repaired = 0
         for position, (name, left_by) in enumerate(targets):
             try:
@@ -547,6 +551,7 @@ def status(args: argparse.Namespace) -> int:
                 print(f"unknown domain(s), with no journal either: {', '.join(sorted(unknown))}")
                 return EXIT_FATAL
             known = [d for d in known if wanted & {d.name, d.uuid}]
+        found += _status_of_rides(wanted)
         for summary in known:
             found += _status_of_domain(hypervisor, summary)
         for uuid in vanished:
@@ -556,6 +561,53 @@ def status(args: argparse.Namespace) -> int:
         return EXIT_OK if not found else EXIT_DOMAIN_ERRORS
     finally:
         hypervisor.close()
+
+
+def _rides_of(wanted: set[str]) -> list:
+    """The ride records (stage = freeze) of the *wanted* domains (all when
+    none is named); prints the unreadable ones."""
+    from backupninja_kvm import ride
+
+    rides, problems = ride.all_rides()
+    for problem in problems:
+        print(problem)
+    return [r for r in rides if not wanted or any(wanted & {d.name, d.uuid} for d in r.domains)]
+
+
+def _status_of_rides(wanted: set[str]) -> int:
+    """Print each freeze of stage = freeze; the number that need repair."""
+    from backupninja_kvm import ride
+
+    found = 0
+    for record in _rides_of(wanted):
+        if record.state == ride.THAWED:
+            lines = "; ".join(f"{level}: {text}" for level, text in record.report)
+            print(f"view {record.view}: its guard thawed the domains on its own: {lines}")
+        elif ride.guard_alive(record):
+            print(f"{record.describe()}: in progress, the thaw or the guard merges it back")
+        else:
+            print(
+                f"{record.describe()}: the guard is gone and no thaw ran: "
+                f"`backupninja-kvm recover` thaws it"
+            )
+            found += 1
+    return found
+
+
+def _recover_rides(hypervisor, wanted: set[str]) -> int:
+    """recover: relay what guards did, thaw the freezes whose guard is gone."""
+    from backupninja_kvm import ride, stages
+
+    status = EXIT_OK
+    for record in _rides_of(wanted):
+        if record.state == ride.THAWED:
+            status = stages.worse(status, stages.relay_guard_report(record))
+        elif not ride.guard_alive(record):
+            log.warning("%s: its guard is gone; thawing it now", record.describe())
+            status = stages.worse(status, stages.thaw_without_guard(hypervisor, record))
+        else:
+            log.info("%s: its guard still waits for the thaw; left alone", record.describe())
+    return status
 
 
 def _journal_domain(uuid: str) -> str:
@@ -581,6 +633,8 @@ def _in_progress(uuid: str) -> str | None:
     if not match:
         return f"backup in progress ({holder})"
     pid, command, since = match.groups()
+    if command.startswith("guard of the freeze"):
+        return f"frozen for a ship action, held by the {command} (pid {pid}, since {since})"
     what = "repair" if " recover" in f" {command}" else "backup"
     return f"{what} in progress (pid {pid}, since {since})"
 

@@ -35,6 +35,9 @@ from backupninja_kvm.errors import HypervisorError
 from backupninja_kvm.report import PREFIXES, log, seconds
 
 _stop = False
+# Seconds a reader may still hold a view file before it is detached: at the
+# deadline, max_frozen has been given already.
+READER_GRACE = 10
 
 
 def _on_term(_signum, _frame) -> None:
@@ -210,7 +213,7 @@ def _thaw_alone(view: str, locks: dict[str, int], why: str) -> int:
                 hypervisor,
                 record,
                 thaws.options_of(record),
-                wait=60 if torn else 10,
+                wait=READER_GRACE,
                 why=" by the guard",
             )
         finally:

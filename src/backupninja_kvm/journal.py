@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -126,8 +127,9 @@ def remove(uuid: str) -> None:
 
 def write_json(directory: str, path: str, data: dict) -> None:
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w") as handle:
+    # mkstemp: 0600, a new file (never through a link), a name no one chose
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
+    with open(fd, "w") as handle:
         json.dump(data, handle, indent=1, sort_keys=True)
         handle.write("\n")
         handle.flush()

@@ -78,6 +78,8 @@ def _start_time(pid: int) -> int | None:
     except OSError:
         return None
     fields = text[text.rfind(")") + 2 :].split()
+    if fields[:1] in (["Z"], ["X"]):
+        return None  # dead, not reaped yet (a parent that does not wait, such as a bare init)
     try:
         return int(fields[19])  # field 22 of the whole line
     except (IndexError, ValueError):

@@ -46,6 +46,13 @@ from backupninja_kvm.quiesce import quiesce_wanted
 from backupninja_kvm.report import log
 
 EXIT_OK, EXIT_FATAL, EXIT_DOMAIN_ERRORS = 0, 2, 4
+_RANK = {EXIT_OK: 0, EXIT_DOMAIN_ERRORS: 1, EXIT_FATAL: 2}
+
+
+def worse(*statuses: int) -> int:
+    """The exit status that says most: a Fatal outranks an Error."""
+    return max(statuses, key=lambda status: _RANK.get(status, 2))
+
 
 # The handler passes backupninja's shell variables (ninja_run.HANDLER_VARIABLES,
 # plus logfile) as BACKUPNINJA_KVM_NINJA_name, and backupninja's $$ as ..._PID.
@@ -107,7 +114,7 @@ def sweep(hypervisor: Hypervisor, ninja: Ninja | None, skip_view: str = "") -> i
         if record.view == skip_view:
             continue
         if record.state == ride.THAWED:
-            status = max(status, relay_guard_report(record))
+            status = worse(status, relay_guard_report(record))
             continue
         if ride.guard_alive(record):
             continue  # frozen now, for a ship action of a running backupninja
@@ -117,7 +124,7 @@ def sweep(hypervisor: Hypervisor, ninja: Ninja | None, skip_view: str = "") -> i
             "%s: its guard is gone (killed?) and the thaw did not run; repairing now",
             record.describe(),
         )
-        status = max(status, thaw_without_guard(hypervisor, record))
+        status = worse(status, thaw_without_guard(hypervisor, record))
     return status
 
 
@@ -127,7 +134,7 @@ def relay_guard_report(record: ride.Ride) -> int:
     for level, text in record.report:
         _level(level)("%s", text)
         if level == "Error":
-            status = max(status, EXIT_DOMAIN_ERRORS)
+            status = worse(status, EXIT_DOMAIN_ERRORS)
     ride.remove(record.view)
     return status
 
@@ -332,7 +339,7 @@ def freeze_all(
         return EXIT_FATAL if status == EXIT_FATAL else EXIT_DOMAIN_ERRORS
     if failed:
         log.error("%d of %d domain(s) not frozen: %s", len(failed), len(names), ", ".join(failed))
-        status = max(status, EXIT_DOMAIN_ERRORS)
+        status = worse(status, EXIT_DOMAIN_ERRORS)
     return status
 
 
@@ -529,9 +536,9 @@ def thaw_all(hypervisor: Hypervisor, settings: Settings, ninja: Ninja | None) ->
         if not handed:
             record = _wait_for_guard(record, options)
     if record.state == ride.THAWED:
-        return max(status, relay_guard_report(record))
+        return worse(status, relay_guard_report(record))
     if not handed:
-        return max(status, _thaw_locked_here(hypervisor, record, options))
+        return worse(status, _thaw_locked_here(hypervisor, record, options))
     try:
         with interrupts.critical():
             errors, fatal = thaws.thaw_ride(hypervisor, record, options, wait=10)
@@ -541,7 +548,7 @@ def thaw_all(hypervisor: Hypervisor, settings: Settings, ninja: Ninja | None) ->
             lock.release(fd, uuid)
     if fatal:
         return EXIT_FATAL
-    return max(status, EXIT_DOMAIN_ERRORS if errors else EXIT_OK)
+    return worse(status, EXIT_DOMAIN_ERRORS if errors else EXIT_OK)
 
 
 def _thaw_locked_here(hypervisor: Hypervisor, record: ride.Ride, options: thaws.Options) -> int:
@@ -609,7 +616,7 @@ def freeze_dry_run(
                     raise DomainError(f"{name}: " + "; ".join(problems))
         except (DomainError, HypervisorError) as error:
             log.error("test run: %s", error)
-            status = max(status, EXIT_DOMAIN_ERRORS)
+            status = worse(status, EXIT_DOMAIN_ERRORS)
     return status
 
 
