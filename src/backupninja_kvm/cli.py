@@ -41,7 +41,13 @@ Live backups of libvirt/KVM virtual machines, as a backupninja handler.
 For each selected domain: one atomic disk-only external snapshot (the VM keeps
 running on fresh qcow2 overlays), a copy of the frozen images and the domain's
 XML to DIRECTORY/DOMAIN/TIMESTAMP/, then the overlays are merged back (active
-block commit + pivot, or blockpull) and deleted.
+block commit + pivot, or blockpull) and deleted (stage = full).
+
+With stage = freeze and stage = thaw, the images ride along in backupninja's
+own .rsync, .borg or .restic action instead: the freeze exposes the frozen
+images read-only in the view (VIEW/DOMAIN/TARGET-IMAGE, domain.xml,
+manifest.json), the ship action copies them, the thaw merges back; a guard
+merges back when backupninja ends without the thaw, or at max_frozen.
 """
 
 EPILOG = f"""\
@@ -51,10 +57,11 @@ Action file keys (see `backupninja-kvm example-config` for help and defaults):
 Exit status of run and recover: 0 success; 4 some domains failed (Error lines);
 2 Fatal (bad configuration, no libvirt, or a domain left on an overlay).
 
-Exit status of status: 0 nothing to repair (a backup in progress is not an
-alarm); 4 some journal of an interrupted backup is left (a domain on an
-overlay, or a domain that no longer exists); 2 libvirt cannot be reached, or
-a DOMAIN named is unknown and has no journal.
+Exit status of status: 0 nothing to repair (a backup in progress, or a freeze
+whose guard waits, is not an alarm); 4 some journal of an interrupted backup
+is left (a domain on an overlay, or a domain that no longer exists), or a
+freeze whose guard is gone; 2 libvirt cannot be reached, or a DOMAIN named is
+unknown and has no journal.
 
 After a crash or a kill, the next run repairs each domain before backing it
 up; `backupninja-kvm status` shows what the journals of interrupted backups

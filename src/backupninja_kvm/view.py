@@ -1,5 +1,5 @@
 """The view: frozen images exposed read-only for backupninja's own rsync, borg
-and restic actions (issue 9; no stage uses it yet).
+and restic actions (``stage = freeze`` builds it, the thaw takes it down).
 
 Layout, under a root-owned 0700 VIEW folder::
 

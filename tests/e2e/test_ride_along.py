@@ -100,3 +100,39 @@ def test_rsync_ships_the_frozen_images_and_the_thaw_merges_every_write(trio, vm,
     assert_back_on_own_images_with_every_write(vm, scratch)
     assert view_mounts(trio.view) == [] and os.listdir(trio.view) == []
     assert wait_for_guard(trio.view) is None and ride.read(trio.view) is None
+
+
+def test_a_shut_off_domain_is_exposed_and_a_start_while_exposed_is_an_error(trio, new_vm, scratch):
+    vm = new_vm(SPECS, start=False)
+    dest = os.path.join(scratch, "rsync-dest")
+    os.makedirs(os.path.join(dest, "host"))
+    trio.freeze(vm.name)
+    trio.ninja.action("20-vms.rsync", rsync_text(trio.view, dest))
+    trio.thaw()
+
+    quiet = trio.ninja.run_all()
+
+    assert quiet.lines("Error") == [] and quiet.lines("Fatal") == [], quiet.log
+    assert any(f"{vm.name}: thawed: shut off" in line for line in quiet.lines("Info")), quiet.log
+    shipped = os.path.join(dest, "host", trio.view.lstrip("/"), vm.name)
+    assert sorted(os.listdir(shipped)) == [
+        "domain.xml",
+        "manifest.json",
+        "vda-vda.qcow2",
+        "vdb-vdb.raw",
+    ]
+
+    # the same night, but the domain is started (and written) while exposed
+    write = Write(0x55, 0, MiB).qemu_io()
+    trio.ninja.action(
+        "30-start.sh",
+        f"virsh -q start {vm.name}\n"
+        f"virsh -q qemu-monitor-command --hmp {vm.name} "
+        f"'qemu-io -d /machine/peripheral/virtio-disk1/virtio-backend \"{write}\"'\n",
+    )
+    started = trio.ninja.run_all()
+
+    changed = [line for line in started.lines("Error") if "changed while it was exposed" in line]
+    assert changed and vm.name in changed[0], started.log
+    assert vm.is_running() and vm.tops() == vm.paths and vm.tagged_files() == []
+    assert view_mounts(trio.view) == [] and ride.read(trio.view) is None
