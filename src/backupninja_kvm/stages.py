@@ -481,6 +481,7 @@ def _start_guard(record: ride.Ride, locks: dict[str, int]) -> ride.Ride:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            cwd="/",  # pins no filesystem that an administrator may want to unmount
             pass_fds=(*locks.values(), write_end),
             close_fds=True,
         )
