@@ -12,17 +12,13 @@ which with rsync's default -v would halt the run and skip the thaw.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import pytest
 
 from tests.support.ninja import ROOT
 
-pytestmark = [
-    pytest.mark.backupninja,
-    pytest.mark.skipif(shutil.which("backupninja") is None, reason="backupninja is not installed"),
-]
+pytestmark = [pytest.mark.backupninja]  # make test installs backupninja, borg and restic
 
 EXAMPLES = os.path.join(ROOT, "examples", "ride-along")
 MiB = 1024 * 1024
@@ -113,7 +109,6 @@ def environment(scratch):
     )
 
 
-@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
 def test_the_rsync_example_copies_the_view_sparse_and_is_not_halted(scratch, environment):
     _make_view(scratch)
     os.makedirs(f"{scratch}/backup/myhost", mode=0o700)
@@ -126,7 +121,6 @@ def test_the_rsync_example_copies_the_view_sparse_and_is_not_halted(scratch, env
     assert sorted(os.listdir(copy)) == sorted(os.listdir(f"{scratch}/view/web1"))
 
 
-@pytest.mark.skipif(shutil.which("borg") is None, reason="borg is not installed")
 def test_the_borg_example_archives_the_view_and_extracts_it_sparse(scratch, environment):
     _make_view(scratch)
     env = dict(environment, BORG_PASSPHRASE="CHANGEME")
@@ -161,7 +155,6 @@ def test_the_borg_example_archives_the_view_and_extracts_it_sparse(scratch, envi
     assert os.path.exists(f"{out}{scratch}/view/web1/manifest.json")
 
 
-@pytest.mark.skipif(shutil.which("restic") is None, reason="restic is not installed")
 def test_the_restic_example_snapshots_the_view(scratch, environment):
     _make_view(scratch)
     with open(f"{scratch}/restic-pass", "w") as handle:

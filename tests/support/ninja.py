@@ -65,14 +65,21 @@ class Ninja:
         """``backupninja --now --run ACTION``: that action alone."""
         return self._run([*options, "--now", "--run", action], helper)
 
-    def run_all(self, *options: str, helper: str = HELPER) -> NinjaRun:
-        """``backupninja --now``: every action of the folder, in backupninja's order."""
-        return self._run([*options, "--now"], helper)
+    def run_all(
+        self,
+        *options: str,
+        helper: str = HELPER,
+        env: dict[str, str] | None = None,
+        now: bool = True,
+    ) -> NinjaRun:
+        """``backupninja --now``: every action of the folder, in backupninja's
+        order; with *now* False, each action only when its ``when`` matches."""
+        return self._run([*options, *(["--now"] if now else [])], helper, env)
 
-    def _run(self, options: list[str], helper: str) -> NinjaRun:
+    def _run(self, options: list[str], helper: str, env: dict[str, str] | None = None) -> NinjaRun:
         if os.path.exists(self.logfile):
             os.unlink(self.logfile)
-        env = dict(os.environ, BACKUPNINJA_KVM=helper)
+        env = dict(env or os.environ, BACKUPNINJA_KVM=helper)
         result = subprocess.run(
             ["backupninja", "-f", self.conf, *options],
             capture_output=True,
