@@ -80,12 +80,12 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-def _wait_exit(pid: int, timeout: float) -> None:
+def _wait_exit(pid: int) -> None:
     fd = _pidfd(pid)
     if fd is None:
         return
     try:
-        select.select([fd], [], [], timeout)
+        select.select([fd], [], [])
     finally:
         os.close(fd)
 
@@ -108,10 +108,14 @@ def main(view: str, locks: dict[str, int], ready_fd: int, freeze_pid: int) -> in
     listener.listen(4)
     os.write(ready_fd, b"ready\n")
     os.close(ready_fd)
-    _wait_exit(freeze_pid, 600)  # the freeze writes the record last
+    _wait_exit(freeze_pid)  # the freeze writes the record last
     record = ride.read(view)
-    if record is None:
+    frozen = {d.uuid for d in record.domains} if record is not None else set()
+    for uuid in [u for u in locks if u not in frozen]:  # the freeze failed for these
+        os.close(locks.pop(uuid))
+    if record is None or not record.domains:
         listener.close()
+        os.unlink(path)
         return 0
     for fd in locks.values():
         lock.describe(

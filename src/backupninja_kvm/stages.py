@@ -293,39 +293,46 @@ def freeze_all(
     )
     ride.write(record)
     locks: dict[str, int] = {}
+    domains: list[Domain] = []
     failed: list[str] = []
+    for name in names:
+        try:
+            domain = hypervisor.domain(name)
+            locks[domain.uuid] = lock.acquire(name, domain.uuid)
+        except (DomainError, HypervisorError) as error:
+            log.error("%s", error)
+            failed.append(name)
+            continue
+        domains.append(domain)
     try:
-        for name in names:
-            try:
-                domain = hypervisor.domain(name)
-                fd = lock.acquire(name, domain.uuid)
-            except (DomainError, HypervisorError) as error:
-                log.error("%s", error)
-                failed.append(name)
-                continue
-            locks[domain.uuid] = fd
+        # The guard first, while nothing is frozen: its start-up costs no
+        # frozen time. It holds copies of every lock, and lets go of those
+        # of the domains the record does not name once this process ends.
+        record = _start_guard(record, locks) if domains else record
+    except DomainError as error:
+        log.error("%s; nothing is frozen", error)
+        for uuid, fd in locks.items():
+            lock.release(fd, uuid)
+        ride.remove(view)
+        return worse(status, EXIT_DOMAIN_ERRORS)
+    try:
+        for domain in domains:
             try:
                 record = _freeze_domain(domain, settings, record)
             except OverlayLeftError as error:
                 log.critical("%s", error)
-                failed.append(name)
+                failed.append(domain.name)
                 status = EXIT_FATAL
             except (DomainError, HypervisorError, views.ViewError) as error:
                 log.error("%s", error)
-                failed.append(name)
+                failed.append(domain.name)
             if not any(d.uuid == domain.uuid for d in record.domains):
                 lock.release(locks.pop(domain.uuid), domain.uuid)
+        record = replace(record, state=ride.FROZEN)
         if record.domains:
-            try:
-                record = _start_guard(record, locks)
-            except DomainError as error:
-                log.error("%s", error)
-                with interrupts.critical():
-                    thaws.thaw_ride(hypervisor, record, thaws.options_of(record), wait=10)
-                ride.remove(view)
-                return EXIT_FATAL if status == EXIT_FATAL else EXIT_DOMAIN_ERRORS
+            ride.write(record)
     except BaseException:
-        # Interrupted (or a bug): nobody would thaw; merge back what is frozen.
+        # Interrupted (or a bug): merge back what is frozen before going.
         with interrupts.critical():
             thaws.thaw_ride(hypervisor, record, thaws.options_of(record), wait=10)
             ride.remove(view)
@@ -334,9 +341,18 @@ def freeze_all(
         for fd in locks.values():
             os.close(fd)  # the guard holds them now (or they were released)
     if not record.domains:
-        ride.remove(view)
+        ride.remove(view)  # the guard sees no record, and lets go
         log.error("%s: no domain was frozen, nothing is exposed in %s", settings.path, view)
-        return EXIT_FATAL if status == EXIT_FATAL else EXIT_DOMAIN_ERRORS
+        return worse(status, EXIT_DOMAIN_ERRORS)
+    deadline = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.deadline))
+    log.info(
+        "guard %s waits for %s; it merges %s back if backupninja ends without it, or at %s "
+        "(max_frozen)",
+        record.guard,
+        record.thaw_action,
+        ", ".join(d.name for d in record.domains),
+        deadline,
+    )
     if failed:
         log.error("%d of %d domain(s) not frozen: %s", len(failed), len(names), ", ".join(failed))
         status = worse(status, EXIT_DOMAIN_ERRORS)
@@ -496,17 +512,8 @@ def _start_guard(record: ride.Ride, locks: dict[str, int]) -> ride.Ride:
     if not answer.startswith(b"ready") or guard is None:
         process.kill()
         raise DomainError(f"the guard did not start (within {GUARD_READY_SECONDS} s); merging back")
-    record = replace(record, guard=guard, state=ride.FROZEN)
+    record = replace(record, guard=guard)
     ride.write(record)
-    deadline = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.deadline))
-    log.info(
-        "guard %s waits for %s; it merges %s back if backupninja ends without it, or at %s "
-        "(max_frozen)",
-        guard,
-        record.thaw_action,
-        ", ".join(d.name for d in record.domains),
-        deadline,
-    )
     return record
 
 

@@ -22,7 +22,7 @@ def test_the_benchmark_runs_and_writes_its_results(connection, scratch):
     results = os.path.join(scratch, "results")
     command = [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--results", results]
     command += ["--size", "64M", "--data", "32M", "--window", "4M", "--runs", "2"]
-    command += ["--pull-runs", "1"]
+    command += ["--pull-runs", "1", "--ride-runs", "1"]
 
     result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
@@ -34,6 +34,7 @@ def test_the_benchmark_runs_and_writes_its_results(connection, scratch):
         "flush of the copy to disk",
         "helper overhead per domain",
         "time on overlay / cp baseline",
+        "ride-along: frozen time - ship time",
     ):
         assert label in result.stdout, result.stdout
     with open(os.path.join(results, "latest.json")) as handle:
