@@ -86,6 +86,14 @@ def start_in_background(trio) -> subprocess.Popen:
     )
 
 
+def wait_for_action(trio, name: str, timeout: float = 30) -> None:
+    """Until backupninja's log shows it started *name* (past the ship and the writes)."""
+    deadline = time.monotonic() + timeout
+    while name not in log_of(trio) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert name in log_of(trio), log_of(trio)
+
+
 def wait_frozen(trio, timeout: float = 60) -> ride.Ride:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -201,3 +209,26 @@ def test_guard_and_backupninja_both_killed_the_next_run_repairs(trio, vm, scratc
     assert result.lines("Error") == [] and result.lines("Fatal") == [], result.log
     assert_back_on_own_images_with_every_write(vm, scratch)
     assert ride.read(trio.view) is None and view_mounts(trio.view) == []
+
+
+def test_recover_thaws_a_freeze_whose_guard_and_backupninja_are_gone(trio, vm, scratch):
+    set_up(trio, vm, scratch, {"50-slow.sh": "sleep 60\n"})
+    process = start_in_background(trio)
+    try:
+        record = wait_frozen(trio)
+        wait_for_action(trio, "50-slow.sh")
+        assert record.guard is not None
+        os.kill(record.guard.pid, signal.SIGKILL)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    recovered = subprocess.run([HELPER, "recover"], capture_output=True, text=True)
+
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    assert "its guard is gone; thawing it now" in recovered.stdout, recovered.stdout
+    assert f"{vm.name}: thawed: frozen" in recovered.stdout, recovered.stdout
+    assert_back_on_own_images_with_every_write(vm, scratch)
+    assert ride.read(trio.view) is None and view_mounts(trio.view) == []
+    status = subprocess.run([HELPER, "status"], capture_output=True, text=True)
+    assert status.returncode == 0, status.stdout
