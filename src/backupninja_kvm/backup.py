@@ -17,20 +17,12 @@ from backupninja_kvm import complete, destination, faults, freeze, interrupts, r
 from backupninja_kvm import journal as journals
 from backupninja_kvm import merge as merges
 from backupninja_kvm.config import Settings
-from backupninja_kvm.disks import WARNING, Disk, overlay_paths, parse_disks
+from backupninja_kvm.disks import Disk, overlay_paths, parse_disks
 from backupninja_kvm.errors import DomainError, OverlayLeftError, TransferError
 from backupninja_kvm.hypervisor import Domain
 from backupninja_kvm.lock import domain_lock
 from backupninja_kvm.outcome import Outcome
-from backupninja_kvm.plan import (
-    Plan,
-    check_space,
-    make_plan,
-    nothing_to_back_up,
-    open_set,
-    refuse_unsafe_chains,
-    report_skipped,
-)
+from backupninja_kvm.plan import Plan, check_space, checked_plan, open_set
 from backupninja_kvm.quiesce import quiesce_wanted
 from backupninja_kvm.report import log
 
@@ -62,14 +54,8 @@ def _back_up_locked(
     domain: Domain, settings: Settings, stamp: str, window_hook: WindowHook | None
 ) -> Outcome:
     recovery.recover_before_backup(domain, settings)
-    plan = make_plan(domain, settings.backing)
+    plan, unsaved = checked_plan(domain, settings.backing)
     name = plan.name
-    if not plan.disks:
-        raise DomainError(nothing_to_back_up(plan))
-    unsaved = [report_skipped(name, skipped) for skipped in plan.skipped]
-    refuse_unsafe_chains(plan)
-    for level, note in plan.notes:
-        (log.warning if level == WARNING else log.info)("%s", note)
 
     quiesce = quiesce_wanted(plan, settings)
     backup_set = open_set(settings, name, stamp)
@@ -90,7 +76,7 @@ def _back_up_locked(
         raise DomainError(f"{name}: cannot write to {domain_dir}: {error}") from None
 
     outcome = Outcome(name, disks=[d.target for d in plan.disks], merge=settings.merge)
-    outcome.problems += [text for text in unsaved if text]
+    outcome.problems += unsaved
     try:
         if plan.active:
             _back_up_running(

@@ -275,6 +275,21 @@ def refuse_unsafe_chains(plan: Plan) -> None:
     # template: backed up like any other, never merged.
 
 
+def checked_plan(domain: Domain, backing: str = "chain") -> tuple[Plan, list[str]]:
+    """``make_plan``, then what every stage says and refuses before a freeze:
+    DomainError when nothing can be backed up or a disk has a block job;
+    each skipped disk and each note reported. Returns the plan and the Error
+    texts of the disks whose data could not be saved."""
+    plan = make_plan(domain, backing)
+    if not plan.disks:
+        raise DomainError(nothing_to_back_up(plan))
+    unsaved = [text for skipped in plan.skipped if (text := report_skipped(plan.name, skipped))]
+    refuse_unsafe_chains(plan)
+    for level, note in plan.notes:
+        (log.warning if level == WARNING else log.info)("%s", note)
+    return plan, unsaved
+
+
 def open_set(settings: Settings, name: str, stamp: str) -> destination.AnySet:
     """The new set of domain *name*, under the next free name from *stamp*
     (the caller holds the domain's lock). Raises DomainError for a name that

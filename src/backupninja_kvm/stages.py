@@ -30,12 +30,13 @@ from backupninja_kvm import thaw as thaws
 from backupninja_kvm import view as views
 from backupninja_kvm.backup import merge as merge_back
 from backupninja_kvm.config import Settings
-from backupninja_kvm.disks import WARNING, overlay_paths, parse_disks
+from backupninja_kvm.disks import overlay_paths, parse_disks
 from backupninja_kvm.errors import ConfigError, DomainError, HypervisorError, OverlayLeftError
 from backupninja_kvm.hypervisor import Domain, Hypervisor
 from backupninja_kvm.outcome import Outcome
 from backupninja_kvm.plan import (
     Plan,
+    checked_plan,
     make_plan,
     nothing_to_back_up,
     refuse_unsafe_chains,
@@ -387,17 +388,10 @@ def _freeze_domain(domain: Domain, settings: Settings, record: ride.Ride) -> rid
     record with it. Raises DomainError when it was not frozen (it runs on
     its own images), OverlayLeftError when it may be left on an overlay."""
     recovery.recover_before_backup(domain, settings)
-    plan = make_plan(domain, settings.backing)
+    plan, unsaved = checked_plan(domain, settings.backing)
     name = plan.name
-    if not plan.disks:
-        raise DomainError(nothing_to_back_up(plan))
-    unsaved = [report_skipped(name, skipped) for skipped in plan.skipped]
     for problem in unsaved:
-        if problem:
-            log.error("%s", problem)
-    refuse_unsafe_chains(plan)
-    for level, note in plan.notes:
-        (log.warning if level == WARNING else log.info)("%s", note)
+        log.error("%s", problem)
     quiesce = quiesce_wanted(plan, settings)
     files = _view_files(plan)
     definition = domain.xml(inactive=domain.is_persistent(), secure=True)

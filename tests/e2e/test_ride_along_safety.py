@@ -104,6 +104,21 @@ def wait_frozen(trio, timeout: float = 60) -> ride.Ride:
     raise AssertionError(f"nothing frozen in {trio.view} after {timeout} s:\n{log_of(trio)}")
 
 
+def kill_guard_and_backupninja(trio, after: str) -> None:
+    """Run backupninja, and once frozen (and the action *after* started),
+    SIGKILL its guard, then backupninja with every child it has."""
+    process = start_in_background(trio)
+    try:
+        record = wait_frozen(trio)
+        if after:
+            wait_for_action(trio, after)
+        assert record.guard is not None
+        os.kill(record.guard.pid, signal.SIGKILL)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def test_a_halt_between_freeze_and_thaw_is_merged_back_by_the_guard(trio, vm, scratch):
     set_up(trio, vm, scratch, {"50-halt.sh": "echo 'Halt: the disk is full'\n"})
 
@@ -188,14 +203,7 @@ def test_a_killed_guard_is_replaced_by_the_thaw(trio, vm, scratch):
 
 def test_guard_and_backupninja_both_killed_the_next_run_repairs(trio, vm, scratch):
     set_up(trio, vm, scratch, {"50-slow.sh": "sleep 60\n"})
-    process = start_in_background(trio)
-    try:
-        record = wait_frozen(trio)
-        assert record.guard is not None
-        os.kill(record.guard.pid, signal.SIGKILL)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    kill_guard_and_backupninja(trio, after="")
     assert vm.tagged_files() != []  # still frozen: nobody is left to thaw it
 
     status = subprocess.run([HELPER, "status"], capture_output=True, text=True)
@@ -213,15 +221,7 @@ def test_guard_and_backupninja_both_killed_the_next_run_repairs(trio, vm, scratc
 
 def test_recover_thaws_a_freeze_whose_guard_and_backupninja_are_gone(trio, vm, scratch):
     set_up(trio, vm, scratch, {"50-slow.sh": "sleep 60\n"})
-    process = start_in_background(trio)
-    try:
-        record = wait_frozen(trio)
-        wait_for_action(trio, "50-slow.sh")
-        assert record.guard is not None
-        os.kill(record.guard.pid, signal.SIGKILL)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    kill_guard_and_backupninja(trio, after="50-slow.sh")
 
     recovered = subprocess.run([HELPER, "recover"], capture_output=True, text=True)
 

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from backupninja_kvm import ride
+from tests.e2e.test_examples_ride_along import _scratch_example
 from tests.e2e.test_ride_along import (
     BEFORE,
     DURING,
@@ -26,26 +27,14 @@ from tests.e2e.test_ride_along import (
 )
 from tests.e2e.test_ride_along import trio as trio  # noqa: F401 - the fixture
 from tests.e2e.test_ride_along import vm as vm  # noqa: F401 - the fixture
-from tests.support.ninja import ROOT
 from tests.support.riding import freeze_text, rsync_text, thaw_text, view_mounts
 from tests.support.vms import same_content
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.backupninja]
 
-EXAMPLES = os.path.join(ROOT, "examples", "ride-along")
-
 
 def example(name: str, scratch: str, domain: str) -> str:
-    with open(os.path.join(EXAMPLES, name)) as handle:
-        text = handle.read()
-    for old, new in (
-        ("/var/lib/backupninja-kvm/view", f"{scratch}/view"),
-        ("/root/.restic-pass", f"{scratch}/restic-pass"),
-        ("/srv/", f"{scratch}/"),
-        ("domains = all", f"domains = {domain}"),
-    ):
-        text = text.replace(old, new)
-    return text
+    return _scratch_example(name, scratch).replace("domains = all", f"domains = {domain}")
 
 
 @pytest.fixture
