@@ -84,8 +84,10 @@ def _back_up_locked(
             )
         else:
             outcome.live = False
+            outcome.freeze_time = time.time()
             ship.copy_shut_off(domain, plan, backup_set, outcome)
         complete.fix_headers(plan, backup_set)
+        ship.write_set_info(domain, plan, backup_set, outcome)
     except BaseException:
         backup_set.discard()  # failed or interrupted: never leave a half set behind
         raise

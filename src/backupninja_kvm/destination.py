@@ -70,7 +70,9 @@ MANIFESTS = (MANIFEST, "SHA256SUMS")  # either one makes a complete set
 PARTIAL = ".partial"
 LATEST = "latest"
 LATEST_FILE = "LATEST"  # the pointer where symlinks cannot be made
-DEFINITION = "domain.xml"  # the one file of a set that is not a disk image
+DEFINITION = "domain.xml"  # the definition: not a disk image
+SET_INFO = "set.json"  # what the set holds (setinfo): not a disk image
+NOT_IMAGES = (DEFINITION, SET_INFO)
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 _OLD_STAMP_FORMAT = "%Y%m%dT%H%M%S"  # local time, before 0.3
 _STAMP = re.compile(r"^\d{8}T\d{6}Z?$")
@@ -168,10 +170,11 @@ def sets_to_prune(entries: Iterable[SetEntry], keep: int, current: str = "") -> 
 
 
 def manifest_has_images(lines: Iterable[str]) -> bool:
-    """Whether a manifest (b3sum/sha256sum format) lists a file besides domain.xml."""
+    """Whether a manifest (b3sum/sha256sum format) lists a disk image (a file
+    besides domain.xml and set.json)."""
     for line in lines:
         name = line.rstrip("\n").split("  ", 1)[-1]
-        if name and name != DEFINITION:
+        if name and name not in NOT_IMAGES:
             return True
     return False
 
@@ -565,7 +568,7 @@ for name in *; do
   if [ ! -L "$name" ]; then
     for m in B3SUMS SHA256SUMS; do
       if [ -f "$name/$m" ]; then
-        if sed 's/^[^ ]*  //' "$name/$m" | grep -qvxF -e domain.xml -e ''; then kind=images
+        if sed 's/^[^ ]*  //' "$name/$m" | grep -qvxF -e domain.xml -e set.json -e ''; then kind=images
         else kind=empty; fi
         break
       fi

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from backupninja_kvm import TAG
 
@@ -143,6 +143,7 @@ class Layer:
     format: str
     backing_name: str | None = None  # the backing file as the header names it
     data_file: str | None = None  # qcow2 external data file, absolute
+    virtual_size: int = field(default=0, compare=False)  # bytes the guest sees
 
 
 def parse_chain(info: list[dict]) -> list[Layer]:
@@ -161,6 +162,7 @@ def parse_chain(info: list[dict]) -> list[Layer]:
                 format=str(entry.get("format", "raw")),
                 backing_name=entry.get("backing-filename"),
                 data_file=data_file or None,
+                virtual_size=int(entry.get("virtual-size") or 0),
             )
         )
     return layers

@@ -91,6 +91,7 @@ def freeze(
     except HypervisorError as error:
         raise DomainError(f"{name}: could not freeze the disks: {error}") from None
     outcome.freeze_seconds = time.monotonic() - frozen_at
+    outcome.freeze_time = time.time()
     log.info(
         "%s: froze %s in %s%s",
         name,

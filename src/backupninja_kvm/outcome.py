@@ -19,6 +19,7 @@ class Outcome:
     merge: str = ""
     merge_seconds: float = 0.0
     freeze_seconds: float = 0.0  # the snapshot call
+    freeze_time: float = 0.0  # the snapshot's instant (time.time()), or the shut-off copy's start
     copy_seconds: float = 0.0
     hook_seconds: float = 0.0  # the tests' and the benchmark's window hook
     quiesced: int | None = None  # guest filesystems frozen for the snapshot

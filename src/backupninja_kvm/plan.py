@@ -35,6 +35,12 @@ class SetFile:
     target: str
     source: str
     name: str  # its name in the set
+    # What set.json says of it (see ``setinfo.SetImage``).
+    format: str = field(default="raw", compare=False)
+    virtual_size: int = field(default=0, compare=False)
+    role: str = field(default="disk", compare=False)  # disk, backing or data
+    backing: str = field(default="", compare=False)  # the set's file below it
+    data_file: str = field(default="", compare=False)  # the set's data file of it
 
 
 @dataclass(frozen=True)
@@ -146,14 +152,30 @@ def _plan_files(plan: Plan, disk: Disk, chain: ChainPlan, backing: str) -> None:
         used.add(candidate)
         return candidate
 
-    names = []
+    names = [
+        set_name(layer.path, backup_file_name(disk) if position == 0 else "")
+        for position, layer in enumerate(chain.copied)
+    ]
+    data_names = [set_name(layer.data_file) if layer.data_file else "" for layer in chain.copied]
     for position, layer in enumerate(chain.copied):
-        names.append(set_name(layer.path, backup_file_name(disk) if position == 0 else ""))
-        plan.files.append(SetFile(target, layer.path, names[-1]))
+        plan.files.append(
+            SetFile(
+                target,
+                layer.path,
+                names[position],
+                layer.format,
+                layer.virtual_size,
+                "disk" if position == 0 else "backing",
+                names[position + 1] if position + 1 < len(names) else "",
+                data_names[position],
+            )
+        )
     for position, layer in enumerate(chain.copied):
         if layer.data_file:
-            data_name = set_name(layer.data_file)
-            plan.files.append(SetFile(target, layer.data_file, data_name))
+            data_name = data_names[position]
+            plan.files.append(
+                SetFile(target, layer.data_file, data_name, "raw", layer.virtual_size, "data")
+            )
             plan.fixes.append(
                 HeaderFix(
                     target,

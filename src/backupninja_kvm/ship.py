@@ -8,7 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from backupninja_kvm import destination, faults, preflight
+from backupninja_kvm import destination, faults, preflight, setinfo
 from backupninja_kvm.errors import DomainError, TransferError
 from backupninja_kvm.hypervisor import Domain
 from backupninja_kvm.outcome import Outcome
@@ -23,6 +23,44 @@ def write_definition(domain: Domain, backup_set: destination.AnySet) -> None:
     persistent = domain.is_persistent()
     xml = domain.xml(inactive=persistent, secure=True)
     backup_set.write_file("domain.xml", xml)
+
+
+def write_set_info(
+    domain: Domain, plan: Plan, backup_set: destination.AnySet, outcome: Outcome
+) -> None:
+    """Write set.json: which file is which disk or layer, where each was,
+    its format and size, the freeze instant and its consistency."""
+    if not outcome.live:
+        consistency = "shut-off"
+    else:
+        consistency = "quiesced" if outcome.quiesced is not None else "crash-consistent"
+    info = setinfo.SetInfo(
+        plan.name,
+        domain.uuid,
+        setinfo.utc_text(outcome.freeze_time or time.time()),
+        consistency,
+        tuple(
+            setinfo.SetImage(
+                f.name,
+                f.target,
+                f.role,
+                f.source,
+                f.format,
+                f.virtual_size,
+                f.backing,
+                f.data_file,
+            )
+            for f in plan.files
+        ),
+    )
+    try:
+        backup_set.write_file(setinfo.SET_INFO, info.to_json())
+    except (OSError, TransferError) as error:
+        reason = error.strerror if isinstance(error, OSError) else str(error)
+        raise DomainError(
+            f"{plan.name}: cannot write {setinfo.SET_INFO} into {backup_set.partial_path}: "
+            f"{reason}; no set made, the domain runs on its own images"
+        ) from None
 
 
 class _CopyStopped(Exception):

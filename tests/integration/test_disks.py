@@ -108,7 +108,7 @@ def test_a_block_disk_beside_a_file_disk_is_a_warning_naming_it(new_vm, scratch,
         and "not in the set" in line
         for line in warnings
     ), result.stdout
-    assert sorted(os.listdir(latest_set(scratch, vm))) == ["B3SUMS", "domain.xml", "vda-vda.qcow2"]
+    assert sorted(os.listdir(latest_set(scratch, vm))) == ["B3SUMS", "domain.xml", "set.json", "vda-vda.qcow2"]
     assert vm.tops() == vm.paths and vm.tagged_files() == []
 
 
@@ -148,6 +148,7 @@ def test_an_admin_snapshot_chain_with_backing_chain_makes_a_set_that_restores_on
     assert sorted(os.listdir(set_path)) == [
         "B3SUMS",
         "domain.xml",
+        "set.json",
         "vda-vda.qcow2",
         "vda-vda.s1.qcow2",
     ]
@@ -188,6 +189,7 @@ def test_an_admin_snapshot_chain_with_backing_top_is_a_warning(new_vm, scratch):
     assert sorted(os.listdir(latest_set(scratch, vm))) == [
         "B3SUMS",
         "domain.xml",
+        "set.json",
         "vda-vda.s1.qcow2",
     ]
     subprocess.run(
@@ -216,7 +218,7 @@ def test_a_template_shared_with_another_domain_stays_out_of_the_set_with_an_info
         for line in lines(result, "Info:")
     ), result.stdout
     set_path = latest_set(scratch, vm)
-    assert sorted(os.listdir(set_path)) == ["B3SUMS", "domain.xml", "vda-vda.qcow2"]
+    assert sorted(os.listdir(set_path)) == ["B3SUMS", "domain.xml", "set.json", "vda-vda.qcow2"]
     # The copy still names the template, where it is.
     assert chain_files(os.path.join(set_path, "vda-vda.qcow2"))[1:] == [template]
     assert sha256(template) == template_sum
@@ -236,6 +238,7 @@ def test_a_qcow2_with_an_external_data_file_has_its_data_in_the_set(new_vm, scra
     assert sorted(os.listdir(set_path)) == [
         "B3SUMS",
         "domain.xml",
+        "set.json",
         "vda-vda.data.raw",
         "vda-vda.qcow2",
     ]
@@ -338,7 +341,7 @@ def test_the_free_space_check_counts_the_whole_chain_that_is_copied(new_vm, scra
         assert vm.tagged_files() == [] and os.listdir(small) == []
         # The top alone fits.
         outcome = back_up(vm, settings("top"))
-        assert sorted(os.listdir(outcome.set_path)) == ["B3SUMS", "domain.xml", "vda-vda.s1.qcow2"]
+        assert sorted(os.listdir(outcome.set_path)) == ["B3SUMS", "domain.xml", "set.json", "vda-vda.s1.qcow2"]
     finally:
         subprocess.run(["umount", small], check=True)
         subprocess.run(

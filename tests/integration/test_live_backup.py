@@ -107,7 +107,7 @@ def test_commit_backs_up_the_freeze_instant_and_keeps_every_write(new_vm, scratc
     set_path = outcome.set_path
     assert set_path == os.path.join(scratch, "backups", vm.name, "20261127T010000")
     assert sorted(os.listdir(set_path)) == sorted(
-        ["B3SUMS", "domain.xml", "vda-vda.qcow2", "vdb-vdb.raw"]
+        ["B3SUMS", "domain.xml", "set.json", "vda-vda.qcow2", "vdb-vdb.raw"]
     )
     check_manifest(set_path)
     assert os.readlink(os.path.join(scratch, "backups", vm.name, "latest")) == "20261127T010000"
@@ -199,7 +199,7 @@ def test_template_backing_file_is_left_untouched(new_vm, scratch, merge, connect
 
     assert sha256(template) == template_sum
     # The set holds the VM's own layer, which still refers to the template.
-    assert sorted(os.listdir(outcome.set_path)) == ["B3SUMS", "domain.xml", "vda-vda.qcow2"]
+    assert sorted(os.listdir(outcome.set_path)) == ["B3SUMS", "domain.xml", "set.json", "vda-vda.qcow2"]
     backup = set_file(outcome.set_path, "vda", vm)
     expected_frozen = [Write(0x77, 0, 8 * MiB), Write(0x11, MiB, MiB)]
     reference = reference_image(scratch, "frozen", DiskSpec("vda"), expected_frozen)
