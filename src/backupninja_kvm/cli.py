@@ -15,7 +15,7 @@ import re
 import sys
 import time
 
-from backupninja_kvm import __version__, config, interrupts, prometheus, report
+from backupninja_kvm import __version__, config, interrupts, prometheus, report, setcommands
 from backupninja_kvm.backup import back_up_domain
 from backupninja_kvm.destination import new_stamp as destination_stamp
 from backupninja_kvm.errors import (
@@ -805,6 +805,8 @@ def build_parser() -> argparse.ArgumentParser:
     guard_parser.add_argument("--ready-fd", type=int, required=True)
     guard_parser.add_argument("--freeze-pid", type=int, required=True)
     guard_parser.set_defaults(function=guard)
+
+    setcommands.add_parser(commands)
 
     example_parser = commands.add_parser(
         "example-config", help="print an example action file with every key documented"

@@ -568,7 +568,8 @@ for name in *; do
   if [ ! -L "$name" ]; then
     for m in B3SUMS SHA256SUMS; do
       if [ -f "$name/$m" ]; then
-        if sed 's/^[^ ]*  //' "$name/$m" | grep -qvxF -e domain.xml -e set.json -e ''; then kind=images
+        if sed 's/^[^ ]*  //' "$name/$m" | grep -qvxF -e domain.xml -e set.json -e ''
+        then kind=images
         else kind=empty; fi
         break
       fi
@@ -588,6 +589,11 @@ def parse_listing(output: str) -> tuple[list[str], list[SetEntry]]:
         if kind in ("images", "empty") and is_stamp(name):
             entries.append(SetEntry(name, kind == "images"))
     return names, order_sets(entries)
+
+
+def remote_entries(remote: Remote, domain_dir: str) -> list[SetEntry]:
+    """The complete sets of a domain on a remote host, in creation order."""
+    return parse_listing(remote.run(_LIST, domain_dir))[1]
 
 
 @dataclass

@@ -194,6 +194,26 @@ class Hypervisor:
         except libvirt.libvirtError as error:
             raise _translate(error, f"domain {uuid}") from None
 
+    def find_domain(self, name: str = "", uuid: str = "") -> Domain | None:
+        """The domain named *name*, else the one with *uuid*; None when
+        libvirt knows neither."""
+        for lookup, key in ((self._connection.lookupByName, name), (self._lookup_uuid, uuid)):
+            if not key:
+                continue
+            try:
+                return Domain(self, lookup(key))
+            except libvirt.libvirtError as error:
+                if error.get_error_code() != ERR_NO_DOMAIN:
+                    raise _translate(error, f"domain {key}") from None
+        return None
+
+    def define(self, xml: str) -> Domain:
+        """Define a persistent domain from *xml*; returns it."""
+        try:
+            return Domain(self, self._connection.defineXML(xml))
+        except libvirt.libvirtError as error:
+            raise _translate(error, "define") from None
+
     def _lookup_uuid(self, uuid: str) -> libvirt.virDomain:
         return self._connection.lookupByUUIDString(uuid)
 
@@ -253,6 +273,9 @@ class Domain:
 
     def resume(self) -> None:
         self._call("resume", "resume")
+
+    def start(self) -> None:
+        self._call("start", "create")
 
     def id(self) -> int:
         return int(self._call("id", "ID"))

@@ -151,7 +151,9 @@ def check(info: SetInfo, where: str) -> None:
     for item in info.files:
         for other in (item.backing, item.data_file):
             if other and other not in names:
-                raise SetInfoError(f"{where}: {item.name} refers to {other}, which it does not list")
+                raise SetInfoError(
+                    f"{where}: {item.name} refers to {other}, which it does not list"
+                )
     if info.consistency not in CONSISTENCIES:
         raise SetInfoError(f"{where}: consistency {info.consistency!r} is not known")
 
@@ -251,10 +253,10 @@ def legacy_info(set_path: str) -> SetInfo:
             continue
         file_name = backup_file_name(disk)
         if file_name in present:
-            files.append(SetImage(file_name, disk.target, "disk", disk.path, disk.format or "raw", 0))
-    info = SetInfo(
-        name, uuid, "", "unknown", tuple(_link_layers(set_path, files)), "domain.xml"
-    )
+            files.append(
+                SetImage(file_name, disk.target, "disk", disk.path, disk.format or "raw", 0)
+            )
+    info = SetInfo(name, uuid, "", "unknown", tuple(_link_layers(set_path, files)), "domain.xml")
     check(info, definition)
     return info
 
@@ -315,9 +317,7 @@ def _in_set(
     its original path); ("", "") when the set does not hold it."""
     prefix = f"{item.target}-"
     if "/" not in reference and reference in present:  # a set's own relative name
-        original = os.path.join(
-            os.path.dirname(item.original_path), reference.removeprefix(prefix)
-        )
+        original = os.path.join(os.path.dirname(item.original_path), reference.removeprefix(prefix))
         return reference, original
     original = (
         reference

@@ -284,6 +284,30 @@ class Remote:
             )
         return RsyncStats.parse(result.stdout)
 
+    def fetch(self, source: str, target: str) -> None:
+        """Copy the file *source* on the host to the new local file *target*
+        with rsync, holes kept. Raises TransferError."""
+        result = subprocess.run(
+            [
+                "rsync",
+                "--sparse",
+                "--chmod=F600",
+                f"--timeout={RSYNC_TIMEOUT}",
+                "-e",
+                shlex.join(self._ssh()),
+                f"{self.label}:{source}",
+                target,
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise TransferError(
+                f"rsync of {self.label}:{source} to {target} failed "
+                f"(exit status {result.returncode}): {_last_line(result.stderr)}",
+                result.returncode,
+            )
+
 
 @dataclass(frozen=True)
 class RsyncStats:

@@ -108,7 +108,12 @@ def test_a_block_disk_beside_a_file_disk_is_a_warning_naming_it(new_vm, scratch,
         and "not in the set" in line
         for line in warnings
     ), result.stdout
-    assert sorted(os.listdir(latest_set(scratch, vm))) == ["B3SUMS", "domain.xml", "set.json", "vda-vda.qcow2"]
+    assert sorted(os.listdir(latest_set(scratch, vm))) == [
+        "B3SUMS",
+        "domain.xml",
+        "set.json",
+        "vda-vda.qcow2",
+    ]
     assert vm.tops() == vm.paths and vm.tagged_files() == []
 
 
@@ -341,7 +346,12 @@ def test_the_free_space_check_counts_the_whole_chain_that_is_copied(new_vm, scra
         assert vm.tagged_files() == [] and os.listdir(small) == []
         # The top alone fits.
         outcome = back_up(vm, settings("top"))
-        assert sorted(os.listdir(outcome.set_path)) == ["B3SUMS", "domain.xml", "set.json", "vda-vda.s1.qcow2"]
+        assert sorted(os.listdir(outcome.set_path)) == [
+            "B3SUMS",
+            "domain.xml",
+            "set.json",
+            "vda-vda.s1.qcow2",
+        ]
     finally:
         subprocess.run(["umount", small], check=True)
         subprocess.run(

@@ -199,7 +199,12 @@ def test_template_backing_file_is_left_untouched(new_vm, scratch, merge, connect
 
     assert sha256(template) == template_sum
     # The set holds the VM's own layer, which still refers to the template.
-    assert sorted(os.listdir(outcome.set_path)) == ["B3SUMS", "domain.xml", "set.json", "vda-vda.qcow2"]
+    assert sorted(os.listdir(outcome.set_path)) == [
+        "B3SUMS",
+        "domain.xml",
+        "set.json",
+        "vda-vda.qcow2",
+    ]
     backup = set_file(outcome.set_path, "vda", vm)
     expected_frozen = [Write(0x77, 0, 8 * MiB), Write(0x11, MiB, MiB)]
     reference = reference_image(scratch, "frozen", DiskSpec("vda"), expected_frozen)

@@ -199,7 +199,11 @@ def test_pull_over_three_nights_keeps_set_names_and_leaves_no_image_behind(new_v
     assert names[0] == ["B3SUMS", "domain.xml", "set.json", "vda-vda.qcow2", "vdb-vdb.raw"]
     # From the second night on, the raw disk runs on a qcow2 image: named
     # after the disk, the same every night.
-    assert names[1] == names[2] == ["B3SUMS", "domain.xml", "set.json", "vda-vda.qcow2", "vdb-vdb.raw.qcow2"]
+    assert (
+        names[1]
+        == names[2]
+        == ["B3SUMS", "domain.xml", "set.json", "vda-vda.qcow2", "vdb-vdb.raw.qcow2"]
+    )
     # The record of what our pulls made names only the current images.
     made = journal.read_pulled(vm.domain.UUIDString())
     assert made == journal.Pulled(frozenset(vm.tops().values()), frozenset())
@@ -259,7 +263,12 @@ def test_what_the_freeze_did_not_change_is_no_failure(new_vm, scratch, change):
     outcome = back_up(vm, settings, stamp="20261127T010000")
 
     assert sorted(os.listdir(outcome.set_path)) == sorted(
-        ["B3SUMS", "domain.xml", "set.json", *(f"{t}-{os.path.basename(p)}" for t, p in live_before.items())]
+        [
+            "B3SUMS",
+            "domain.xml",
+            "set.json",
+            *(f"{t}-{os.path.basename(p)}" for t, p in live_before.items()),
+        ]
     )
     assert vm.tops() == live_before
     assert vm.tops(inactive=True) == defined_before  # the pending change is still pending

@@ -1,0 +1,452 @@
+"""Restore a set: its images back to disk, its definition back to libvirt.
+
+Three ways, by what is asked:
+
+- **In place** (``restore SET``): each image goes back to the path the
+  domain had it at (``set.json``'s ``original_path``; under ``--to DIR``
+  with the same file names), and the set's ``domain.xml`` is defined again,
+  same name and UUID. A domain of that name that exists must be shut off,
+  and ``--force`` given; the files it had at those paths are kept aside as
+  ``PATH.before-restore-STAMP`` until the restored domain is defined, and
+  the report says where they are (remove them once the domain is checked).
+- **As a copy** (``restore SET --as NAME``): beside the original, which is
+  never touched: a new name, a new UUID and new MAC addresses (libvirt makes
+  both), its own image files (``NAME-FILE`` in each original's folder, or in
+  ``--to DIR``), its own console files (see ``definition.copy_definition``).
+  A writable disk whose data is not in the set is left out of the copy
+  (it would share the original's file), with a Warning.
+- ``--start`` starts the restored domain.
+
+Safety, in order: the set is verified first (structure and definition; a
+set that fails is refused unless ``--ignore-damage``); every image is copied
+sparse into a private folder beside its destination (``mkdtemp``) and its
+copy checked against the set's manifest before anything is replaced; only
+then are the copies renamed into place (same filesystem: atomic) and the
+domain defined. If the definition fails, the replaced files are put back.
+A remote set is fetched with rsync over the destination's ssh settings,
+straight into those private folders; a copy of a ride-along view (from
+borg or restic) restores the same way, without sums (it has none).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+from backupninja_kvm import destination, interrupts, setinfo
+from backupninja_kvm.errors import BackupNinjaKvmError, HypervisorError, TransferError
+from backupninja_kvm.report import human_bytes, log, seconds
+from backupninja_kvm.sets import SetRef
+from backupninja_kvm.verify import _manifest_lines, verify_set
+
+TEMP_PREFIX = ".bnkvm-restore-"
+ASIDE = ".before-restore-"
+
+
+class RestoreError(BackupNinjaKvmError):
+    """The restore was refused or failed; nothing of the host was changed,
+    unless the message says what was."""
+
+
+@dataclass(frozen=True)
+class Options:
+    new_name: str = ""  # --as
+    to: str = ""  # --to DIR
+    start: bool = False
+    force: bool = False
+    ignore_damage: bool = False
+
+
+@dataclass
+class Restored:
+    """What a restore did, for its report."""
+
+    domain: str
+    ref: SetRef
+    paths: dict[str, str] = field(default_factory=dict)  # set file -> where it went
+    aside: list[str] = field(default_factory=list)  # replaced files kept
+    placed: list[str] = field(default_factory=list)  # restored files renamed into place
+    dropped: list[str] = field(default_factory=list)  # disks left out of a copy
+    bytes: int = 0
+    started: bool = False
+    checked: int = 0  # copies checked against the manifest
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        disks = ", ".join(self.paths[n] for n in self.paths)
+        text = (
+            f"{self.domain}: restored from {self.ref.short}: {disks} "
+            f"({human_bytes(self.bytes)}, {self.checked} checked against the manifest) "
+            f"in {seconds(self.seconds)}; defined"
+        )
+        if self.started:
+            text += ", started"
+        return text
+
+
+def _read_set(ref: SetRef) -> tuple[setinfo.SetInfo, str, str, dict[str, str]]:
+    """The set's description, definition, manifest name and sums."""
+    if ref.remote is None:
+        info = setinfo.read(ref.path)
+        definition = _text(os.path.join(ref.path, destination.DEFINITION))
+        manifest = next(
+            (m for m in destination.MANIFESTS if os.path.isfile(os.path.join(ref.path, m))), ""
+        )
+        sums = _text(os.path.join(ref.path, manifest)) if manifest else ""
+    else:
+        remote = ref.remote
+        try:
+            names = remote.run('cd "$1" && ls -1A', ref.path).splitlines()
+            if setinfo.SET_INFO not in names:
+                raise RestoreError(
+                    f"{ref.label}: a set of an earlier version (no set.json): fetch it first "
+                    f"(`rsync -a --sparse {remote.label}:{ref.path}/ DIR/`), then restore DIR"
+                )
+            info = setinfo.SetInfo.from_json(
+                remote.run('cat -- "$1/set.json"', ref.path), f"{ref.label}: set.json"
+            )
+            definition = remote.run('cat -- "$1/domain.xml"', ref.path)
+            manifest = next((m for m in destination.MANIFESTS if m in names), "")
+            sums = remote.run('cat -- "$1/$2"', ref.path, manifest) if manifest else ""
+        except TransferError as error:
+            raise RestoreError(f"cannot read {ref.label}: {error}") from None
+    return info, definition, manifest, {name: digest for digest, name in _manifest_lines(sums)}
+
+
+def _text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError as error:
+        raise RestoreError(f"cannot read {path}: {error.strerror}") from None
+
+
+def plan_paths(info: setinfo.SetInfo, options: Options) -> dict[str, str]:
+    """set file name -> the path it is restored to."""
+    paths = {}
+    for item in info.files:
+        folder = options.to or os.path.dirname(item.original_path)
+        if options.new_name:
+            base = f"{options.new_name}-{item.name}"
+        else:
+            base = os.path.basename(item.original_path)
+        paths[item.name] = os.path.join(os.path.abspath(folder), base)
+    if len(set(paths.values())) != len(paths):
+        raise RestoreError(
+            f"{info.domain}: two files of the set would be restored to the same path; "
+            f"restore without --to, or --as NAME"
+        )
+    return paths
+
+
+def restore(hypervisor, ref: SetRef, options: Options) -> Restored:
+    """Restore *ref* (see the module's docstring). Raises RestoreError,
+    naming what was refused or failed and what was changed."""
+    started = time.monotonic()
+    info, definition, manifest, sums = _read_set(ref)
+    name = options.new_name or info.domain
+    if options.new_name:
+        destination.check_domain_name(options.new_name)
+    _check_set(ref, options)
+    paths = plan_paths(info, options)
+    existing = _check_domain(hypervisor, info, options)
+    _check_paths(hypervisor, info, paths, options, existing)
+    xml, dropped = _definition_for(info, definition, paths, options)
+    result = Restored(name, ref, {n: paths[n] for n in paths}, dropped=dropped)
+    for target in dropped:
+        log.warning(
+            "%s: disk %s is not in the set: left out of the copy (it would share the "
+            "original's file)",
+            name,
+            target,
+        )
+    folders: dict[str, str] = {}
+    try:
+        copies = _copy_all(ref, info, paths, folders, result)
+        _check_copies(ref, manifest, sums, copies, result, options)
+        _fix_headers(info, paths, copies)
+        with interrupts.critical():
+            try:
+                _put_in_place(copies, paths, result)
+                domain = hypervisor.define(xml)
+            except HypervisorError as error:
+                _undo(result)
+                raise RestoreError(
+                    f"{name}: libvirt refused the definition ({error.reason}); the files "
+                    f"that were replaced are back in place, nothing restored"
+                ) from None
+            except OSError as error:
+                _undo(result)
+                raise RestoreError(
+                    f"{name}: cannot put the restored files in place ({error}); the files "
+                    f"that were replaced are back in place, nothing restored"
+                ) from None
+    finally:
+        for folder in folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
+    if result.aside:
+        log.warning(
+            "%s: the files replaced by the restore are kept: %s; remove them once the "
+            "restored domain is checked",
+            name,
+            ", ".join(result.aside),
+        )
+    if options.start:
+        try:
+            domain.start()
+            result.started = True
+        except HypervisorError as error:
+            raise RestoreError(
+                f"{name}: restored and defined, but it did not start: {error.reason}"
+            ) from None
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _check_set(ref: SetRef, options: Options) -> None:
+    try:
+        found = verify_set(ref, sums=False)
+    except TransferError as error:
+        raise RestoreError(f"cannot verify {ref.label}: {error}") from None
+    if found.ok:
+        return
+    if options.ignore_damage:
+        log.warning("%s: restoring despite: %s", ref.short, "; ".join(found.problems))
+        return
+    raise RestoreError(
+        f"{ref.short}: refused, the set fails verification: {'; '.join(found.problems)} "
+        f"(restore an older set, or give --ignore-damage to restore it as it is)"
+    )
+
+
+def _check_domain(hypervisor, info: setinfo.SetInfo, options: Options):
+    """The existing domain an in-place restore replaces (None: none)."""
+    if options.new_name:
+        if hypervisor.find_domain(name=options.new_name) is not None:
+            raise RestoreError(
+                f"{options.new_name}: a domain of that name exists; choose another --as NAME"
+            )
+        return None
+    existing = hypervisor.find_domain(name=info.domain, uuid=info.uuid)
+    if existing is None:
+        return None
+    if existing.name != info.domain or (info.uuid and existing.uuid != info.uuid):
+        raise RestoreError(
+            f"{info.domain}: the domain {existing.name} ({existing.uuid}) has the set's name "
+            f"or UUID ({info.uuid}) but not both: restore --as NEWNAME beside it, or "
+            f"undefine it first"
+        )
+    if existing.is_active():
+        raise RestoreError(
+            f"{info.domain}: the domain is running; shut it down (virsh shutdown "
+            f"{info.domain}), then restore it in place with --force, or restore --as NEWNAME "
+            f"beside it"
+        )
+    if not options.force:
+        raise RestoreError(
+            f"{info.domain}: the domain exists (shut off); restoring in place replaces its "
+            f"images and definition: give --force (the replaced images are kept aside), or "
+            f"restore --as NEWNAME beside it"
+        )
+    return existing
+
+
+def _check_paths(hypervisor, info, paths: dict[str, str], options: Options, existing) -> None:
+    used_by_others: dict[str, str] = {}
+    for other, files in hypervisor.paths_of_other_domains(
+        existing.uuid if existing else ""
+    ).items():
+        for path in files:
+            used_by_others[os.path.realpath(path)] = other
+    for name, path in paths.items():
+        other = used_by_others.get(os.path.realpath(path))
+        if other and (options.new_name or other != info.domain):
+            raise RestoreError(
+                f"{name}: would be restored to {path}, which the domain {other} uses; "
+                f"restore --as NEWNAME or --to DIR"
+            )
+        folder = os.path.dirname(path)
+        if not os.path.isdir(folder):
+            raise RestoreError(f"{name}: the folder {folder} does not exist; give --to DIR")
+        if os.path.lexists(path) and not options.force:
+            raise RestoreError(
+                f"{name}: {path} exists; give --force to replace it (it is kept aside), or --to DIR"
+            )
+        if os.path.lexists(path) and os.path.isdir(path):
+            raise RestoreError(f"{name}: {path} is a folder")
+
+
+def _definition_for(info, definition: str, paths: dict[str, str], options: Options):
+    disks = {item.target: (paths[item.name], item.format) for item in info.disks()}
+    if options.new_name:
+        from backupninja_kvm import definition as definitions
+
+        files_dir = options.to or os.path.dirname(next(iter(paths.values()), "/"))
+        return definitions.copy_definition(definition, options.new_name, disks, files_dir=files_dir)
+    return retarget_disks(definition, disks), []
+
+
+def retarget_disks(xml: str, disks: dict[str, tuple[str, str]]) -> str:
+    """*xml* with each disk of *disks* (target -> path, format) pointing at
+    its restored file; any <backingStore> is dropped (libvirt reads the chain
+    from the image)."""
+    root = ET.fromstring(xml)
+    for disk in root.iter("disk"):
+        target = disk.find("target")
+        dev = target.get("dev") if target is not None else None
+        if dev not in disks:
+            continue
+        path, image_format = disks[dev]
+        if disk.get("type") != "file":
+            disk.set("type", "file")
+        for old in disk.findall("source"):
+            disk.remove(old)
+        for old in disk.findall("backingStore"):
+            disk.remove(old)
+        source = ET.Element("source", {"file": path})
+        disk.insert(1 if disk.find("driver") is not None else 0, source)
+        driver = disk.find("driver")
+        if driver is not None:
+            driver.set("type", image_format)
+    return ET.tostring(root, encoding="unicode")
+
+
+def _copy_all(
+    ref: SetRef, info, paths, folders: dict[str, str], result: Restored
+) -> dict[str, str]:
+    """Copy every file of the set into a private folder beside its
+    destination; returns set file -> its copy."""
+    from backupninja_kvm.transfer import copy_sparse, data_bytes
+
+    copies = {}
+    for item in info.files:
+        final = paths[item.name]
+        folder = os.path.dirname(final)
+        if folder not in folders:
+            folders[folder] = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=folder)
+        copy = os.path.join(folders[folder], os.path.basename(final))
+        try:
+            if ref.remote is None:
+                copy_sparse(os.path.join(ref.path, item.name), copy)
+            else:
+                ref.remote.fetch(os.path.join(ref.path, item.name), copy)
+        except TransferError as error:
+            raise RestoreError(f"{item.name}: {error}; nothing restored") from None
+        result.bytes += data_bytes(copy)
+        copies[item.name] = copy
+    return copies
+
+
+def _check_copies(ref, manifest: str, sums: dict[str, str], copies, result, options) -> None:
+    if not manifest:
+        log.info(
+            "%s: no manifest (a copy of a ride-along view): the copies are not checked by sums",
+            ref.short,
+        )
+        return
+    for name, copy in copies.items():
+        expected = sums.get(name)
+        if expected is None:
+            raise RestoreError(f"{ref.short}: {name} is not in {manifest}; nothing restored")
+        actual = destination.file_b3sum(copy) if manifest == "B3SUMS" else _sha256(copy)
+        if actual != expected:
+            if options.ignore_damage:
+                log.warning("%s: %s differs from %s; restored as it is", ref.short, name, manifest)
+                continue
+            raise RestoreError(
+                f"{ref.short}: {name}: its copy differs from {manifest} (the set is damaged, "
+                f"or changed since the backup); nothing restored (give --ignore-damage to "
+                f"restore it as it is)"
+            )
+        result.checked += 1
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(4 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fix_headers(info: setinfo.SetInfo, paths: dict[str, str], copies: dict[str, str]) -> None:
+    """Point each copied layer at the restored file below it, each qcow2 at
+    its restored data file, by absolute paths; a backing file that is not in
+    the set (a shared template) keeps its absolute name."""
+    for item in info.files:
+        if item.format != "qcow2":
+            continue
+        copy = copies[item.name]
+        argv: list[str] = []
+        if item.backing:
+            below = info.by_name()[item.backing]
+            argv = [
+                "rebase",
+                "-u",
+                "-f",
+                "qcow2",
+                "-b",
+                paths[item.backing],
+                "-F",
+                below.format,
+                copy,
+            ]
+            _qemu_img(argv, item.name)
+        if item.data_file:
+            options = (
+                f"driver=qcow2,file.filename={_escape(copy)},"
+                f"data-file.filename={_escape(copies[item.data_file])},backing="
+            )
+            argv = [
+                "amend",
+                "--image-opts",
+                options,
+                "-o",
+                f"data_file={_escape(paths[item.data_file])}",
+            ]
+            _qemu_img(argv, item.name)
+
+
+def _escape(value: str) -> str:
+    return value.replace(",", ",,")
+
+
+def _qemu_img(argv: list[str], name: str) -> None:
+    result = subprocess.run(["qemu-img", *argv], capture_output=True, text=True)
+    if result.returncode != 0:
+        message = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        raise RestoreError(
+            f"{name}: qemu-img {argv[0]} of its copy failed: {message}; nothing restored"
+        )
+
+
+def _put_in_place(copies: dict[str, str], paths: dict[str, str], result: Restored) -> None:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for name, copy in copies.items():
+        final = paths[name]
+        if os.path.lexists(final):
+            aside = final + ASIDE + stamp
+            os.rename(final, aside)
+            result.aside.append(aside)
+        os.rename(copy, final)
+        result.placed.append(final)
+
+
+def _undo(result: Restored) -> None:
+    """The definition failed: remove the restored files, put the replaced back."""
+    for final in result.placed:
+        try:
+            os.unlink(final)
+        except OSError:
+            pass
+    result.placed = []
+    for aside in result.aside:
+        os.rename(aside, aside.rsplit(ASIDE, 1)[0])
+    result.aside = []
