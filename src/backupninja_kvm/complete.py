@@ -4,6 +4,7 @@ the images earlier pulls made that this set supersedes."""
 
 from __future__ import annotations
 
+import os
 import time
 
 from backupninja_kvm import destination, images, merge
@@ -80,9 +81,17 @@ def complete_set(
     # never replaces the sets that may hold it: nothing is pruned until the
     # sets are whole again (or the administrator leaves the disk out).
     lacking = [s.disk.target for s in plan.skipped if s.level != INFO]
+    # Nor does a set that fails its verification ([dest] verify = yes).
+    damaged = settings.verify and not verify_new_set(backup_set, outcome)
     try:
-        removed = [] if lacking else backup_set.prune(settings.keep)
-        if lacking:
+        removed = [] if lacking or damaged else backup_set.prune(settings.keep)
+        if damaged:
+            log.warning(
+                "%s: no old set was removed, and no image an earlier pull left: this set "
+                "failed its verification (see the Error)",
+                name,
+            )
+        elif lacking:
             log.warning(
                 "%s: no old set was removed: this set lacks %s (see above), and older sets "
                 "may hold it; remove them by hand once checked",
@@ -96,6 +105,36 @@ def complete_set(
         log.warning("%s: the set is complete, but pruning old sets failed: %s", name, error)
     if removed:
         log.info("%s: removed %d old set(s) beyond keep = %d", name, len(removed), settings.keep)
-    merge.delete_superseded_pulls(domain)  # the set holds what they held
+    if not damaged:
+        merge.delete_superseded_pulls(domain)  # the set holds what they held
     outcome.complete_seconds = time.monotonic() - completing
     outcome.flush_seconds = backup_set.flush_seconds
+
+
+def verify_new_set(backup_set: destination.AnySet, outcome: Outcome) -> bool:
+    """[dest] verify = yes: verify the set just completed (the domain is
+    back on its own images by now) and keep the result in it. Returns
+    whether it passed; a damaged set is an Error of the domain."""
+    from backupninja_kvm import verify
+    from backupninja_kvm.sets import SetRef
+
+    remote = backup_set.remote if isinstance(backup_set, destination.RemoteBackupSet) else None
+    path = os.path.join(backup_set.domain_dir, backup_set.stamp)
+    ref = SetRef(backup_set.domain, backup_set.stamp, path, remote)
+    try:
+        found = verify.verify_set(ref)
+    except TransferError as error:
+        outcome.problems.append(f"{ref.short}: the set could not be verified: {error}")
+        return False
+    problem = verify.record(ref, found)
+    if problem:
+        log.warning("%s: %s", ref.domain, problem)
+    if found.ok:
+        outcome.verified = True
+        log.info("%s", found.summary())
+        return True
+    outcome.problems.append(
+        f"{found.summary()}; check the destination's storage, then `backupninja-kvm "
+        f"verify --all` its other sets"
+    )
+    return False

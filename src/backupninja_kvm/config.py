@@ -136,6 +136,13 @@ keep = integer(min=1, max=100000, default=7)
 # NAS share): when it is not mounted, nothing is backed up (Fatal) instead
 # of filling the empty folder under it on the root filesystem.
 require_mount = boolean(default=False)
+# Verify each new set once the domain is back on its own images (never while
+# it runs on the overlay), as `backupninja-kvm verify` does: the manifest's
+# sums, each image's structure (qemu-img check), the definition. The result is
+# kept in the set (checks.json; `backupninja-kvm sets` shows it); a set that
+# fails is an Error. Costs one more read of the set (on the remote host for
+# dest = remote).
+verify = boolean(default=False)
 """
 
 DEFAULT_VIEW = "/var/lib/backupninja-kvm/view"
@@ -173,6 +180,7 @@ class Settings:
     lines: dict[tuple[str, str], int]  # (section, key) -> line number, for messages
     backing: str = "chain"  # [source] backing: chain or top
     require_mount: bool = False
+    verify: bool = False  # [dest] verify: each new set, after the merge
     view: str = "/var/lib/backupninja-kvm/view"  # stage = freeze and thaw
     max_frozen: int = 12 * 3600  # seconds, stage = freeze
 
@@ -350,6 +358,7 @@ def load(
         lines=index,
         backing=source["backing"],
         require_mount=dest["require_mount"],
+        verify=dest["verify"],
         view=os.path.normpath(general["view"].strip()),
         max_frozen=parse_duration(general["max_frozen"]) or 0,
     )

@@ -28,6 +28,7 @@ class Outcome:
     total_seconds: float = 0.0
     set_path: str = ""
     live: bool = True
+    verified: bool = False  # [dest] verify = yes, and the new set passed
     problems: list[str] = field(default_factory=list)  # Error lines; the set is still good
 
     def summary(self) -> str:
@@ -42,4 +43,4 @@ class Outcome:
             )
         else:
             text += " (shut off, copied without snapshot)"
-        return text + f", set {self.set_path}"
+        return text + f", set {self.set_path}" + (" (verified)" if self.verified else "")

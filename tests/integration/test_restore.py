@@ -229,3 +229,49 @@ def test_verify_names_the_damaged_file_and_restore_refuses_the_set(damage, new_v
     assert "nothing restored" in restored.stdout or "refused" in restored.stdout
     assert {p: sha256(p) for p in vm.paths.values()} == before  # nothing replaced
     assert not [n for n in os.listdir(vm.directory) if ".before-restore-" in n]
+
+
+def test_verify_yes_verifies_each_new_set_after_the_merge(new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
+    backups = os.path.join(scratch, "backups")
+    os.makedirs(backups)
+    path = action(scratch, vm, backups, verify="yes")
+
+    result = helper("run", path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    (summary,) = [line for line in result.stdout.splitlines() if f"{vm.name}: backed up" in line]
+    assert summary.endswith("(verified)"), summary
+    assert ": verified: 3 file(s) match the manifest, 1 image(s) sound" in result.stdout
+    (set_name,) = [n for n in os.listdir(os.path.join(backups, vm.name)) if n.endswith("Z")]
+    checks = setinfo.read_checks(os.path.join(backups, vm.name, set_name))
+    assert checks["verify"]["ok"] is True
+
+
+def test_a_new_set_that_fails_verification_prunes_no_older_set(new_vm, scratch, monkeypatch):
+    from backupninja_kvm import verify
+
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
+    backups = os.path.join(scratch, "backups")
+    os.makedirs(backups)
+    settings = config.load(action(scratch, vm, backups, verify="yes", keep="1"))
+    first = back_up(vm, settings, stamp="20261127T010000Z")
+    assert first.verified and not first.problems
+
+    real = verify.verify_set
+
+    def damaged(ref, sums=True):  # the storage lost a byte of the new set
+        found = real(ref, sums)
+        found.problems.append("vda-vda.qcow2: its content differs from B3SUMS")
+        return found
+
+    monkeypatch.setattr(verify, "verify_set", damaged)
+    second = back_up(vm, settings, stamp="20261128T010000Z")
+
+    assert second.problems and "DAMAGED" in second.problems[0]
+    assert sorted(os.listdir(os.path.join(backups, vm.name))) == [
+        "20261127T010000Z",
+        "20261128T010000Z",
+        "latest",
+    ]
+    assert vm.tops() == vm.paths

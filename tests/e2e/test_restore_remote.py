@@ -1,0 +1,73 @@
+"""sets, verify and restore of a remote set, over the real sshd on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.conftest import write_action
+from tests.e2e.test_remote import remote_action, server  # noqa: F401 - the fixture
+from tests.integration.test_restore import BEFORE, DISKS, references
+from tests.support.cli import helper
+
+pytestmark = [pytest.mark.libvirt]
+
+
+def test_a_remote_set_is_listed_verified_there_and_restored_in_place(
+    server,  # noqa: F811 - the fixture
+    new_vm,
+    scratch,
+):
+    vm = new_vm(DISKS)
+    for target, writes in BEFORE.items():
+        vm.write(target, *writes)
+    backups = os.path.join(scratch, "remote-backups")  # "remote": this host, over ssh
+    os.makedirs(backups)
+    path = write_action(os.path.join(scratch, "remote.kvm"), remote_action(backups, vm, server))
+    made = helper("run", path)
+    assert made.returncode == 0, made.stdout + made.stderr
+    expected = references(scratch)
+
+    listed = helper("sets", "-a", path, "--json")
+    verified = helper("verify", "-a", path, vm.name)
+
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    (entry,) = json.loads(listed.stdout)
+    assert entry["host"] == "root@127.0.0.1" and entry["disks"] == ["vda", "vdb"]
+    assert entry["consistency"] == "crash-consistent"
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "4 file(s) match the manifest, 2 image(s) sound" in verified.stdout
+    assert json.loads(helper("sets", "-a", path, "--json").stdout)[0]["verify"]["ok"] is True
+
+    vm.stop()
+    os.unlink(vm.paths["vda"])
+    os.unlink(vm.paths["vdb"])
+    restored = helper("restore", "-a", path, vm.name, "--force", "--start")
+
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert vm.is_running() and vm.tops() == vm.paths
+    vm.stop()
+    from tests.support.vms import same_content
+
+    assert same_content(vm.paths["vda"], "qcow2", expected["vda"], "qcow2")
+    assert same_content(vm.paths["vdb"], "raw", expected["vdb"], "raw")
+
+
+def test_verify_of_a_remote_set_names_the_damaged_file(server, new_vm, scratch):  # noqa: F811
+    vm = new_vm(DISKS[:1])
+    vm.write("vda", *BEFORE["vda"])
+    backups = os.path.join(scratch, "remote-backups")
+    os.makedirs(backups)
+    path = write_action(os.path.join(scratch, "remote.kvm"), remote_action(backups, vm, server))
+    assert helper("run", path).returncode == 0
+    (set_name,) = [n for n in os.listdir(os.path.join(backups, vm.name)) if n.endswith("Z")]
+    with open(os.path.join(backups, vm.name, set_name, "vda-vda.qcow2"), "r+b") as handle:
+        handle.seek(100 * 1024)
+        handle.write(b"\xff")
+
+    verified = helper("verify", "-a", path, vm.name)
+
+    assert verified.returncode == 1, verified.stdout + verified.stderr
+    assert "vda-vda.qcow2: its content differs from B3SUMS" in verified.stdout
