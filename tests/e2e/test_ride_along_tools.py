@@ -13,6 +13,7 @@ import os
 import subprocess
 import time
 
+import libvirt
 import pytest
 
 from backupninja_kvm import ride
@@ -27,8 +28,10 @@ from tests.e2e.test_ride_along import (
 )
 from tests.e2e.test_ride_along import trio as trio  # noqa: F401 - the fixture
 from tests.e2e.test_ride_along import vm as vm  # noqa: F401 - the fixture
+from tests.integration.test_restore import copies as copies  # noqa: F401 - the fixture
+from tests.support.cli import helper
 from tests.support.riding import freeze_text, rsync_text, thaw_text, view_mounts
-from tests.support.vms import same_content
+from tests.support.vms import connect, same_content
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.backupninja]
 
@@ -77,7 +80,7 @@ def assert_clean_after(trio, vm, scratch) -> None:
     assert view_mounts(trio.view) == [] and ride.read(trio.view) is None
 
 
-def test_borg_ships_the_frozen_images_with_the_examples(trio, vm, scratch, environment):
+def test_borg_ships_the_frozen_images_with_the_examples(trio, vm, scratch, environment, copies):
     repository = f"{scratch}/borg"
     subprocess.run(["borg", "init", "-e", "repokey", repository], env=environment, check=True)
     trio_of_examples(trio, vm, scratch, "20-vms.borg")
@@ -106,6 +109,24 @@ def test_borg_ships_the_frozen_images_with_the_examples(trio, vm, scratch, envir
     raw = f"{out}{scratch}/view/{vm.name}/vdb-vdb.raw"
     assert os.stat(raw).st_blocks * 512 <= 8 * 1024 * 1024  # holes kept
     assert_clean_after(trio, vm, scratch)
+
+    # The extracted folder restores as it is, beside the running original.
+    extracted = f"{out}{scratch}/view/{vm.name}"
+    copies.append(f"{vm.name}-borg")
+    verified = helper("verify", extracted)
+    restored = helper("restore", extracted, "--as", f"{vm.name}-borg", "--start")
+
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "borg check or restic check verify their own copies" in verified.stdout
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    copy = connect().lookupByName(f"{vm.name}-borg")
+    assert copy.isActive() and vm.is_running()
+    copy.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
+    expected = references(os.path.join(scratch, "ref-restored"), BEFORE)
+    for spec in SPECS:
+        restored_image = os.path.join(vm.directory, f"{vm.name}-borg-{spec.target}-{spec.target}")
+        restored_image += f".{spec.format}"
+        assert same_content(restored_image, spec.format, expected[spec.target], spec.format)
 
 
 def test_restic_ships_the_frozen_images_with_the_examples(trio, vm, scratch, environment):
