@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from backupninja_kvm import sets, setinfo
+from backupninja_kvm import setinfo, sets
 
 DOMAIN_XML = """<domain type='qemu'><name>web1</name><uuid>{uuid}</uuid><devices>
 <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
@@ -75,7 +75,9 @@ def test_set_json_round_trips_and_refuses_names_outside_the_set():
             setinfo.SetInfo.from_json(json.dumps(data), "set.json")
     data = json.loads(info.to_json())
     data["files"][0]["backing"] = "elsewhere.qcow2"
-    with pytest.raises(setinfo.SetInfoError, match="refers to elsewhere.qcow2, which it does not list"):
+    with pytest.raises(
+        setinfo.SetInfoError, match="refers to elsewhere.qcow2, which it does not list"
+    ):
         setinfo.SetInfo.from_json(json.dumps(data), "set.json")
     with pytest.raises(setinfo.SetInfoError, match="set.json: not a set description"):
         setinfo.SetInfo.from_json("{", "set.json")
