@@ -90,6 +90,19 @@ def copy_definition(
     return _text(root), dropped
 
 
+def point_disks(xml: str, disks: dict[str, tuple[str, str]]) -> str:
+    """*xml* with each disk of *disks* (target -> path, format) on that file,
+    as ``copy_definition`` points them; nothing else changes (a restore in
+    place keeps the domain's name, UUID, MACs and other disks)."""
+    root = _parse(xml)
+    for disk in root.iter("disk"):
+        target = disk.find("target")
+        dev = target.get("dev", "") if target is not None else ""
+        if dev in disks:
+            _point_disk_at(disk, *disks[dev])
+    return _text(root)
+
+
 def nvram_path(xml: str) -> str | None:
     """The path of the domain's UEFI variable store, if it names one."""
     element = _parse(xml).find("./os/nvram")

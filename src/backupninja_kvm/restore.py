@@ -35,9 +35,9 @@ import shutil
 import subprocess
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
+from backupninja_kvm import definition as definitions
 from backupninja_kvm import destination, interrupts, setinfo
 from backupninja_kvm.errors import BackupNinjaKvmError, HypervisorError, TransferError
 from backupninja_kvm.report import human_bytes, log, seconds
@@ -281,39 +281,18 @@ def _check_paths(hypervisor, info, paths: dict[str, str], options: Options, exis
             raise RestoreError(f"{name}: {path} is a folder")
 
 
-def _definition_for(info, definition: str, paths: dict[str, str], options: Options):
+def _definition_for(info, definition_xml: str, paths: dict[str, str], options: Options):
+    """The definition to define, and the disks a copy leaves out."""
     disks = {item.target: (paths[item.name], item.format) for item in info.disks()}
-    if options.new_name:
-        from backupninja_kvm import definition as definitions
-
-        files_dir = options.to or os.path.dirname(next(iter(paths.values()), "/"))
-        return definitions.copy_definition(definition, options.new_name, disks, files_dir=files_dir)
-    return retarget_disks(definition, disks), []
-
-
-def retarget_disks(xml: str, disks: dict[str, tuple[str, str]]) -> str:
-    """*xml* with each disk of *disks* (target -> path, format) pointing at
-    its restored file; any <backingStore> is dropped (libvirt reads the chain
-    from the image)."""
-    root = ET.fromstring(xml)
-    for disk in root.iter("disk"):
-        target = disk.find("target")
-        dev = target.get("dev") if target is not None else None
-        if dev not in disks:
-            continue
-        path, image_format = disks[dev]
-        if disk.get("type") != "file":
-            disk.set("type", "file")
-        for old in disk.findall("source"):
-            disk.remove(old)
-        for old in disk.findall("backingStore"):
-            disk.remove(old)
-        source = ET.Element("source", {"file": path})
-        disk.insert(1 if disk.find("driver") is not None else 0, source)
-        driver = disk.find("driver")
-        if driver is not None:
-            driver.set("type", image_format)
-    return ET.tostring(root, encoding="unicode")
+    try:
+        if options.new_name:
+            files_dir = options.to or os.path.dirname(next(iter(paths.values()), "/"))
+            return definitions.copy_definition(
+                definition_xml, options.new_name, disks, files_dir=files_dir
+            )
+        return definitions.point_disks(definition_xml, disks), []
+    except definitions.DefinitionError as error:
+        raise RestoreError(f"{info.domain}: domain.xml of the set: {error}") from None
 
 
 def _copy_all(

@@ -13,6 +13,7 @@ from backupninja_kvm.definition import (
     for_rehearsal,
     has_guest_agent,
     nvram_path,
+    point_disks,
 )
 
 IMAGES = "/var/lib/libvirt/images"
@@ -352,3 +353,23 @@ def test_domain_type_and_agent_channel():
     assert domain_type(WEB1) == "kvm"
     assert has_guest_agent(WEB1)
     assert not has_guest_agent("<domain type='qemu'><name>a</name></domain>")
+
+
+def test_point_disks_moves_only_the_named_disks_and_keeps_the_identity():
+    xml = (
+        "<domain type='qemu'><name>web1</name><uuid>1b4e28ba-2fa1-11d2-883f-0016d3cca427</uuid>"
+        "<devices><disk type='block' device='disk'><driver name='qemu' type='raw'/>"
+        "<source dev='/dev/vg/web1'/><backingStore/><target dev='vda'/></disk>"
+        "<disk type='file' device='disk'><source file='/srv/b.raw'/><target dev='vdb'/></disk>"
+        "<interface type='user'><mac address='52:54:00:aa:bb:01'/></interface>"
+        "</devices></domain>"
+    )
+
+    moved = ET.fromstring(point_disks(xml, {"vda": ("/srv/r/vda.raw", "raw")}))
+
+    vda, vdb = moved.iter("disk")
+    assert vda.get("type") == "file" and vda.find("source").attrib == {"file": "/srv/r/vda.raw"}
+    assert vda.find("backingStore") is None
+    assert vdb.find("source").get("file") == "/srv/b.raw"
+    assert moved.findtext("uuid") == "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+    assert moved.find("devices/interface/mac").get("address") == "52:54:00:aa:bb:01"
