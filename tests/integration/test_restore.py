@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import xml.etree.ElementTree as ET
 
 import libvirt
@@ -275,3 +276,60 @@ def test_a_new_set_that_fails_verification_prunes_no_older_set(new_vm, scratch, 
         "latest",
     ]
     assert vm.tops() == vm.paths
+
+
+def test_a_chain_restores_as_a_copy_into_another_folder_its_layers_linked(new_vm, scratch, copies):
+    from tests.integration.test_disks import (
+        ADMIN_CHAIN_WRITES,
+        _vm_on_an_admin_chain,
+        chain_files,
+    )
+    from tests.integration.test_disks import action as disks_action
+
+    vm, _top = _vm_on_an_admin_chain(new_vm)
+    assert helper("run", disks_action(scratch, vm, backing="chain")).returncode == 0
+    set_path = os.path.realpath(os.path.join(scratch, "backups", vm.name, "latest"))
+    folder = os.path.join(vm.directory, "restored")
+    os.mkdir(folder)
+    name = vm.name + "-chain"
+    copies.append(name)
+
+    result = helper("restore", set_path, "--as", name, "--to", folder, "--start")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    top = os.path.join(folder, f"{name}-vda-vda.s1.qcow2")
+    assert chain_files(top) == [top, os.path.join(folder, f"{name}-vda-vda.qcow2")]
+    assert connect().lookupByName(name).isActive()
+    connect().lookupByName(name).destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
+    expected = reference_image(
+        scratch, "ref", DiskSpec("vda", "qcow2", 32 * MiB), ADMIN_CHAIN_WRITES
+    )
+    assert same_content(top, "qcow2", expected, "qcow2")
+
+
+def test_a_qcow2_with_a_data_file_restores_in_place_pointing_at_its_own_data_file(new_vm, scratch):
+    from tests.integration.test_disks import action as disks_action
+    from tests.support.vms import data_file_path
+
+    spec = DiskSpec("vda", "qcow2", 32 * MiB, data_file=True)
+    vm = new_vm([spec])
+    writes = [Write(0x81, 0, 8 * MiB)]
+    vm.write("vda", *writes)
+    path = disks_action(scratch, vm)
+    assert helper("run", path).returncode == 0
+    vm.stop()
+    image, data = vm.paths["vda"], data_file_path(vm.paths["vda"])
+    os.unlink(image)
+    os.unlink(data)
+
+    result = helper("restore", "-a", path, vm.name, "--force")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    info = json.loads(
+        __import__("subprocess")
+        .run(["qemu-img", "info", "--output=json", image], capture_output=True, text=True)
+        .stdout
+    )
+    assert info["format-specific"]["data"]["data-file"] == data
+    expected = reference_image(scratch, "ref", DiskSpec("vda", "qcow2", 32 * MiB), writes)
+    assert same_content(image, "qcow2", expected, "qcow2")
