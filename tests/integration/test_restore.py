@@ -325,11 +325,10 @@ def test_a_qcow2_with_a_data_file_restores_in_place_pointing_at_its_own_data_fil
     result = helper("restore", "-a", path, vm.name, "--force")
 
     assert result.returncode == 0, result.stdout + result.stderr
-    info = json.loads(
-        __import__("subprocess")
-        .run(["qemu-img", "info", "--output=json", image], capture_output=True, text=True)
-        .stdout
+    shown = subprocess.run(
+        ["qemu-img", "info", "--output=json", image], capture_output=True, text=True, check=True
     )
+    info = json.loads(shown.stdout)
     assert info["format-specific"]["data"]["data-file"] == data
     expected = reference_image(scratch, "ref", DiskSpec("vda", "qcow2", 32 * MiB), writes)
     assert same_content(image, "qcow2", expected, "qcow2")
