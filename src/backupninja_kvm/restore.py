@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from backupninja_kvm import definition as definitions
 from backupninja_kvm import destination, interrupts, setinfo
 from backupninja_kvm.errors import BackupNinjaKvmError, HypervisorError, TransferError
+from backupninja_kvm.lock import domain_lock
 from backupninja_kvm.report import human_bytes, log, seconds
 from backupninja_kvm.sets import SetRef
 from backupninja_kvm.verify import _manifest_lines, verify_set
@@ -146,9 +147,17 @@ def plan_paths(info: setinfo.SetInfo, options: Options) -> dict[str, str]:
 
 def restore(hypervisor, ref: SetRef, options: Options) -> Restored:
     """Restore *ref* (see the module's docstring). Raises RestoreError,
-    naming what was refused or failed and what was changed."""
+    naming what was refused or failed and what was changed. A restore in
+    place holds the domain's lock: no backup or recover of it runs meanwhile."""
     started = time.monotonic()
     info, definition, manifest, sums = _read_set(ref)
+    if options.new_name or not info.uuid:
+        return _restore(hypervisor, ref, options, info, definition, manifest, sums, started)
+    with domain_lock(info.domain, info.uuid):
+        return _restore(hypervisor, ref, options, info, definition, manifest, sums, started)
+
+
+def _restore(hypervisor, ref, options, info, definition, manifest, sums, started) -> Restored:
     name = options.new_name or info.domain
     if options.new_name:
         destination.check_domain_name(options.new_name)

@@ -332,3 +332,21 @@ def test_a_qcow2_with_a_data_file_restores_in_place_pointing_at_its_own_data_fil
     assert info["format-specific"]["data"]["data-file"] == data
     expected = reference_image(scratch, "ref", DiskSpec("vda", "qcow2", 32 * MiB), writes)
     assert same_content(image, "qcow2", expected, "qcow2")
+
+
+def test_a_restore_in_place_waits_for_no_backup_it_refuses_while_one_holds_the_lock(
+    new_vm, scratch
+):
+    from backupninja_kvm import lock
+
+    vm, path, _ = backed_up_vm(new_vm, scratch)
+    vm.stop()
+    held = lock.acquire(vm.name, vm.uuid)
+    try:
+        result = helper("restore", "-a", path, vm.name, "--force")
+    finally:
+        lock.release(held, vm.uuid)
+
+    assert result.returncode == 2
+    assert "holds this domain's lock" in result.stdout, result.stdout
+    assert not [n for n in os.listdir(vm.directory) if "restore" in n]
