@@ -63,6 +63,12 @@ is left (a domain on an overlay, or a domain that no longer exists), or a
 freeze whose guard is gone; 2 libvirt cannot be reached, or a DOMAIN named is
 unknown and has no journal.
 
+Reading sets back: `sets`, `verify`, `restore` name a set by its folder, or
+DOMAIN or DOMAIN/STAMP with -a ACTION (its destination, local or remote) or
+-d DIR|[USER@]HOST:DIR. Exit status of verify: 0 sound, 1 damaged (Error
+lines name each file), 2 not checked. Of restore: 0 restored, 2 refused or
+failed (the Fatal line says what, if anything, was changed).
+
 After a crash or a kill, the next run repairs each domain before backing it
 up; `backupninja-kvm status` shows what the journals of interrupted backups
 name (domains still on an overlay, domains gone since), and

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 
 from backupninja_kvm import definition as definitions
-from backupninja_kvm import destination, interrupts, setinfo
+from backupninja_kvm import destination, interrupts, preflight, setinfo
 from backupninja_kvm.errors import BackupNinjaKvmError, HypervisorError, TransferError
 from backupninja_kvm.lock import domain_lock
 from backupninja_kvm.report import human_bytes, log, seconds
@@ -165,6 +165,7 @@ def _restore(hypervisor, ref, options, info, definition, manifest, sums, started
     paths = plan_paths(info, options)
     existing = _check_domain(hypervisor, info, options)
     _check_paths(hypervisor, info, paths, options, existing)
+    _check_space(ref, info, paths)
     xml, dropped = _definition_for(info, definition, paths, options)
     result = Restored(name, ref, {n: paths[n] for n in paths}, dropped=dropped)
     for target in dropped:
@@ -290,6 +291,24 @@ def _check_paths(hypervisor, info, paths: dict[str, str], options: Options, exis
             raise RestoreError(f"{name}: {path} is a folder")
 
 
+def _check_space(ref: SetRef, info: setinfo.SetInfo, paths: dict[str, str]) -> None:
+    """Refuse a restore whose copies do not fit beside their destinations
+    (the replaced files stay until the domain is defined, so they count as
+    taken). A remote set's sizes are not known here: rsync fails cleanly."""
+    if ref.remote is not None:
+        return
+    needs: dict[str, int] = {}
+    for item in info.files:
+        folder = os.path.dirname(paths[item.name])
+        size = preflight.allocated_bytes(os.path.join(ref.path, item.name))
+        needs[folder] = needs.get(folder, 0) + size
+    problems = preflight.shortfalls(
+        [preflight.SpaceNeed(folder, size, "the restored images") for folder, size in needs.items()]
+    )
+    if problems:
+        raise RestoreError(f"{info.domain}: " + "; ".join(problems) + "; nothing restored")
+
+
 def _definition_for(info, definition_xml: str, paths: dict[str, str], options: Options):
     """The definition to define, and the disks a copy leaves out."""
     disks = {item.target: (paths[item.name], item.format) for item in info.disks()}
@@ -308,25 +327,36 @@ def _copy_all(
     ref: SetRef, info, paths, folders: dict[str, str], result: Restored
 ) -> dict[str, str]:
     """Copy every file of the set into a private folder beside its
-    destination; returns set file -> its copy."""
+    destination (one status line per file on a terminal); returns set file
+    -> its copy."""
+    from backupninja_kvm.progress import Board
     from backupninja_kvm.transfer import copy_sparse, data_bytes
 
     copies = {}
-    for item in info.files:
-        final = paths[item.name]
-        folder = os.path.dirname(final)
-        if folder not in folders:
-            folders[folder] = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=folder)
-        copy = os.path.join(folders[folder], os.path.basename(final))
-        try:
-            if ref.remote is None:
-                copy_sparse(os.path.join(ref.path, item.name), copy)
-            else:
-                ref.remote.fetch(os.path.join(ref.path, item.name), copy)
-        except TransferError as error:
-            raise RestoreError(f"{item.name}: {error}; nothing restored") from None
-        result.bytes += data_bytes(copy)
-        copies[item.name] = copy
+    board = Board()
+    try:
+        for item in info.files:
+            final = paths[item.name]
+            folder = os.path.dirname(final)
+            if folder not in folders:
+                folders[folder] = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=folder)
+            copy = os.path.join(folders[folder], os.path.basename(final))
+            try:
+                if ref.remote is None:
+                    source = os.path.join(ref.path, item.name)
+                    progress = board.add(
+                        f"{info.domain}: restore {item.name}", allocated_bytes(source)
+                    )
+                    copy_sparse(source, copy, progress.update)
+                    progress.finish()
+                else:
+                    ref.remote.fetch(os.path.join(ref.path, item.name), copy)
+            except TransferError as error:
+                raise RestoreError(f"{item.name}: {error}; nothing restored") from None
+            result.bytes += data_bytes(copy)
+            copies[item.name] = copy
+    finally:
+        board.close()
     return copies
 
 
