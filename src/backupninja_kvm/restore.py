@@ -345,7 +345,7 @@ def _copy_all(
                 if ref.remote is None:
                     source = os.path.join(ref.path, item.name)
                     progress = board.add(
-                        f"{info.domain}: restore {item.name}", allocated_bytes(source)
+                        f"{info.domain}: restore {item.name}", preflight.allocated_bytes(source)
                     )
                     copy_sparse(source, copy, progress.update)
                     progress.finish()
