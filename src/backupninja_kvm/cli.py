@@ -806,6 +806,10 @@ def build_parser() -> argparse.ArgumentParser:
     guard_parser.add_argument("--freeze-pid", type=int, required=True)
     guard_parser.set_defaults(function=guard)
 
+    from backupninja_kvm.rehearse import add_parser as add_rehearse_parser
+
+    add_rehearse_parser(commands)
+
     example_parser = commands.add_parser(
         "example-config", help="print an example action file with every key documented"
     )
