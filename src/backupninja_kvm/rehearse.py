@@ -41,6 +41,7 @@ from backupninja_kvm.definition import (
     domain_type,
     for_rehearsal,
     has_guest_agent,
+    with_backing_chain,
 )
 from backupninja_kvm.errors import BackupNinjaKvmError, HypervisorError
 from backupninja_kvm.report import log
@@ -137,6 +138,8 @@ def rehearse_set(
             xml, dropped = copy_definition(
                 definition, name, overlays, drop_interfaces=True, files_dir=folder
             )
+            for target, chain in _chains(set_path, info).items():
+                xml = with_backing_chain(xml, target, chain)
             xml = for_rehearsal(xml, console)
             if dropped:
                 log.info("%s: booting without %s: not in the set", label, ", ".join(dropped))
@@ -230,6 +233,22 @@ def _make_overlays(
             )
         overlays[disk.target] = (overlay, "qcow2")
     return overlays, ""
+
+
+def _chains(set_path: str, info: setinfo.SetInfo) -> dict[str, list[tuple[str, str]]]:
+    """target -> the set's layers below the overlay, topmost first: the
+    disk's top, then each layer set.json says is below it. Spelled out so
+    that QEMU reads the set's files, whatever their headers name."""
+    by_name = info.by_name()
+    chains = {}
+    for disk in info.disks():
+        chain: list[tuple[str, str]] = []
+        item: setinfo.SetImage | None = disk
+        while item is not None and len(chain) < len(by_name):
+            chain.append((os.path.join(set_path, item.name), item.format))
+            item = by_name.get(item.backing) if item.backing else None
+        chains[disk.target] = chain
+    return chains
 
 
 def _wait(domain, method, pattern, console, timeout, started, label) -> Result:

@@ -236,3 +236,34 @@ def test_a_set_without_an_agent_channel_or_pattern_cannot_be_tried(live_set, scr
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Fatal: the definition has no guest agent channel" in result.stdout
     assert setinfo.read_checks(copy) == checks
+
+
+def test_the_layers_below_are_the_sets_whatever_the_headers_name(live_set, scratch, no_leftovers):
+    """A copy of a ride-along view holds the domain's layers, their headers
+    naming the domain's own files: rehearse reads the set's layers below
+    the top, as set.json lists them."""
+    copy = copy_of(live_set, scratch)
+    os.rename(os.path.join(copy, "vda-vda.qcow2"), os.path.join(copy, "vda-base.qcow2"))
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "qcow2"]
+        + ["-b", "/var/lib/libvirt/images/gone/base.qcow2", "vda-vda.qcow2", str(64 * MiB)],
+        cwd=copy,
+        check=True,
+    )
+    info = setinfo.read(copy)
+    (top,) = info.disks()
+    base = setinfo.SetImage("vda-base.qcow2", "vda", "backing", "/gone/base.qcow2", "qcow2", 0)
+    layered = setinfo.SetInfo(
+        info.domain,
+        info.uuid,
+        info.freeze_time,
+        info.consistency,
+        (setinfo.SetImage(**{**top.to_dict(), "backing": base.name}), base),
+    )
+    with open(os.path.join(copy, setinfo.SET_INFO), "w") as handle:
+        handle.write(layered.to_json())
+
+    result = helper("rehearse", copy, "--timeout", "120")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "s: the guest agent answered" in result.stdout
