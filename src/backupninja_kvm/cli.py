@@ -15,7 +15,15 @@ import re
 import sys
 import time
 
-from backupninja_kvm import __version__, config, interrupts, prometheus, report, setcommands
+from backupninja_kvm import (
+    __version__,
+    config,
+    interrupts,
+    prometheus,
+    rehearse,
+    report,
+    setcommands,
+)
 from backupninja_kvm.backup import back_up_domain
 from backupninja_kvm.destination import new_stamp as destination_stamp
 from backupninja_kvm.errors import (
@@ -813,6 +821,8 @@ def build_parser() -> argparse.ArgumentParser:
     guard_parser.set_defaults(function=guard)
 
     setcommands.add_parser(commands)
+
+    rehearse.add_parser(commands)
 
     example_parser = commands.add_parser(
         "example-config", help="print an example action file with every key documented"

@@ -103,6 +103,39 @@ def point_disks(xml: str, disks: dict[str, tuple[str, str]]) -> str:
     return _text(root)
 
 
+def with_backing_chain(xml: str, target: str, chain: list[tuple[str, str]]) -> str:
+    """The definition with disk *target*'s backing chain spelled out: each
+    (path, format) of *chain* below its top, topmost first.
+
+    libvirt then opens exactly these files below the top, whatever names
+    their headers hold (a copy of a ride-along view still names the
+    domain's own files). Below the last one libvirt reads the header, as
+    it does for a disk without ``<backingStore>``: a template that is not
+    in a set is still found where the set's lowest layer names it.
+    """
+    root = _parse(xml)
+    for disk in root.findall("./devices/disk"):
+        dev = disk.find("target")
+        if dev is None or dev.get("dev") != target:
+            continue
+        for element in disk.findall("backingStore"):
+            disk.remove(element)
+        parent = disk
+        for path, image_format in chain:
+            store = ET.Element("backingStore", type="file")
+            ET.SubElement(store, "format", type=image_format)
+            ET.SubElement(store, "source", file=path)
+            if parent is disk:
+                source = disk.find("source")
+                position = list(disk).index(source) + 1 if source is not None else len(disk)
+                disk.insert(position, store)
+            else:
+                parent.append(store)
+            parent = store
+        return _text(root)
+    raise DefinitionError(f"the definition has no disk {target}")
+
+
 def nvram_path(xml: str) -> str | None:
     """The path of the domain's UEFI variable store, if it names one."""
     element = _parse(xml).find("./os/nvram")

@@ -7,12 +7,14 @@ with libvirt's message and code, where it happens.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import libvirt
+import libvirt_qemu
 
 from backupninja_kvm.disks import parse_disks, referenced_paths
 from backupninja_kvm.errors import HypervisorError
@@ -23,6 +25,15 @@ libvirt.registerErrorHandler(lambda _context, _error: None, None)
 ERR_NO_DOMAIN = libvirt.VIR_ERR_NO_DOMAIN
 ERR_OPERATION_INVALID = libvirt.VIR_ERR_OPERATION_INVALID
 ERR_BLOCK_COPY_ACTIVE = getattr(libvirt, "VIR_ERR_BLOCK_COPY_ACTIVE", 83)
+# libvirt itself refused a definition (before QEMU was asked to run it).
+DEFINITION_REFUSED = frozenset(
+    {
+        libvirt.VIR_ERR_XML_ERROR,
+        libvirt.VIR_ERR_XML_DETAIL,
+        libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+        libvirt.VIR_ERR_NO_SUPPORT,
+    }
+)
 
 
 def _translate(error: libvirt.libvirtError, what: str) -> HypervisorError:
@@ -214,6 +225,17 @@ class Hypervisor:
         except libvirt.libvirtError as error:
             raise _translate(error, "define") from None
 
+    def start_transient(self, xml: str) -> Domain:
+        """Start a transient domain from *xml*, which libvirt destroys when
+        this connection closes (also when this process dies): a throwaway
+        guest. HypervisorError's code is in DEFINITION_REFUSED when libvirt
+        refused the definition, else QEMU failed to start it."""
+        try:
+            handle = self._connection.createXML(xml, libvirt.VIR_DOMAIN_START_AUTODESTROY)
+        except libvirt.libvirtError as error:
+            raise _translate(error, "start of a transient domain") from None
+        return Domain(self, handle)
+
     def _lookup_uuid(self, uuid: str) -> libvirt.virDomain:
         return self._connection.lookupByUUIDString(uuid)
 
@@ -261,6 +283,36 @@ class Domain:
 
     def is_persistent(self) -> bool:
         return bool(self._call("state", "isPersistent"))
+
+    def is_gone_or_stopped(self) -> bool:
+        """True when the domain stopped; a transient one is then gone."""
+        try:
+            return not self._handle.isActive()
+        except libvirt.libvirtError as error:
+            if error.get_error_code() == ERR_NO_DOMAIN:
+                return True
+            raise _translate(error, f"{self.name}: state") from None
+
+    def destroy(self) -> None:
+        """Stop it at once (the guest is not asked); already stopped or gone is fine."""
+        try:
+            self._handle.destroy()
+        except libvirt.libvirtError as error:
+            if error.get_error_code() in (ERR_NO_DOMAIN, ERR_OPERATION_INVALID):
+                return
+            raise _translate(error, f"{self.name}: destroy") from None
+
+    def agent_ping(self, timeout: int = 5) -> str:
+        """Ask the guest agent for a ``guest-ping``, waiting up to *timeout*
+        seconds: "" when it answered, else why not (libvirt's message: not
+        connected, not responding)."""
+        try:
+            libvirt_qemu.qemuAgentCommand(
+                self._handle, json.dumps({"execute": "guest-ping"}), timeout, 0
+            )
+        except libvirt.libvirtError as error:
+            return error.get_error_message() or str(error)
+        return ""
 
     def is_paused(self) -> bool:
         state, _reason = self._call("state", "state")

@@ -14,6 +14,7 @@ from backupninja_kvm.definition import (
     has_guest_agent,
     nvram_path,
     point_disks,
+    with_backing_chain,
 )
 
 IMAGES = "/var/lib/libvirt/images"
@@ -373,3 +374,28 @@ def test_point_disks_moves_only_the_named_disks_and_keeps_the_identity():
     assert vdb.find("source").get("file") == "/srv/b.raw"
     assert moved.findtext("uuid") == "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
     assert moved.find("devices/interface/mac").get("address") == "52:54:00:aa:bb:01"
+
+
+def test_a_backing_chain_spelled_out_names_the_given_layers_topmost_first():
+    xml, _ = copy_definition(WEB1, "rh", COPY_DISKS)
+
+    chained = with_backing_chain(
+        xml, "vda", [("/set/vda-web1.s1.qcow2", "qcow2"), ("/set/b", "raw")]
+    )
+
+    vda = disk(ET.fromstring(chained), "vda")
+    first = vda.find("backingStore")
+    assert [child.tag for child in vda][:3] == ["driver", "source", "backingStore"]
+    assert first.find("source").get("file") == "/set/vda-web1.s1.qcow2"
+    assert first.find("format").get("type") == "qcow2"
+    second = first.find("backingStore")
+    assert (second.find("source").get("file"), second.find("format").get("type")) == (
+        "/set/b",
+        "raw",
+    )
+    assert second.find("backingStore") is None  # below it: what the header names, if anything
+
+
+def test_a_backing_chain_for_a_disk_that_is_not_there_is_refused():
+    with pytest.raises(DefinitionError):
+        with_backing_chain(WEB1, "vdz", [])
