@@ -81,15 +81,19 @@ def complete_set(
     # never replaces the sets that may hold it: nothing is pruned until the
     # sets are whole again (or the administrator leaves the disk out).
     lacking = [s.disk.target for s in plan.skipped if s.level != INFO]
-    # Nor does a set that fails its verification ([dest] verify = yes).
+    # Nor does a set that fails its verification ([dest] verify = yes), or
+    # does not boot ([dest] rehearse = yes).
     damaged = settings.verify and not verify_new_set(backup_set, outcome)
+    if not damaged and settings.rehearse and isinstance(backup_set, destination.BackupSet):
+        damaged = not rehearse_new_set(backup_set, settings, outcome)
     try:
         removed = [] if lacking or damaged else backup_set.prune(settings.keep)
         if damaged:
             log.warning(
                 "%s: no old set was removed, and no image an earlier pull left: this set "
-                "failed its verification (see the Error)",
+                "failed its %s (see the Error)",
                 name,
+                "rehearsal" if outcome.rehearsed is False else "verification",
             )
         elif lacking:
             log.warning(
@@ -109,6 +113,38 @@ def complete_set(
         merge.delete_superseded_pulls(domain)  # the set holds what they held
     outcome.complete_seconds = time.monotonic() - completing
     outcome.flush_seconds = backup_set.flush_seconds
+
+
+def rehearse_new_set(
+    backup_set: destination.BackupSet, settings: Settings, outcome: Outcome
+) -> bool:
+    """[dest] rehearse = yes: boot the set just completed as a throwaway
+    guest. Returns False only when it did not boot (an Error); a rehearsal
+    that cannot be tried (no agent channel and no rehearse_pattern, ...) is
+    a Warning and judges nothing."""
+    from backupninja_kvm import rehearse
+    from backupninja_kvm.errors import HypervisorError
+
+    try:
+        result = rehearse.rehearse_set(
+            backup_set.final_path,
+            settings.uri,
+            settings.rehearse_timeout,
+            settings.rehearse_pattern or None,
+        )
+    except (rehearse.RehearseError, HypervisorError) as error:
+        log.warning("%s: the new set was not rehearsed: %s", backup_set.domain, error)
+        return True
+    outcome.rehearsed = result.ok
+    outcome.rehearse_seconds = result.seconds
+    if result.ok:
+        log.info("%s", result.summary)
+        return True
+    outcome.problems.append(
+        f"{result.summary}; the set is complete, but not proven to boot: rehearse it by hand "
+        f"(`backupninja-kvm rehearse {backup_set.final_path}`) to see why"
+    )
+    return False
 
 
 def verify_new_set(backup_set: destination.AnySet, outcome: Outcome) -> bool:

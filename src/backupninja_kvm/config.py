@@ -143,6 +143,20 @@ require_mount = boolean(default=False)
 # fails is an Error. Costs one more read of the set (on the remote host for
 # dest = remote).
 verify = boolean(default=False)
+# dest = local: boot each new set as a throwaway guest once the domain is
+# back on its own images, as `backupninja-kvm rehearse` does (temporary
+# overlays above the set, which is never written; no network; a new name and
+# UUID), and say whether it came up: its QEMU guest agent answers, or
+# rehearse_pattern appears on its serial console. The result is kept in the
+# set. A set that does not boot is an Error and, like a set that fails its
+# verification, prunes no older set. Costs a boot per domain and night.
+rehearse = boolean(default=False)
+# rehearse = yes: how long a guest may take to come up, in seconds.
+rehearse_timeout = integer(min=1, max=86400, default=300)
+# rehearse = yes: a regular expression that the guest prints on its serial
+# console once it is up (for example "login:"); empty: wait for the guest
+# agent instead (the domain needs the org.qemu.guest_agent.0 channel).
+rehearse_pattern = string(default='')
 """
 
 DEFAULT_VIEW = "/var/lib/backupninja-kvm/view"
@@ -181,6 +195,9 @@ class Settings:
     backing: str = "chain"  # [source] backing: chain or top
     require_mount: bool = False
     verify: bool = False  # [dest] verify: each new set, after the merge
+    rehearse: bool = False  # [dest] rehearse: boot each new set, after the merge
+    rehearse_timeout: int = 300
+    rehearse_pattern: str = ""
     view: str = "/var/lib/backupninja-kvm/view"  # stage = freeze and thaw
     max_frozen: int = 12 * 3600  # seconds, stage = freeze
 
@@ -319,6 +336,28 @@ def load(
             elif value or key == "directory":
                 for problem in _check_directory(path, index, section, key, value):
                     problems.append((line, problem))
+    rehearse_ok = ("dest", "rehearse") not in invalid
+    if sections_ok and remote and not riding and rehearse_ok and config["dest"]["rehearse"]:
+        problems.append(
+            (
+                index.get(("dest", "rehearse"), 0),
+                f"{where(path, index, 'dest', 'rehearse')}: needs dest = local (a "
+                f"rehearsal boots the set from this host's files); rehearse remote sets "
+                f"on their host",
+            )
+        )
+    if sections_ok and ("dest", "rehearse_pattern") not in invalid:
+        pattern = str(config["dest"]["rehearse_pattern"]).strip()
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            problems.append(
+                (
+                    index.get(("dest", "rehearse_pattern"), 0),
+                    f"{where(path, index, 'dest', 'rehearse_pattern')}: {pattern!r} is not a "
+                    f"regular expression ({error})",
+                )
+            )
     remote_keys = {("dest", "host"), ("dest", "port"), ("dest", "directory")}
     if remote and not riding and not invalid & remote_keys:
         problems += _check_remote(path, index, config["dest"], check_remote)
@@ -359,6 +398,9 @@ def load(
         backing=source["backing"],
         require_mount=dest["require_mount"],
         verify=dest["verify"],
+        rehearse=dest["rehearse"],
+        rehearse_timeout=dest["rehearse_timeout"],
+        rehearse_pattern=dest["rehearse_pattern"].strip(),
         view=os.path.normpath(general["view"].strip()),
         max_frozen=parse_duration(general["max_frozen"]) or 0,
     )

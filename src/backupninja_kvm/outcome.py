@@ -29,6 +29,8 @@ class Outcome:
     set_path: str = ""
     live: bool = True
     verified: bool = False  # [dest] verify = yes, and the new set passed
+    rehearsed: bool | None = None  # [dest] rehearse = yes: whether the new set booted
+    rehearse_seconds: float = 0.0
     problems: list[str] = field(default_factory=list)  # Error lines; the set is still good
 
     def summary(self) -> str:
@@ -43,4 +45,7 @@ class Outcome:
             )
         else:
             text += " (shut off, copied without snapshot)"
-        return text + f", set {self.set_path}" + (" (verified)" if self.verified else "")
+        proofs = ["verified"] if self.verified else []
+        if self.rehearsed:
+            proofs.append(f"booted in {seconds(self.rehearse_seconds)}")
+        return text + f", set {self.set_path}" + (f" ({', '.join(proofs)})" if proofs else "")

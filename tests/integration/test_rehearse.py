@@ -267,3 +267,23 @@ def test_the_layers_below_are_the_sets_whatever_the_headers_name(live_set, scrat
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "s: the guest agent answered" in result.stdout
+
+
+def test_rehearse_yes_boots_each_new_set_after_the_backup(live_set, scratch, no_leftovers):
+    vm, _ = live_set
+    backups = os.path.join(scratch, "nightly")
+    os.makedirs(backups)
+    text = (
+        f"[general]\nquiesce = auto\n[source]\ndomains = {vm.name}\n"
+        f"[dest]\ndirectory = {backups}\nrehearse = yes\nrehearse_timeout = 240\n"
+    )
+    settings = config.load(write_action(os.path.join(scratch, "nightly.kvm"), text))
+
+    outcome = back_up(vm, settings, stamp="20261203T010000Z")
+
+    assert outcome.rehearsed is True and not outcome.problems, outcome.problems
+    assert "booted in" in outcome.summary() and "quiesced" in outcome.summary()
+    checks = setinfo.read_checks(outcome.set_path)
+    assert checks["rehearse"]["ok"] is True and checks["rehearse"]["method"] == "agent"
+    assert setinfo.read(outcome.set_path).consistency == "quiesced"
+    assert vm.tops() == vm.paths

@@ -813,3 +813,26 @@ def test_ordinary_remote_hosts_are_accepted(tmp_path, host):
     path = write(tmp_path, f"[dest]\ndest = remote\ndirectory = /srv/backups\nhost = {host}\n")
 
     assert config.load(path).host == host
+
+
+def test_rehearse_needs_a_local_destination_and_a_pattern_that_compiles(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        [dest]
+        dest = remote
+        host = nas
+        directory = /srv/kvm
+        rehearse = yes
+        rehearse_pattern = login(
+        """,
+    )
+
+    found = problems_of(path)
+
+    assert found == [
+        f"{path} line 5: [dest] rehearse: needs dest = local (a rehearsal boots the set from "
+        f"this host's files); rehearse remote sets on their host",
+        f"{path} line 6: [dest] rehearse_pattern: 'login(' is not a regular expression "
+        f"(missing ), unterminated subpattern at position 5)",
+    ]
