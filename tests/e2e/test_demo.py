@@ -36,6 +36,7 @@ def test_the_demo_backs_up_its_vm_checks_the_set_and_removes_the_vm(connection, 
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "== Demo passed" in result.stdout
+    assert f"{name}/" in result.stdout and ": verified: " in result.stdout  # verify's Info
     assert f"finished action {env['DEMO_DIR']}/backup.d/50-vms.kvm: SUCCESS" in result.stdout
     assert name not in [d.name() for d in connection.listAllDomains()]
     assert not os.path.exists(f"/var/lib/libvirt/images/{name}")
