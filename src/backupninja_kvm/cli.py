@@ -799,6 +799,10 @@ def build_parser() -> argparse.ArgumentParser:
     status_parser.add_argument("-c", "--connect", dest="uri", default="qemu:///system")
     status_parser.set_defaults(function=status)
 
+    from backupninja_kvm import guestmount
+
+    guestmount.add_parser(commands)  # mount, umount
+
     guard_parser = commands.add_parser("guard")  # started by stage = freeze only
     guard_parser.add_argument("view")
     guard_parser.add_argument("--locks", required=True)
