@@ -123,7 +123,7 @@ def folder_name(device: str, targets: list[str]) -> str:
         match = whole or partition
         assert match is not None
         index = _disk_index(match.group(1))
-        disk = targets[index] if index < len(targets) else os.path.basename(device)
+        disk = targets[index] if index < len(targets) else "sd" + match.group(1)
         return disk + (partition.group(2) if partition else "")
     md = _MD.match(device)
     if md:
