@@ -1,7 +1,8 @@
-"""``mount`` and ``umount`` on a real set: a VM whose disks hold real ext4
-filesystems (one in partition 1 of a raw disk, one on a whole qcow2 disk) is
-backed up by the product, then its files are read back through libguestfs,
-and the set is shown to be unchanged."""
+"""``mount`` and ``umount`` on a real set: a VM whose disks hold real
+filesystems (ext4 in partition 1 of a raw disk, ext4 on a whole qcow2 disk,
+ext4 and vfat on logical volumes of a guest volume group) is backed up by
+the product, then its files are read back through libguestfs, and the set is
+shown to be unchanged."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ import tempfile
 import pytest
 
 from backupninja_kvm import config, destination
-from backupninja_kvm.guestmount import fuse_mount_points
+from backupninja_kvm.guestmount import (
+    fuse_mount_points,
+    guestfs_environment,
+    kvm_runs_appliance_cpu,
+)
 from tests.conftest import write_action
 from tests.support.cli import helper
 from tests.support.cycle import back_up
@@ -27,6 +32,7 @@ pytestmark = [
 PARTITION_START = 2048  # sectors of 512 bytes: partition 1 at 1 MiB
 KNOWN = b"restored from partition 1 of vda\n"
 DATA = b"restored from the whole disk vdb\n"
+LOGICAL = b"restored from the logical volume guestvg/root\n"
 
 
 def _run(*argv: str) -> None:
@@ -54,6 +60,36 @@ def _whole_disk_ext4_qcow2(path: str, contents: str, work: str) -> None:
     _run("qemu-img", "convert", "-O", "qcow2", raw, path)
 
 
+def _guest_lvm(path: str) -> None:
+    """A raw disk whose partition 1 is the physical volume of the volume
+    group guestvg: root (ext4, etc/known.txt) and efi (vfat). The host may
+    have no device-mapper, so libguestfs's own appliance builds it."""
+    import guestfs  # type: ignore[import-not-found]
+
+    handle = guestfs.GuestFS(python_return_dict=True)
+    try:  # as mount chooses, without changing the environment the helper sees
+        added = guestfs_environment({}, kvm_runs_appliance_cpu)
+        handle.set_backend(added["LIBGUESTFS_BACKEND"])
+        if "LIBGUESTFS_BACKEND_SETTINGS" in added:
+            handle.set_backend_settings([added["LIBGUESTFS_BACKEND_SETTINGS"]])
+        handle.add_drive_opts(path, format="raw")
+        handle.launch()
+        handle.part_disk("/dev/sda", "msdos")
+        handle.pvcreate("/dev/sda1")
+        handle.vgcreate("guestvg", ["/dev/sda1"])
+        handle.lvcreate("root", "guestvg", 24)
+        handle.lvcreate_free("efi", "guestvg", 100)
+        handle.mkfs("ext4", "/dev/guestvg/root")
+        handle.mkfs("vfat", "/dev/guestvg/efi")
+        handle.mount("/dev/guestvg/root", "/")
+        handle.mkdir("/etc")
+        handle.write("/etc/known.txt", LOGICAL)
+        handle.umount_all()
+        handle.shutdown()
+    finally:
+        handle.close()
+
+
 def _fuse_mounts() -> list[str]:
     with open("/proc/self/mountinfo", encoding="utf-8") as handle:
         return fuse_mount_points(handle.read())
@@ -69,12 +105,16 @@ def _unmount_leftovers(under: str) -> None:
 @pytest.fixture(scope="module")
 def backed_up_set(connection):
     """(set path, work folder): a set of a running VM with vda (raw, msdos,
-    ext4 in partition 1, known.txt) and vdb (qcow2, ext4 on the whole disk)."""
+    ext4 in partition 1), vdb (qcow2, ext4 on the whole disk) and vdc (raw,
+    LVM in partition 1), each with etc/known.txt."""
     work = tempfile.mkdtemp(prefix="bnkvm-gm-", dir="/var/tmp")
     os.chmod(work, 0o700)
-    vm = make_vm(
-        [DiskSpec("vda", "raw", 64 * MiB), DiskSpec("vdb", "qcow2", 32 * MiB)], start=False
-    )
+    disks = [
+        DiskSpec("vda", "raw", 64 * MiB),
+        DiskSpec("vdb", "qcow2", 32 * MiB),
+        DiskSpec("vdc", "raw", 64 * MiB),
+    ]
+    vm = make_vm(disks, start=False)
     try:
         for name, text in (("vda-files", KNOWN), ("vdb-files", DATA)):
             os.makedirs(os.path.join(work, name, "etc"))
@@ -82,6 +122,7 @@ def backed_up_set(connection):
                 handle.write(text)
         _partitioned_ext4(vm.paths["vda"], os.path.join(work, "vda-files"))
         _whole_disk_ext4_qcow2(vm.paths["vdb"], os.path.join(work, "vdb-files"), work)
+        _guest_lvm(vm.paths["vdc"])
         vm.start()
         backups = os.path.join(work, "backups")
         os.makedirs(backups)
@@ -132,14 +173,17 @@ def test_mount_shows_each_guest_filesystem_read_only_and_umount_removes_it(
     mounted = helper("mount", set_path, mount_point)
 
     assert mounted.returncode == 0, mounted.stdout + mounted.stderr
-    assert sorted(os.listdir(mount_point)) == ["vda1", "vdb"]
+    assert sorted(os.listdir(mount_point)) == ["guestvg-efi", "guestvg-root", "vda1", "vdb"]
     with open(os.path.join(mount_point, "vda1", "etc", "known.txt"), "rb") as handle:
         assert handle.read() == KNOWN
     with open(os.path.join(mount_point, "vdb", "etc", "known.txt"), "rb") as handle:
         assert handle.read() == DATA
+    with open(os.path.join(mount_point, "guestvg-root", "etc", "known.txt"), "rb") as handle:
+        assert handle.read() == LOGICAL
     with pytest.raises(OSError), open(os.path.join(mount_point, "vda1", "new.txt"), "wb"):
         pass
     assert f"{mount_point}/vda1 (ext4)" in mounted.stdout
+    assert f"{mount_point}/guestvg-efi (vfat)" in mounted.stdout
 
     unmounted = helper("umount", mount_point)
 
@@ -175,7 +219,7 @@ def test_an_unknown_disk_is_refused_naming_the_set_and_its_disks(backed_up_set, 
     result = helper("mount", set_path, "vdz", mount_point)
 
     assert result.returncode == 2
-    assert f"Fatal: set {set_path}: no disk 'vdz' in this set; its disks are vda, vdb" in (
+    assert f"Fatal: set {set_path}: no disk 'vdz' in this set; its disks are vda, vdb, vdc" in (
         result.stdout
     )
     assert "Traceback" not in result.stdout + result.stderr
