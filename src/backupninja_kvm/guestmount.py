@@ -360,7 +360,8 @@ def _serve(images: list[tuple[str, str]], targets: list[str], mount_point: str, 
         if not mounted:
             report("error", "no filesystem could be mounted")
             return
-        handle.mount_local(mount_point, readonly=True)
+        # readonly: libguestfs refuses writes; "ro": the kernel too, and mount shows it
+        handle.mount_local(mount_point, readonly=True, options="ro")
         report("ready", str(os.getpid()))
         handle.mount_local_run()
     finally:

@@ -182,6 +182,9 @@ def test_mount_shows_each_guest_filesystem_read_only_and_umount_removes_it(
         assert handle.read() == LOGICAL
     with pytest.raises(OSError), open(os.path.join(mount_point, "vda1", "new.txt"), "wb"):
         pass
+    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        (line,) = [line for line in handle if f" {mount_point} " in line]
+    assert " ro," in line, line  # read-only for the kernel too
     assert f"{mount_point}/vda1 (ext4)" in mounted.stdout
     assert f"{mount_point}/guestvg-efi (vfat)" in mounted.stdout
 
