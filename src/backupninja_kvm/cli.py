@@ -18,6 +18,7 @@ import time
 from backupninja_kvm import (
     __version__,
     config,
+    guestmount,
     interrupts,
     prometheus,
     rehearse,
@@ -812,6 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status_parser.add_argument("-c", "--connect", dest="uri", default="qemu:///system")
     status_parser.set_defaults(function=status)
+
+    guestmount.add_parser(commands)  # mount, umount
 
     guard_parser = commands.add_parser("guard")  # started by stage = freeze only
     guard_parser.add_argument("view")
