@@ -222,6 +222,39 @@ def ride_along_once(name: str, scratch: str, window: int, image_size: int) -> di
     return {"frozen": frozen, "ship": ship, "extra": frozen - ship}
 
 
+def restore_once(name: str, settings, scratch: str, cold: bool, number: int) -> dict:
+    """Back up once, restore the set as a copy (the product's restore: copy,
+    check against the manifest, define), and cp the same images, in the
+    same run; the copy's domain and files are removed again."""
+    from backupninja_kvm import restore
+    from backupninja_kvm.sets import local_set
+
+    hypervisor = Hypervisor(URI)
+    try:
+        outcome = back_up_domain(hypervisor.domain(name), settings, f"20260103T0000{number:02d}")
+        ref = local_set(outcome.set_path)
+        images = [os.path.join(ref.path, n) for n in sorted(os.listdir(ref.path)) if "-" in n]
+        target = os.path.join(scratch, f"restore-{number}")
+        os.makedirs(target)
+        baseline = 0.0
+        if number % 2:
+            baseline = cp_baseline(images, os.path.join(scratch, "cp"), cold)
+        if cold:
+            drop_caches()
+        copy = f"{name}-r{number}"
+        started = time.monotonic()
+        restore.restore(hypervisor, ref, restore.Options(new_name=copy, to=target))
+        elapsed = time.monotonic() - started
+        if not number % 2:
+            baseline = cp_baseline(images, os.path.join(scratch, "cp"), cold)
+        hypervisor.domain(copy)._handle.undefine()
+    finally:
+        hypervisor.close()
+    shutil.rmtree(target)
+    shutil.rmtree(outcome.set_path)
+    return {"restore": elapsed, "cp": baseline, "ratio": elapsed / baseline}
+
+
 def summary(values: list[float]) -> dict:
     return {
         "median": statistics.median(values),
@@ -303,6 +336,8 @@ def table(results: dict) -> str:
         ("  manifest, beyond the flush", f["manifest"]),
         ("  the rest (plan, journal, XML...)", f["bookkeeping"]),
         ("total per domain (commit)", f["total"]),
+        ("restore --as (copy, check, define)", f["restore"]),
+        ("  cp --sparse=always of the set", f["restore_cp"]),
     ]
     lines = [f"{'figure':34} {'median':>8} {'min':>8} {'max':>8}  runs"]
     for label, figure in rows:
@@ -332,6 +367,11 @@ def table(results: dict) -> str:
         f"{ride['min']:.3f}, max {ride['max']:.3f}; frozen {f['ride_frozen']['median']:.3f} s, "
         f"ship action {f['ride_ship']['median']:.3f} s); target <= 0.5 s"
     )
+    restore_ratio = r["restore_vs_cp"]
+    lines.append(
+        f"restore / cp of the same images: median {restore_ratio['median']:.3f} (min "
+        f"{restore_ratio['min']:.3f}, max {restore_ratio['max']:.3f}); target <= 1.5"
+    )
     lines.append(f"caches dropped before each copy: {results['parameters']['cold_cache']}")
     return "\n".join(lines)
 
@@ -344,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="runs with merge = commit (5)")
     parser.add_argument("--pull-runs", type=int, default=3, help="runs with merge = pull (3)")
     parser.add_argument("--ride-runs", type=int, default=3, help="ride-along nights (3)")
+    parser.add_argument(
+        "--restore-runs", type=int, default=3, help="restores of a set as a copy (3)"
+    )
     parser.add_argument("--results", default=os.path.join(ROOT, "results"))
     args = parser.parse_args(argv)
     image_size, data, window = size(args.size), size(args.data), size(args.window)
@@ -405,6 +448,16 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
+        restores = []
+        for number in range(args.restore_runs):
+            measured = restore_once(name, commit_settings, destination, cold, number)
+            restores.append(measured)
+            print(
+                f"restore run {number + 1}: restore {measured['restore']:.3f} s, "
+                f"cp {measured['cp']:.3f} s",
+                flush=True,
+            )
+
         def figure(key, source=runs):
             return summary([r[key] for r in source])
 
@@ -424,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             "ride_frozen": figure("frozen", rides),
             "ride_ship": figure("ship", rides),
             "ride_extra": figure("extra", rides),
+            "restore": figure("restore", restores),
+            "restore_cp": figure("cp", restores),
         }
         results = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -436,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                 "commit_runs": args.runs,
                 "pull_runs": args.pull_runs,
                 "ride_runs": args.ride_runs,
+                "restore_runs": args.restore_runs,
                 "cold_cache": cold,
             },
             "figures": figures,
@@ -443,8 +499,15 @@ def main(argv: list[str] | None = None) -> int:
                 "overlay_vs_cp": summary(ratios),
                 "pull_vs_commit": figures["merge_pull"]["median"]
                 / figures["merge_commit"]["median"],
+                "restore_vs_cp": summary([r["ratio"] for r in restores]),
             },
-            "runs": {"commit": runs, "pull": pulls, "cp_baseline": baselines, "ride": rides},
+            "runs": {
+                "commit": runs,
+                "pull": pulls,
+                "cp_baseline": baselines,
+                "ride": rides,
+                "restore": restores,
+            },
         }
         os.makedirs(args.results, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S")

@@ -246,7 +246,7 @@ def test_a_mount_point_that_is_not_empty_is_refused(backed_up_set, mount_point):
 def test_a_folder_that_is_not_a_set_and_an_unknown_mount_point_are_refused(scratch):
     result = helper("mount", scratch, os.path.join(scratch, "mnt"))
     assert result.returncode == 2
-    assert f"Fatal: {scratch}: not a set: it holds no set.json" in result.stdout
+    assert f"Fatal: {scratch}: not a set (no B3SUMS, SHA256SUMS, set.json" in result.stdout
     assert not os.path.exists(os.path.join(scratch, "mnt"))
 
     result = helper("umount", scratch)
