@@ -54,7 +54,7 @@ def _back_up_locked(
     domain: Domain, settings: Settings, stamp: str, window_hook: WindowHook | None
 ) -> Outcome:
     recovery.recover_before_backup(domain, settings)
-    plan, unsaved = checked_plan(domain, settings.backing)
+    plan, unsaved = checked_plan(domain, settings.backing, settings.exclude_disks)
     name = plan.name
 
     quiesce = quiesce_wanted(plan, settings)

@@ -92,6 +92,11 @@ uri = string(default='qemu:///system')
 domains = force_list()
 # Domains to leave out: comma-separated names or shell patterns (web*, test-?).
 exclude = force_list(default=list())
+# Disks to leave out, as DOMAIN:TARGET pairs, comma-separated; both parts take
+# shell patterns: "web1:vdb, *:vdc" leaves out vdb of web1 and vdc of every
+# domain. A disk left out is an Info line (you asked for it), and its data is
+# in no set; it never stops the pruning of older sets.
+exclude_disks = force_list(default=list())
 # Directory for the temporary overlays; empty means next to each image, which
 # is the safest choice (same filesystem, same AppArmor rules).
 overlaydir = string(default='')
@@ -195,6 +200,7 @@ class Settings:
     backing: str = "chain"  # [source] backing: chain or top
     require_mount: bool = False
     verify: bool = False  # [dest] verify: each new set, after the merge
+    exclude_disks: tuple[tuple[str, str], ...] = ()  # [source] (domain, target) patterns
     rehearse: bool = False  # [dest] rehearse: boot each new set, after the merge
     rehearse_timeout: int = 300
     rehearse_pattern: str = ""
@@ -346,6 +352,8 @@ def load(
                 f"on their host",
             )
         )
+    if sections_ok and ("source", "exclude_disks") not in invalid:
+        problems += _check_exclude_disks(path, index, config["source"]["exclude_disks"])
     if sections_ok and ("dest", "rehearse_pattern") not in invalid:
         pattern = str(config["dest"]["rehearse_pattern"]).strip()
         try:
@@ -384,6 +392,10 @@ def load(
         uri=source["uri"],
         domains=() if domains == ("all",) else domains,
         exclude=_clean_list(source["exclude"]),
+        exclude_disks=tuple(
+            (domain.strip(), target.strip())
+            for domain, _, target in (item.rpartition(":") for item in source["exclude_disks"])
+        ),
         overlaydir=source["overlaydir"].strip(),
         overlay_reserve=source["overlay_reserve"],
         dest=dest["dest"],
@@ -610,6 +622,27 @@ def _first_line_of_key(lines: list[str], duplicate: int, key: str) -> int:
 _EXAMPLE_VALUES = {("source", "domains"): "all"}
 
 _WRITE_ALL = "write domains = all to back up every domain, or list their names (comma-separated)"
+
+
+def _check_exclude_disks(
+    path: str, index: dict[tuple[str, str], int], items: list[str]
+) -> list[tuple[int, str]]:
+    place = where(path, index, "source", "exclude_disks")
+    line = index.get(("source", "exclude_disks"), 0)
+    bad = [
+        item
+        for item in _clean_list(items)
+        if not item.rpartition(":")[0].strip() or not item.rpartition(":")[2].strip()
+    ]
+    if bad:
+        return [
+            (
+                line,
+                f"{place}: {', '.join(repr(b) for b in bad)}: not DOMAIN:TARGET (for example "
+                f"web1:vdb, or *:vdc for every domain)",
+            )
+        ]
+    return []
 
 
 def _check_domain_list(

@@ -4,6 +4,7 @@ needs. Nothing here changes the domain."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from dataclasses import dataclass, field
 
@@ -82,12 +83,17 @@ class Plan:
         return text
 
 
-def make_plan(domain: Domain, backing: str = "chain") -> Plan:
+def make_plan(
+    domain: Domain, backing: str = "chain", exclude_disks: tuple[tuple[str, str], ...] = ()
+) -> Plan:
     """Read the domain's live XML and choose its disks, and for each disk
-    the files that go into the set (see ``_plan_files``)."""
+    the files that go into the set (see ``_plan_files``). *exclude_disks*:
+    (domain, target) shell patterns of disks left out, as Info."""
     active = domain.is_active()
     xml = domain.xml()
     chosen, skipped = select_disks(parse_disks(xml))
+    chosen, left_out = _leave_out(domain.name, chosen, exclude_disks)
+    skipped = [*left_out, *skipped]
     plan = Plan(domain.name, active, [], skipped, has_guest_agent(xml))
     owners: dict[str, set[str]] | None = None
     for disk in chosen:
@@ -107,6 +113,27 @@ def make_plan(domain: Domain, backing: str = "chain") -> Plan:
         plan.disks.append(disk)
         _plan_files(plan, disk, chain, backing)
     return plan
+
+
+def _leave_out(
+    name: str, disks: list[Disk], patterns: tuple[tuple[str, str], ...]
+) -> tuple[list[Disk], list[SkippedDisk]]:
+    """The disks to back up, and those [source] exclude_disks leaves out."""
+    kept, left = [], []
+    for disk in disks:
+        match = next(
+            (
+                f"{domain}:{target}"
+                for domain, target in patterns
+                if fnmatch.fnmatchcase(name, domain) and fnmatch.fnmatchcase(disk.target, target)
+            ),
+            None,
+        )
+        if match:
+            left.append(SkippedDisk(disk, f"left out by [source] exclude_disks ({match})", INFO))
+        else:
+            kept.append(disk)
+    return kept, left
 
 
 def _owners_of_other_domains(domain: Domain) -> dict[str, set[str]]:
@@ -297,12 +324,14 @@ def refuse_unsafe_chains(plan: Plan) -> None:
     # template: backed up like any other, never merged.
 
 
-def checked_plan(domain: Domain, backing: str = "chain") -> tuple[Plan, list[str]]:
+def checked_plan(
+    domain: Domain, backing: str = "chain", exclude_disks: tuple[tuple[str, str], ...] = ()
+) -> tuple[Plan, list[str]]:
     """``make_plan``, then what every stage says and refuses before a freeze:
     DomainError when nothing can be backed up or a disk has a block job;
     each skipped disk and each note reported. Returns the plan and the Error
     texts of the disks whose data could not be saved."""
-    plan = make_plan(domain, backing)
+    plan = make_plan(domain, backing, exclude_disks)
     if not plan.disks:
         raise DomainError(nothing_to_back_up(plan))
     unsaved = [text for skipped in plan.skipped if (text := report_skipped(plan.name, skipped))]

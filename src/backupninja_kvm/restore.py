@@ -34,7 +34,9 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from backupninja_kvm import definition as definitions
@@ -177,8 +179,8 @@ def _restore(hypervisor, ref, options, info, definition, manifest, sums, started
         )
     folders: dict[str, str] = {}
     try:
-        copies = _copy_all(ref, info, paths, folders, result)
-        _check_copies(ref, manifest, sums, copies, result, options)
+        copies, digests = _copy_all(ref, info, paths, folders, result, manifest)
+        _check_copies(ref, manifest, sums, digests, result, options)
         _fix_headers(info, paths, copies)
         with interrupts.critical():
             try:
@@ -323,55 +325,80 @@ def _definition_for(info, definition_xml: str, paths: dict[str, str], options: O
         raise RestoreError(f"{info.domain}: domain.xml of the set: {error}") from None
 
 
+class _Stopped(Exception):
+    """Another file's copy failed, or we were interrupted: stop this one."""
+
+
 def _copy_all(
-    ref: SetRef, info, paths, folders: dict[str, str], result: Restored
-) -> dict[str, str]:
+    ref: SetRef, info, paths, folders: dict[str, str], result: Restored, manifest: str
+) -> tuple[dict[str, str], dict[str, str]]:
     """Copy every file of the set into a private folder beside its
-    destination (one status line per file on a terminal); returns set file
-    -> its copy."""
+    destination, and hash each copy as it lands (when the set has a
+    manifest), files side by side (at most 4 at once, as the backup copies
+    them); one status line per file on a terminal. Returns set file -> its
+    copy, and set file -> the copy's sum."""
     from backupninja_kvm.progress import Board
     from backupninja_kvm.transfer import copy_sparse, data_bytes
 
-    copies = {}
+    for item in info.files:
+        folder = os.path.dirname(paths[item.name])
+        if folder not in folders:
+            folders[folder] = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=folder)
+    stop = threading.Event()
     board = Board()
+
+    def one(item: setinfo.SetImage) -> tuple[str, str, int, str]:
+        final = paths[item.name]
+        copy = os.path.join(folders[os.path.dirname(final)], os.path.basename(final))
+        try:
+            if ref.remote is None:
+                source = os.path.join(ref.path, item.name)
+                progress = board.add(
+                    f"{info.domain}: restore {item.name}", preflight.allocated_bytes(source)
+                )
+
+                def update(done: int) -> None:
+                    if stop.is_set():
+                        raise _Stopped()
+                    progress.update(done)
+
+                copy_sparse(source, copy, update)
+                progress.finish()
+            else:
+                ref.remote.fetch(os.path.join(ref.path, item.name), copy)
+        except TransferError as error:
+            raise RestoreError(f"{item.name}: {error}; nothing restored") from None
+        digest = ""
+        if manifest and not stop.is_set():
+            digest = destination.file_b3sum(copy) if manifest == "B3SUMS" else _sha256(copy)
+        return item.name, copy, data_bytes(copy), digest
+
+    copies, digests = {}, {}
+    pool = ThreadPoolExecutor(max_workers=min(len(info.files), 4) or 1)
     try:
-        for item in info.files:
-            final = paths[item.name]
-            folder = os.path.dirname(final)
-            if folder not in folders:
-                folders[folder] = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=folder)
-            copy = os.path.join(folders[folder], os.path.basename(final))
-            try:
-                if ref.remote is None:
-                    source = os.path.join(ref.path, item.name)
-                    progress = board.add(
-                        f"{info.domain}: restore {item.name}", preflight.allocated_bytes(source)
-                    )
-                    copy_sparse(source, copy, progress.update)
-                    progress.finish()
-                else:
-                    ref.remote.fetch(os.path.join(ref.path, item.name), copy)
-            except TransferError as error:
-                raise RestoreError(f"{item.name}: {error}; nothing restored") from None
-            result.bytes += data_bytes(copy)
-            copies[item.name] = copy
+        futures = [pool.submit(one, item) for item in info.files]
+        for future in futures:
+            name, copy, size, digest = future.result()
+            copies[name], digests[name] = copy, digest
+            result.bytes += size
     finally:
+        stop.set()
+        pool.shutdown(wait=True)  # each copy stops at its next chunk
         board.close()
-    return copies
+    return copies, digests
 
 
-def _check_copies(ref, manifest: str, sums: dict[str, str], copies, result, options) -> None:
+def _check_copies(ref, manifest: str, sums: dict[str, str], digests, result, options) -> None:
     if not manifest:
         log.info(
             "%s: no manifest (a copy of a ride-along view): the copies are not checked by sums",
             ref.short,
         )
         return
-    for name, copy in copies.items():
+    for name, actual in digests.items():
         expected = sums.get(name)
         if expected is None:
             raise RestoreError(f"{ref.short}: {name} is not in {manifest}; nothing restored")
-        actual = destination.file_b3sum(copy) if manifest == "B3SUMS" else _sha256(copy)
         if actual != expected:
             if options.ignore_damage:
                 log.warning("%s: %s differs from %s; restored as it is", ref.short, name, manifest)

@@ -388,7 +388,7 @@ def _freeze_domain(domain: Domain, settings: Settings, record: ride.Ride) -> rid
     record with it. Raises DomainError when it was not frozen (it runs on
     its own images), OverlayLeftError when it may be left on an overlay."""
     recovery.recover_before_backup(domain, settings)
-    plan, unsaved = checked_plan(domain, settings.backing)
+    plan, unsaved = checked_plan(domain, settings.backing, settings.exclude_disks)
     name = plan.name
     for problem in unsaved:
         log.error("%s", problem)
@@ -599,7 +599,7 @@ def freeze_dry_run(
     for name in names:
         try:
             domain = hypervisor.domain(name)
-            plan = make_plan(domain, settings.backing)
+            plan = make_plan(domain, settings.backing, settings.exclude_disks)
             log.info("test run, would freeze and expose %s", plan.describe())
             if not plan.disks:
                 raise DomainError(nothing_to_back_up(plan))

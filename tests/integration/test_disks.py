@@ -359,3 +359,29 @@ def test_the_free_space_check_counts_the_whole_chain_that_is_copied(new_vm, scra
             check=False,
             capture_output=True,
         )
+
+
+def test_exclude_disks_leaves_a_disk_out_as_info_and_still_prunes(new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB), DiskSpec("vdb", "raw", 16 * MiB)])
+    path = action(scratch, vm, exclude_disks=f"{vm.name}:vdb, *:vdz")
+    with open(path, "a") as handle:
+        handle.write("keep = 1\n")
+
+    first = helper("run", path)
+    second = helper("run", path)
+
+    for result in (first, second):
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert lines(result, "Warning:") == [], result.stdout
+    assert f"Info: {vm.name}: skipping disk vdb: left out by [source] exclude_disks " in (
+        second.stdout
+    ), second.stdout
+    sets = destination.complete_sets(os.path.join(scratch, "backups", vm.name))
+    assert len(sets) == 1  # the set without vdb still pruned the first one
+    assert sorted(os.listdir(latest_set(scratch, vm))) == [
+        "B3SUMS",
+        "domain.xml",
+        "set.json",
+        "vda-vda.qcow2",
+    ]
+    assert vm.tops() == vm.paths

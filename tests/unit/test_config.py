@@ -836,3 +836,20 @@ def test_rehearse_needs_a_local_destination_and_a_pattern_that_compiles(tmp_path
         f"{path} line 6: [dest] rehearse_pattern: 'login(' is not a regular expression "
         f"(missing ), unterminated subpattern at position 5)",
     ]
+
+
+def test_exclude_disks_takes_domain_target_pairs_and_names_a_bad_one(tmp_path):
+    dest = f"[dest]\ndirectory = {tmp_path}\n"
+    good = write(tmp_path, "[source]\ndomains = all\nexclude_disks = web1:vdb, *:vd[cd]\n" + dest)
+    bad = write(
+        tmp_path, "[source]\ndomains = all\nexclude_disks = web1:vdb, vdc\n" + dest, "b.kvm"
+    )
+
+    settings = config.load(good)
+    found = problems_of(bad)
+
+    assert settings.exclude_disks == (("web1", "vdb"), ("*", "vd[cd]"))
+    assert found == [
+        f"{bad} line 3: [source] exclude_disks: 'vdc': not DOMAIN:TARGET (for example "
+        f"web1:vdb, or *:vdc for every domain)"
+    ]
