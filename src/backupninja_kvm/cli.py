@@ -265,7 +265,7 @@ def _dry_run_domain(hypervisor, settings: config.Settings, name: str) -> list[st
             journal.journal_path(domain.uuid),
             pending.phase,
         )
-    plan = make_plan(domain, settings.backing)
+    plan = make_plan(domain, settings.backing, plans.block_refusal(settings))
     log.info("test run, would %s", plan.describe())
     if not plan.disks:
         raise DomainError(plans.nothing_to_back_up(plan))
