@@ -14,6 +14,7 @@ import pytest
 from backupninja_kvm import config
 from tests.conftest import write_action
 from tests.integration.test_live_backup import Window, check_manifest
+from tests.integration.test_restore import copies  # noqa: F401 - a fixture
 from tests.support import vms
 from tests.support.cli import helper
 from tests.support.cycle import back_up
@@ -147,6 +148,37 @@ def test_run_test_says_a_block_disk_needs_overlaydir(scratch, device, new_vm):
         line.startswith("Warning:") and "disk vdb" in line and "set overlaydir" in line
         for line in result.stdout.splitlines()
     ), result.stdout
+
+
+def test_a_set_of_a_block_disk_restores_as_a_file_disk_never_onto_the_device(
+    scratch,
+    device,
+    new_vm,
+    copies,  # noqa: F811 - the fixture
+):
+    vm, overlaydir = vm_with_a_device(new_vm, device)
+    vm.write("vdb", *BEFORE["vdb"])
+    set_path = back_up(vm, config.load(action_file(scratch, vm, overlaydir))).set_path
+    vm.stop()
+    name = f"vdb-{os.path.basename(device)}.raw"
+
+    refused = helper("restore", set_path, "--force")
+    copy_name = f"{vm.name}-copy"
+    copies.append(copy_name)
+    folder = os.path.join(vm.directory, "copy")
+    os.mkdir(folder, 0o755)
+    copied = helper("restore", set_path, "--as", copy_name, "--to", folder)
+
+    assert refused.returncode != 0
+    assert f"{name} is the contents of the block device {device}" in refused.stdout
+    assert "give --to DIR" in refused.stdout and "qemu-img convert -n" in refused.stdout
+    assert copied.returncode == 0, copied.stdout + copied.stderr
+    image = os.path.join(folder, f"{copy_name}-{name}")
+    raw_spec = DiskSpec("vdb", "raw", DEVICE_SIZE)
+    assert same_content(image, "raw", reference(scratch, "vdb", raw_spec, BEFORE), "raw")
+    assert os.stat(image).st_blocks * 512 <= 2 * MiB  # holes kept
+    copy_xml = vms.connect().lookupByName(copy_name).XMLDesc(0)
+    assert f"<source file='{image}'" in copy_xml and device not in copy_xml
 
 
 def _block_source(vm) -> str | None:
