@@ -22,7 +22,7 @@ from backupninja_kvm.errors import DomainError, OverlayLeftError, TransferError
 from backupninja_kvm.hypervisor import Domain
 from backupninja_kvm.lock import domain_lock
 from backupninja_kvm.outcome import Outcome
-from backupninja_kvm.plan import Plan, check_space, checked_plan, open_set
+from backupninja_kvm.plan import Plan, block_refusal, check_space, checked_plan, open_set
 from backupninja_kvm.quiesce import quiesce_wanted
 from backupninja_kvm.report import log
 
@@ -54,7 +54,9 @@ def _back_up_locked(
     domain: Domain, settings: Settings, stamp: str, window_hook: WindowHook | None
 ) -> Outcome:
     recovery.recover_before_backup(domain, settings)
-    plan, unsaved = checked_plan(domain, settings.backing, settings.exclude_disks)
+    plan, unsaved = checked_plan(
+        domain, settings.backing, block_refusal(settings), settings.exclude_disks
+    )
     name = plan.name
 
     quiesce = quiesce_wanted(plan, settings)

@@ -265,7 +265,9 @@ def _dry_run_domain(hypervisor, settings: config.Settings, name: str) -> list[st
             journal.journal_path(domain.uuid),
             pending.phase,
         )
-    plan = make_plan(domain, settings.backing, settings.exclude_disks)
+    plan = make_plan(
+        domain, settings.backing, plans.block_refusal(settings), settings.exclude_disks
+    )
     log.info("test run, would %s", plan.describe())
     if not plan.disks:
         raise DomainError(plans.nothing_to_back_up(plan))

@@ -98,7 +98,9 @@ exclude = force_list(default=list())
 # in no set; it never stops the pruning of older sets.
 exclude_disks = force_list(default=list())
 # Directory for the temporary overlays; empty means next to each image, which
-# is the safest choice (same filesystem, same AppArmor rules).
+# is the safest choice (same filesystem, same AppArmor rules). Block-device
+# disks (LVM volumes) are backed up only when it is set: their overlay is a
+# file here, as a device has no folder beside it.
 overlaydir = string(default='')
 # Free space (MiB) required where the overlays go before a domain is frozen:
 # the guest's writes during the backup must fit, or QEMU pauses it. 0 = no check.

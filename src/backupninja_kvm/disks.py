@@ -75,7 +75,9 @@ def parse_disks(domain_xml: str) -> list[Disk]:
                 readonly=element.find("readonly") is not None,
                 shareable=element.find("shareable") is not None,
                 alias=alias.get("name") if alias is not None else None,
-                backing=backing_source.get("file") if backing_source is not None else None,
+                backing=(backing_source.get("file") or backing_source.get("dev"))
+                if backing_source is not None
+                else None,
                 mirror=mirror is not None,
                 mirror_ready=mirror is not None and mirror.get("ready") == "yes",
                 data_file=data_file,
@@ -84,8 +86,28 @@ def parse_disks(domain_xml: str) -> list[Disk]:
     return disks
 
 
-def skip_reason(disk: Disk) -> str | None:
-    """Why *disk* is not backed up, or None when it is."""
+# Why a block disk is not backed up when the run cannot take it: its
+# overlay is a file, and a device has no folder beside it.
+BLOCK_NEEDS_OVERLAYDIR = (
+    "block disk: its overlay must be a file in [source] overlaydir, which is not set; "
+    "set overlaydir to back it up"
+)
+BLOCK_NOT_WITH_PULL = (
+    "block disk: merge = pull would move its data off the device into a file in "
+    "overlaydir for good; use merge = commit to back it up"
+)
+BLOCK_NOT_EXPOSED = (
+    "block disk: stage = freeze exposes files, not devices; back it up with stage = full"
+)
+NETWORK_DISK = (
+    "network disk (RBD, iSCSI, NBD, Gluster...): its image is on a storage server, "
+    "not a local file or device; back it up on that storage"
+)
+
+
+def skip_reason(disk: Disk, block_refusal: str | None = BLOCK_NEEDS_OVERLAYDIR) -> str | None:
+    """Why *disk* is not backed up, or None when it is. A block disk (raw,
+    on a local device) is backed up unless *block_refusal* says why not."""
     if disk.device == "cdrom":
         return "cdrom"
     if disk.device == "floppy":
@@ -97,9 +119,19 @@ def skip_reason(disk: Disk) -> str | None:
     if disk.shareable:
         return "shareable (used by several domains)"
     if disk.source_type == "network":
-        return "network disk"
+        return NETWORK_DISK
+    if disk.source_type == "block":
+        if block_refusal:
+            return block_refusal
+        if not disk.path:
+            return "block disk without a device"
+        if disk.format != "raw":
+            return (
+                f"block disk in format {disk.format or 'unknown'}, only raw devices are backed up"
+            )
+        return None
     if disk.source_type != "file":
-        return f"{disk.source_type} disk, only file-backed images are backed up"
+        return f"{disk.source_type} disk, only image files and block devices are backed up"
     if not disk.path:
         return "no image file (empty drive)"
     if disk.format not in BACKED_UP_FORMATS:
@@ -122,12 +154,14 @@ def skip_level(disk: Disk) -> str:
     return WARNING
 
 
-def select_disks(disks: list[Disk]) -> tuple[list[Disk], list[SkippedDisk]]:
+def select_disks(
+    disks: list[Disk], block_refusal: str | None = BLOCK_NEEDS_OVERLAYDIR
+) -> tuple[list[Disk], list[SkippedDisk]]:
     """Split disks into those to back up and those skipped (with the reason
-    and how loudly to report it)."""
+    and how loudly to report it); see ``skip_reason`` for *block_refusal*."""
     chosen, skipped = [], []
     for disk in disks:
-        reason = skip_reason(disk)
+        reason = skip_reason(disk, block_refusal)
         if reason is None:
             chosen.append(disk)
         else:
@@ -249,9 +283,16 @@ def overlay_path(disk: Disk, stamp: str, overlaydir: str = "", domain: str = "")
     the run's timestamp; a tag left by an earlier ``merge = pull`` is replaced
     rather than stacked. A symlinked image is followed: the overlay goes next
     to the real file (its filesystem, where the guest's writes must fit),
-    named after it.
+    named after it. A block disk's overlay is always in *overlaydir* (the
+    plan skips it without one), named after the device as the XML names it
+    (``/dev/vg/lv``, not ``/dev/dm-3``).
     """
     assert disk.path
+    if disk.source_type == "block":
+        if not overlaydir:
+            raise ValueError(f"disk {disk.target} is a block device: its overlay needs overlaydir")
+        name = f"{os.path.basename(disk.path)}.{TAG}-{stamp}.qcow2"
+        return os.path.join(overlaydir, f"{domain}-{disk.target}-{name}")
     real = os.path.realpath(disk.path)
     base = _OUR_SUFFIX.sub("", os.path.basename(real))
     prefix = f"{domain}-{disk.target}-"
@@ -291,6 +332,7 @@ def snapshot_xml(all_disks: list[Disk], overlays: dict[str, str]) -> str:
         element = ET.SubElement(disks_element, "disk", name=disk.target)
         if disk.target in overlays:
             element.set("snapshot", "external")
+            element.set("type", "file")  # a block disk's overlay too
             ET.SubElement(element, "driver", type="qcow2")
             ET.SubElement(element, "source", file=overlays[disk.target])
         else:
@@ -327,20 +369,23 @@ def top_paths(domain_xml: str) -> dict[str, str | None]:
 
 
 def referenced_paths(domain_xml: str) -> set[str]:
-    """Every file any disk chain of a domain XML refers to (tops, backing
-    layers, block job mirrors)."""
+    """Every file or device any disk chain of a domain XML refers to (tops,
+    backing layers, block job mirrors)."""
     root = ET.fromstring(domain_xml)
     return {
         file
         for disk in root.findall("./devices/disk")
         for source in disk.iter("source")
-        if (file := source.get("file"))
+        if (file := source.get("file") or source.get("dev"))
     }
 
 
-def with_disk_source(domain_xml: str, target: str, path: str, image_format: str) -> str:
+def with_disk_source(
+    domain_xml: str, target: str, path: str, image_format: str, block: bool = False
+) -> str:
     """The domain XML with disk *target* pointing at *path* (format
-    *image_format*), any backing chain description dropped."""
+    *image_format*; a block device when *block*), any backing chain
+    description dropped."""
     root = ET.fromstring(domain_xml)
     for disk in root.findall("./devices/disk"):
         dev = disk.find("target")
@@ -350,7 +395,8 @@ def with_disk_source(domain_xml: str, target: str, path: str, image_format: str)
         if source is None:
             source = ET.SubElement(disk, "source")
         source.attrib.clear()
-        source.set("file", path)
+        disk.set("type", "block" if block else "file")
+        source.set("dev" if block else "file", path)
         driver = disk.find("driver")
         if driver is not None:
             driver.set("type", image_format)

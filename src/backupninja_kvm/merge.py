@@ -21,6 +21,7 @@ from backupninja_kvm.journal import DiskEntry, Journal
 from backupninja_kvm.outcome import Outcome
 from backupninja_kvm.progress import Progress
 from backupninja_kvm.report import log
+from backupninja_kvm.transfer import is_block_device
 
 
 class MergeOptions(Protocol):
@@ -389,7 +390,13 @@ def commit_offline(domain: Domain, entry: DiskEntry) -> None:
     base_format = entry.base_format
     if base_format == "unknown":
         base_format = image_info(entry.base).get("format", "raw")
-    xml = with_disk_source(domain.xml(inactive=True), entry.target, entry.base, base_format)
+    xml = with_disk_source(
+        domain.xml(inactive=True),
+        entry.target,
+        entry.base,
+        base_format,
+        block=is_block_device(entry.base),
+    )
     domain.redefine(xml)
 
 

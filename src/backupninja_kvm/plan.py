@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from backupninja_kvm import destination, images, preflight
 from backupninja_kvm.config import Settings
 from backupninja_kvm.disks import (
+    BLOCK_NEEDS_OVERLAYDIR,
+    BLOCK_NOT_WITH_PULL,
     ERROR,
     INFO,
     WARNING,
@@ -83,15 +85,30 @@ class Plan:
         return text
 
 
+def block_refusal(settings: Settings) -> str | None:
+    """Why this run cannot back up a block disk, or None when it can: its
+    overlay is a file in overlaydir, merged back with a commit."""
+    if not settings.overlaydir:
+        return BLOCK_NEEDS_OVERLAYDIR
+    if settings.merge == "pull":
+        return BLOCK_NOT_WITH_PULL
+    return None
+
+
 def make_plan(
-    domain: Domain, backing: str = "chain", exclude_disks: tuple[tuple[str, str], ...] = ()
+    domain: Domain,
+    backing: str = "chain",
+    block: str | None = BLOCK_NEEDS_OVERLAYDIR,
+    exclude_disks: tuple[tuple[str, str], ...] = (),
 ) -> Plan:
     """Read the domain's live XML and choose its disks, and for each disk
-    the files that go into the set (see ``_plan_files``). *exclude_disks*:
-    (domain, target) shell patterns of disks left out, as Info."""
+    the files that go into the set (see ``_plan_files``). *block* says why
+    block disks are skipped (``block_refusal``), None to back them up;
+    *exclude_disks*: (domain, target) shell patterns of disks left out, as
+    Info."""
     active = domain.is_active()
     xml = domain.xml()
-    chosen, skipped = select_disks(parse_disks(xml))
+    chosen, skipped = select_disks(parse_disks(xml), block)
     chosen, left_out = _leave_out(domain.name, chosen, exclude_disks)
     skipped = [*left_out, *skipped]
     plan = Plan(domain.name, active, [], skipped, has_guest_agent(xml))
@@ -270,9 +287,13 @@ def backup_file_name(disk: Disk) -> str:
     image whose name changes every night, and the set's names must not (a
     remote ``delta`` finds its basis by name). ``a.bnkvm-STAMP.qcow2`` gives
     ``vda-a.qcow2``, ``p.raw.bnkvm-STAMP.qcow2`` gives ``vda-p.raw.qcow2``.
+    A block device's contents become a raw image file: ``/dev/vg/data``
+    gives ``vdb-data.raw``.
     """
     assert disk.path
     name = os.path.basename(disk.path)
+    if disk.source_type == "block":
+        return f"{disk.target}-{name}.raw"
     if is_our_overlay(name):
         name = strip_tag(name).removesuffix(".qcow2") + ".qcow2"
     return f"{disk.target}-{name}"
@@ -325,13 +346,16 @@ def refuse_unsafe_chains(plan: Plan) -> None:
 
 
 def checked_plan(
-    domain: Domain, backing: str = "chain", exclude_disks: tuple[tuple[str, str], ...] = ()
+    domain: Domain,
+    backing: str = "chain",
+    block: str | None = BLOCK_NEEDS_OVERLAYDIR,
+    exclude_disks: tuple[tuple[str, str], ...] = (),
 ) -> tuple[Plan, list[str]]:
     """``make_plan``, then what every stage says and refuses before a freeze:
     DomainError when nothing can be backed up or a disk has a block job;
     each skipped disk and each note reported. Returns the plan and the Error
     texts of the disks whose data could not be saved."""
-    plan = make_plan(domain, backing, exclude_disks)
+    plan = make_plan(domain, backing, block, exclude_disks)
     if not plan.disks:
         raise DomainError(nothing_to_back_up(plan))
     unsaved = [text for skipped in plan.skipped if (text := report_skipped(plan.name, skipped))]

@@ -7,15 +7,19 @@ will fill a disk.
 - At the destination, the set needs the allocated size of the images plus a
   margin (5 %, at least 64 MiB) for the definition, the manifest and
   filesystem overhead; older sets are only pruned after a successful backup.
+  A block device counts its full size (an upper bound: its zero blocks
+  become holes in the set, but finding them means reading the device).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from backupninja_kvm.report import human_bytes
+from backupninja_kvm.transfer import device_size
 
 MiB = 1024 * 1024
 MARGIN_RATIO = 0.05
@@ -32,8 +36,13 @@ class SpaceNeed:
 
 
 def allocated_bytes(path: str) -> int:
-    """Bytes a file really occupies (holes not counted)."""
-    return os.stat(path).st_blocks * 512
+    """Bytes a file really occupies (holes not counted). A block device
+    counts its whole size: which of its blocks are zeros (holes in its
+    copy) is only known by reading all of it, as long as the copy itself."""
+    status = os.stat(path)
+    if stat.S_ISBLK(status.st_mode):
+        return device_size(path)
+    return status.st_blocks * 512
 
 
 def destination_need(directory: str, image_paths: list[str]) -> SpaceNeed:

@@ -15,6 +15,10 @@ Three ways, by what is asked:
   ``--to DIR``), its own console files (see ``definition.copy_definition``).
   A writable disk whose data is not in the set is left out of the copy
   (it would share the original's file), with a Warning.
+- A disk that was a block device (set.json's original path is a device) is
+  never restored onto it (files are renamed into place, which would replace
+  the device node): ``--to DIR`` is needed, and it becomes a file disk on
+  its raw image in DIR, in place or as a copy.
 - ``--start`` starts the restored domain.
 
 Safety, in order: the set is verified first (structure and definition; a
@@ -45,6 +49,7 @@ from backupninja_kvm.errors import BackupNinjaKvmError, HypervisorError, Transfe
 from backupninja_kvm.lock import domain_lock
 from backupninja_kvm.report import human_bytes, log, seconds
 from backupninja_kvm.sets import SetRef
+from backupninja_kvm.transfer import is_block_device
 from backupninja_kvm.verify import _manifest_lines, verify_set
 
 TEMP_PREFIX = ".bnkvm-restore-"
@@ -133,6 +138,8 @@ def plan_paths(info: setinfo.SetInfo, options: Options) -> dict[str, str]:
     """set file name -> the path it is restored to."""
     paths = {}
     for item in info.files:
+        if not options.to and _was_a_device(item.original_path):
+            raise RestoreError(_device_refusal(info, item, options))
         folder = options.to or os.path.dirname(item.original_path)
         if options.new_name:
             base = f"{options.new_name}-{item.name}"
@@ -145,6 +152,28 @@ def plan_paths(info: setinfo.SetInfo, options: Options) -> dict[str, str]:
             f"restore without --to, or --as NAME"
         )
     return paths
+
+
+def _was_a_device(path: str) -> bool:
+    return path.startswith("/dev/") or is_block_device(path)
+
+
+def _device_refusal(info: setinfo.SetInfo, item: setinfo.SetImage, options: Options) -> str:
+    """Why a set file taken from a block device is not restored without
+    --to: it would be renamed over the device node, not written into it."""
+    text = (
+        f"{info.domain}: {item.name} is the contents of the block device "
+        f"{item.original_path} (disk {item.target}); restoring onto a device is not done "
+        f"(the restore renames files into place, which would replace the device node): "
+    )
+    if options.new_name:
+        return text + "give --to DIR for the copy's image file (it becomes a file disk)"
+    return text + (
+        f"give --to DIR to restore the domain with that disk as a raw image file in DIR, "
+        f"or --as NEWNAME --to DIR for a copy beside it; to put the data back onto the "
+        f"device itself, with the domain shut off: `qemu-img convert -n -f raw -O raw "
+        f"{item.name} {item.original_path}` (it writes the zeros too)"
+    )
 
 
 def restore(hypervisor, ref: SetRef, options: Options) -> Restored:

@@ -30,7 +30,7 @@ from backupninja_kvm import thaw as thaws
 from backupninja_kvm import view as views
 from backupninja_kvm.backup import merge as merge_back
 from backupninja_kvm.config import Settings
-from backupninja_kvm.disks import overlay_paths, parse_disks
+from backupninja_kvm.disks import BLOCK_NOT_EXPOSED, overlay_paths, parse_disks
 from backupninja_kvm.errors import ConfigError, DomainError, HypervisorError, OverlayLeftError
 from backupninja_kvm.hypervisor import Domain, Hypervisor
 from backupninja_kvm.outcome import Outcome
@@ -388,7 +388,9 @@ def _freeze_domain(domain: Domain, settings: Settings, record: ride.Ride) -> rid
     record with it. Raises DomainError when it was not frozen (it runs on
     its own images), OverlayLeftError when it may be left on an overlay."""
     recovery.recover_before_backup(domain, settings)
-    plan, unsaved = checked_plan(domain, settings.backing, settings.exclude_disks)
+    plan, unsaved = checked_plan(
+        domain, settings.backing, BLOCK_NOT_EXPOSED, settings.exclude_disks
+    )
     name = plan.name
     for problem in unsaved:
         log.error("%s", problem)
@@ -599,7 +601,7 @@ def freeze_dry_run(
     for name in names:
         try:
             domain = hypervisor.domain(name)
-            plan = make_plan(domain, settings.backing, settings.exclude_disks)
+            plan = make_plan(domain, settings.backing, BLOCK_NOT_EXPOSED, settings.exclude_disks)
             log.info("test run, would freeze and expose %s", plan.describe())
             if not plan.disks:
                 raise DomainError(nothing_to_back_up(plan))

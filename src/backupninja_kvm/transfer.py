@@ -3,6 +3,9 @@
 For a local destination we copy only the allocated extents of the image
 (``SEEK_DATA``/``SEEK_HOLE``) with ``copy_file_range``, so the kernel moves
 the bytes and holes stay holes; measured faster than rsync for local copies.
+A block device (an LVM volume, a partition) shows all of itself as data to
+``SEEK_DATA``: it is read in chunks, and every all-zero block becomes a hole
+of the raw image file.
 
 A remote destination is reached with ssh; every ssh and rsync of a run to
 one host shares one connection (ControlMaster), closed at the end of the run.
@@ -16,6 +19,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -24,6 +28,26 @@ from dataclasses import dataclass
 from backupninja_kvm.errors import TransferError
 
 CHUNK = 64 * 1024 * 1024
+DEVICE_CHUNK = 4 * 1024 * 1024  # read from a device at a time
+ZERO_BLOCK = 64 * 1024  # the smallest hole made in a device's copy
+_ZEROS = bytes(DEVICE_CHUNK)
+
+
+def is_block_device(path: str) -> bool:
+    """True when *path* is (or links to) a block device."""
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def device_size(path: str) -> int:
+    """Size in bytes of a block device (``fstat`` says 0 for one)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
 
 
 def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
@@ -59,6 +83,43 @@ def _copy_range(
         copied(count)
 
 
+def _copy_device(
+    source: int, target: int, size: int, progress: Callable[[int], None] | None
+) -> int:
+    """Copy a block device's *size* bytes into the new file *target*, an
+    all-zero ZERO_BLOCK left as a hole (the file is truncated to *size*
+    afterwards). Reports the bytes read to *progress*; returns the bytes
+    written."""
+    written = 0
+    offset = 0
+    while offset < size:
+        data = os.pread(source, min(DEVICE_CHUNK, size - offset), offset)
+        if not data:
+            raise OSError(errno.EIO, "device ended early")
+        if data != _ZEROS[: len(data)]:
+            start = None  # of the run of non-zero blocks being gathered
+            for position in range(0, len(data) + ZERO_BLOCK, ZERO_BLOCK):
+                block = data[position : position + ZERO_BLOCK]
+                zero = not block or block == _ZEROS[: len(block)]
+                if not zero and start is None:
+                    start = position
+                elif zero and start is not None:
+                    written += _write_all(target, data[start:position], offset + start)
+                    start = None
+        offset += len(data)
+        if progress:
+            progress(offset)
+    return written
+
+
+def _write_all(target: int, data: bytes, offset: int) -> int:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(target, view[done:], offset + done)
+    return done
+
+
 def _copy_with_buffer(source: int, target: int, offset: int, length: int) -> int:
     data = os.pread(source, length, offset)
     return os.pwrite(target, data, offset) if data else 0
@@ -90,9 +151,13 @@ def copy_sparse(
                 progress(copied)
 
         try:
-            size = os.fstat(source).st_size
-            for offset, length in data_extents(source, size):
-                _copy_range(source, target, offset, length, count)
+            if stat.S_ISBLK(os.fstat(source).st_mode):
+                size = os.lseek(source, 0, os.SEEK_END)
+                copied = _copy_device(source, target, size, progress)
+            else:
+                size = os.fstat(source).st_size
+                for offset, length in data_extents(source, size):
+                    _copy_range(source, target, offset, length, count)
             os.ftruncate(target, size)
         except OSError as error:
             os.close(target)
@@ -126,9 +191,11 @@ def _remove_quietly(path: str) -> None:
 
 
 def data_bytes(path: str) -> int:
-    """Bytes of data (holes left out) in a file."""
+    """Bytes of data (holes left out) in a file; a block device's size."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        if stat.S_ISBLK(os.fstat(fd).st_mode):
+            return os.lseek(fd, 0, os.SEEK_END)
         return sum(length for _, length in data_extents(fd, os.fstat(fd).st_size))
     finally:
         os.close(fd)
@@ -258,9 +325,12 @@ class Remote:
         is never trusted: a frozen image may match the previous one in both.
         """
         delta = [f"--copy-dest={basis}", "--no-whole-file"] if basis else ["--whole-file"]
+        # A block device is sent as its contents (a raw image file there).
+        devices = ["--copy-devices"] if is_block_device(source) else []
         result = subprocess.run(
             [
                 "rsync",
+                *devices,
                 "--sparse",
                 "--times",
                 "--ignore-times",

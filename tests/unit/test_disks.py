@@ -7,6 +7,8 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from backupninja_kvm.disks import (
+    BLOCK_NEEDS_OVERLAYDIR,
+    NETWORK_DISK,
     Disk,
     guest_agent_connected,
     has_guest_agent,
@@ -104,12 +106,12 @@ SKIPPED_DISKS = {
         "<disk type='network' device='disk'><driver name='qemu' type='raw'/>"
         "<source protocol='rbd' name='pool/img'><host name='ceph1' port='6789'/></source>"
         "<target dev='vdf' bus='virtio'/></disk>",
-        "network disk",
+        NETWORK_DISK,
     ),
     "block-device": (
         "<disk type='block' device='disk'><driver name='qemu' type='raw'/>"
         "<source dev='/dev/vg0/web1-logs'/><target dev='vdg' bus='virtio'/></disk>",
-        "block disk, only file-backed images are backed up",
+        BLOCK_NEEDS_OVERLAYDIR,
     ),
     "lun": (
         "<disk type='block' device='lun'><driver name='qemu' type='raw'/>"
@@ -129,7 +131,7 @@ SKIPPED_DISKS = {
     "volume": (
         "<disk type='volume' device='disk'><driver name='qemu' type='qcow2'/>"
         "<source pool='default' volume='web1.qcow2'/><target dev='vdj' bus='virtio'/></disk>",
-        "volume disk, only file-backed images are backed up",
+        "volume disk, only image files and block devices are backed up",
     ),
     "empty-drive": (
         "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
