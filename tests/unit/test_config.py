@@ -836,3 +836,16 @@ def test_rehearse_needs_a_local_destination_and_a_pattern_that_compiles(tmp_path
         f"{path} line 6: [dest] rehearse_pattern: 'login(' is not a regular expression "
         f"(missing ), unterminated subpattern at position 5)",
     ]
+
+
+def test_the_action_file_manual_page_documents_every_key_of_the_schema():
+    from backupninja_kvm.config import _spec, render_man_page
+
+    page = render_man_page("9.9", "2026-01-01")
+
+    assert page.startswith('.TH BACKUPNINJA-KVM.KVM 5 "2026-01-01" "backupninja-kvm 9.9"')
+    spec = _spec()
+    for section in spec.sections:
+        assert f".SH [{section}]" in page
+        for key in spec[section].scalars:
+            assert f"\\fB{key}\\fR =" in page, key
