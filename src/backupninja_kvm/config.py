@@ -826,6 +826,73 @@ def render_example() -> str:
     return "\n".join(out)
 
 
+def _roff(text: str) -> str:
+    text = text.replace("\\", "\\e").replace("-", "\\-")
+    return "\\&" + text if text.startswith((".", "'")) else text
+
+
+def render_man_page(version: str, date: str) -> str:
+    """The action file's manual page, backupninja-kvm.kvm(5), in roff: the
+    schema's comments as the keys' descriptions, so that it cannot drift."""
+    spec = _spec()
+    validator = Validator()
+    out = [
+        f'.TH BACKUPNINJA-KVM.KVM 5 "{date}" "backupninja-kvm {version}" "File formats"',
+        ".SH NAME",
+        "backupninja-kvm.kvm \\- backupninja action file for live backups of KVM virtual machines",
+        ".SH SYNOPSIS",
+        "/etc/backup.d/\\fINN\\-NAME\\fR.kvm",
+        ".SH DESCRIPTION",
+        "An action file of",
+        ".BR backupninja (1)",
+        "run by its kvm handler, which calls",
+        ".BR backupninja\\-kvm (1).",
+        "It must be owned by root, mode 600. Its keys, their defaults and their",
+        "meaning follow (rendered from the schema; an example with every key:",
+        "/usr/share/doc/backupninja\\-kvm/example.kvm, or",
+        '.BR "backupninja\\-kvm example\\-config" ).',
+        ".PP",
+        *(_roff(line.lstrip("# ")) for line in spec.initial_comment if line.strip("# ")),
+    ]
+    for section_name in spec.sections:
+        section = spec[section_name]
+        out.append(f".SH [{section_name}]")
+        # A key without a comment of its own shares the one above it (host, user...).
+        groups: list[tuple[list[str], list[str]]] = []
+        for key in section.scalars:
+            comments = [c.lstrip("#").strip() for c in section.comments.get(key, [])]
+            comments = [c for c in comments if c]
+            try:
+                default = validator.get_default_value(section[key])
+            except KeyError:
+                default = "(required)"
+            if isinstance(default, bool):
+                default = "yes" if default else "no"
+            elif isinstance(default, list):
+                default = ", ".join(default) or "(empty)"
+            shown = f"\\fB{key}\\fR = {_roff(str(default))}".rstrip()
+            if comments or not groups:
+                groups.append(([shown], comments))
+            else:
+                groups[-1][0].append(shown)
+        for shown_keys, comments in groups:
+            out += [".TP", shown_keys[0]]
+            for shown in shown_keys[1:]:
+                out += [".TQ", shown]
+            out += [_roff(c) for c in comments]
+    out += [
+        ".SH FILES",
+        "/usr/share/doc/backupninja\\-kvm/example.kvm,",
+        "/usr/share/doc/backupninja\\-kvm/ride\\-along/",
+        ".SH SEE ALSO",
+        ".BR backupninja\\-kvm (1),",
+        ".BR backupninja (1),",
+        ".BR ninjahelper (1)",
+        "",
+    ]
+    return "\n".join(out)
+
+
 def key_summary() -> str:
     """One line per section listing its keys, from the schema (for --help)."""
     spec = _spec()

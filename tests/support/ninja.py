@@ -31,7 +31,9 @@ class NinjaRun:
 
 
 class Ninja:
-    def __init__(self, scratch: str, extra_conf: str = "") -> None:
+    def __init__(self, scratch: str, extra_conf: str = "", kvm_handlers: str = HANDLERS) -> None:
+        """*kvm_handlers*: the folder of the kvm handler and kvm.helper to run
+        (this checkout's by default; SHIPPED for an installed package's)."""
         self.scratch = scratch
         self.configdir = os.path.join(scratch, "backup.d")
         os.makedirs(self.configdir, mode=0o700, exist_ok=True)
@@ -42,10 +44,11 @@ class Ninja:
         self.scriptdir = os.path.join(scratch, "handlers")
         os.makedirs(self.scriptdir, exist_ok=True)
         for name in os.listdir(SHIPPED):
-            if name not in ("kvm", "kvm.helper"):
+            if name not in ("kvm", "kvm.helper") or kvm_handlers == SHIPPED:
                 os.symlink(os.path.join(SHIPPED, name), os.path.join(self.scriptdir, name))
         for name in ("kvm", "kvm.helper"):
-            os.symlink(os.path.join(HANDLERS, name), os.path.join(self.scriptdir, name))
+            if kvm_handlers != SHIPPED:
+                os.symlink(os.path.join(kvm_handlers, name), os.path.join(self.scriptdir, name))
         with open(self.conf, "w") as handle:
             handle.write(
                 f"loglevel = 5\nreportemail =\nreportsuccess = no\nreportwarning = no\n"

@@ -853,3 +853,16 @@ def test_exclude_disks_takes_domain_target_pairs_and_names_a_bad_one(tmp_path):
         f"{bad} line 3: [source] exclude_disks: 'vdc': not DOMAIN:TARGET (for example "
         f"web1:vdb, or *:vdc for every domain)"
     ]
+
+
+def test_the_action_file_manual_page_documents_every_key_of_the_schema():
+    from backupninja_kvm.config import _spec, render_man_page
+
+    page = render_man_page("9.9", "2026-01-01")
+
+    assert page.startswith('.TH BACKUPNINJA-KVM.KVM 5 "2026-01-01" "backupninja-kvm 9.9"')
+    spec = _spec()
+    for section in spec.sections:
+        assert f".SH [{section}]" in page
+        for key in spec[section].scalars:
+            assert f"\\fB{key}\\fR =" in page, key
