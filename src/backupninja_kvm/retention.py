@@ -151,9 +151,9 @@ def plan(
     verdicts = []
     for entry in ordered:
         reason = kept.get(entry.stamp)
-        if reason is None and not entry.has_images:
-            if sweep_before is None or destination.creation_key(entry.stamp) > sweep_before:
-                reason = "no images"
+        swept = sweep_before is not None and destination.creation_key(entry.stamp) < sweep_before
+        if reason is None and not entry.has_images and not swept:
+            reason = "no images"
         if reason is None and entry.stamp == current:
             reason = "just made"
         verdicts.append(Verdict(entry.stamp, reason))
