@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
@@ -12,6 +13,7 @@ import pytest
 from backupninja_kvm import destination, retention
 from backupninja_kvm.destination import SetEntry
 from backupninja_kvm.retention import Policy
+from backupninja_kvm.transfer import Remote
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -393,4 +395,28 @@ def test_prune_at_a_destination_follows_the_plan(tmp_path):
     removed = destination.prune(str(domain_dir), Policy(keep=2, daily=2), TEN_NIGHTS[-1])
 
     assert removed == TEN_NIGHTS[:6]
+    assert destination.complete_sets(str(domain_dir)) == TEN_NIGHTS[6:]
+
+
+class ShellHere(Remote):
+    """A remote host that is this one: the destination's shell snippets run here."""
+
+    def run(self, script: str, *args: str, stdin: str | None = None) -> str:
+        return subprocess.run(
+            ["/bin/sh", "-c", script, "sh", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+
+def test_a_remote_destination_prunes_by_the_same_plan(tmp_path):
+    domain_dir = tmp_path / "web1"
+    for stamp in TEN_NIGHTS:
+        (domain_dir / stamp).mkdir(parents=True)
+        (domain_dir / stamp / destination.MANIFEST).write_text(f"{'0' * 64}  vda-web1.qcow2\n")
+    remote_set = destination.RemoteBackupSet(str(domain_dir), TEN_NIGHTS[-1], ShellHere("here"))
+
+    assert remote_set.prune(Policy(keep=2, daily=2)) == TEN_NIGHTS[:6]
     assert destination.complete_sets(str(domain_dir)) == TEN_NIGHTS[6:]
