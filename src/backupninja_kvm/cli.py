@@ -242,9 +242,9 @@ def _dry_run_domain(hypervisor, settings: config.Settings, name: str) -> list[st
     """The real run's checks for one domain; returns the Error lines of a
     backup that would be made but incomplete. Raises DomainError for one that
     would fail."""
-    from backupninja_kvm import journal, lock
+    from backupninja_kvm import journal, lock, retention
     from backupninja_kvm import plan as plans
-    from backupninja_kvm.destination import SetEntry, sets_to_prune
+    from backupninja_kvm.destination import SetEntry
     from backupninja_kvm.disks import guest_agent_connected, overlay_paths
     from backupninja_kvm.errors import TransferError
 
@@ -292,17 +292,25 @@ def _dry_run_domain(hypervisor, settings: config.Settings, name: str) -> list[st
         ) from None
 
     new = SetEntry(backup_set.stamp, has_images=bool(plan.disks))
-    pruned = sets_to_prune([*entries, new], settings.keep, backup_set.stamp)
+    policy = settings.retention()
+    verdicts = retention.plan([*entries, new], policy, backup_set.stamp)
+    pruned = retention.removed(verdicts)
     if pruned:
         log.info(
-            "test run: %s: keep = %d would remove %d old set(s): %s",
+            "test run: %s: %s would remove %d old set(s): %s; keeps %s",
             name,
-            settings.keep,
+            policy.describe(),
             len(pruned),
             ", ".join(pruned),
+            retention.explain(verdicts),
         )
     else:
-        log.info("test run: %s: keep = %d would remove no set", name, settings.keep)
+        log.info(
+            "test run: %s: %s would remove no set; keeps %s",
+            name,
+            policy.describe(),
+            retention.explain(verdicts),
+        )
     return unsaved
 
 

@@ -87,7 +87,7 @@ def complete_set(
     if not damaged and settings.rehearse and isinstance(backup_set, destination.BackupSet):
         damaged = not rehearse_new_set(backup_set, settings, outcome)
     try:
-        removed = [] if lacking or damaged else backup_set.prune(settings.keep)
+        removed = [] if lacking or damaged else backup_set.prune(settings.retention())
         if damaged:
             log.warning(
                 "%s: no old set was removed, and no image an earlier pull left: this set "
@@ -108,7 +108,13 @@ def complete_set(
         removed = []
         log.warning("%s: the set is complete, but pruning old sets failed: %s", name, error)
     if removed:
-        log.info("%s: removed %d old set(s) beyond keep = %d", name, len(removed), settings.keep)
+        log.info(
+            "%s: removed %d old set(s) that %s does not keep: %s",
+            name,
+            len(removed),
+            settings.retention().describe(),
+            ", ".join(removed),
+        )
     if not damaged:
         merge.delete_superseded_pulls(domain)  # the set holds what they held
     outcome.complete_seconds = time.monotonic() - completing

@@ -32,6 +32,7 @@ from validate import (
 )
 
 from backupninja_kvm.errors import BackupNinjaKvmError, ConfigError
+from backupninja_kvm.retention import Policy
 from backupninja_kvm.transfer import Remote
 
 CONFIGSPEC = """\
@@ -139,6 +140,17 @@ delta = boolean(default=True)
 # are removed. A set that lacks a disk's data (a disk skipped with a Warning)
 # removes none, so that the sets holding that disk survive.
 keep = integer(min=1, max=100000, default=7)
+# Calendar retention, besides keep (as borg prune --keep-daily ...): also
+# keep the newest set of each of the last keep_daily days, keep_weekly ISO
+# weeks, keep_monthly months and keep_yearly years that have a set, in the
+# local time of the run (TZ). Days or months without a set do not count; a
+# set kept by keep, or by an earlier rule (daily before weekly before
+# monthly before yearly), is not counted again; a rule that runs out of
+# sets keeps the oldest one. 0: off. Sets without images never count.
+keep_daily = integer(min=0, max=100000, default=0)
+keep_weekly = integer(min=0, max=100000, default=0)
+keep_monthly = integer(min=0, max=100000, default=0)
+keep_yearly = integer(min=0, max=100000, default=0)
 # dest = local: "yes" when DIRECTORY must be a mount point (a USB disk, a
 # NAS share): when it is not mounted, nothing is backed up (Fatal) instead
 # of filling the empty folder under it on the root filesystem.
@@ -206,12 +218,22 @@ class Settings:
     rehearse: bool = False  # [dest] rehearse: boot each new set, after the merge
     rehearse_timeout: int = 300
     rehearse_pattern: str = ""
+    keep_daily: int = 0  # [dest] keep_daily ...: calendar retention (retention.py)
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+    keep_yearly: int = 0
     view: str = "/var/lib/backupninja-kvm/view"  # stage = freeze and thaw
     max_frozen: int = 12 * 3600  # seconds, stage = freeze
 
     def where(self, section: str, key: str) -> str:
         """``FILE line N: [section] key`` for messages about a value."""
         return where(self.path, self.lines, section, key)
+
+    def retention(self) -> Policy:
+        """[dest] keep and keep_daily ... as the policy ``retention.plan`` takes."""
+        return Policy(
+            self.keep, self.keep_daily, self.keep_weekly, self.keep_monthly, self.keep_yearly
+        )
 
     def remote(self) -> Remote:
         """The remote destination host (dest = remote)."""
@@ -415,6 +437,10 @@ def load(
         rehearse=dest["rehearse"],
         rehearse_timeout=dest["rehearse_timeout"],
         rehearse_pattern=dest["rehearse_pattern"].strip(),
+        keep_daily=dest["keep_daily"],
+        keep_weekly=dest["keep_weekly"],
+        keep_monthly=dest["keep_monthly"],
+        keep_yearly=dest["keep_yearly"],
         view=os.path.normpath(general["view"].strip()),
         max_frozen=parse_duration(general["max_frozen"]) or 0,
     )

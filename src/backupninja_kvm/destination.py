@@ -28,10 +28,11 @@ the clock until it catches up. Old local-time names come before every UTC
 name (they were all made before the upgrade), and among themselves in name
 order, as before.
 
-Retention. Only sets with a disk image count toward ``keep``: a set holding
-nothing but ``domain.xml`` (a VM whose disks all moved to block or network
-storage) never pushes a good set out. Sets older than the oldest kept set
-with images are removed; the set just made never is.
+Retention. Which sets stay is decided by ``retention.plan``: the newest
+``keep`` sets with images and the calendar rules (``keep_daily`` ...). Only
+sets with a disk image count: a set holding nothing but ``domain.xml`` (a VM
+whose disks all moved to block or network storage) never pushes a good set
+out. The set just made is never removed.
 
 The manifest holds BLAKE3 sums (the `b3sum` format, which is sha256sum's),
 made by Debian's `b3sum` program: a cryptographic hash that runs on every
@@ -64,6 +65,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from backupninja_kvm import retention
 from backupninja_kvm.errors import DomainError, TransferError
 from backupninja_kvm.report import human_bytes, log
 from backupninja_kvm.transfer import Remote, copy_sparse, data_bytes, data_extents, sync_file
@@ -158,18 +160,18 @@ def order_sets(entries: Iterable[SetEntry]) -> list[SetEntry]:
     return sorted(entries, key=lambda e: creation_key(e.stamp))
 
 
-def sets_to_prune(entries: Iterable[SetEntry], keep: int, current: str = "") -> list[str]:
-    """Names to remove so that *keep* sets with images remain, oldest first.
+def sets_to_prune(
+    entries: Iterable[SetEntry], policy: retention.Policy | int, current: str = ""
+) -> list[str]:
+    """Names to remove under *policy* (or just ``keep``, a number), oldest
+    first: those ``retention.plan`` keeps for no reason. The set *current*
+    (just made) is never removed."""
+    return retention.removed(retention.plan(entries, as_policy(policy), current))
 
-    Sets without images never count, and never make a set with images go;
-    the set *current* (just made) is never removed.
-    """
-    ordered = order_sets(entries)
-    with_images = [e for e in ordered if e.has_images]
-    if len(with_images) <= keep:
-        return []
-    oldest_kept = creation_key(with_images[-keep].stamp)
-    return [e.stamp for e in ordered if creation_key(e.stamp) < oldest_kept and e.stamp != current]
+
+def as_policy(policy: retention.Policy | int) -> retention.Policy:
+    """*policy*, or a policy of ``keep`` = *policy* alone."""
+    return policy if isinstance(policy, retention.Policy) else retention.Policy(policy)
 
 
 def manifest_has_images(lines: Iterable[str]) -> bool:
@@ -454,8 +456,8 @@ class BackupSet(SetLayout):
         """Copy an image into the set; returns the bytes of data copied."""
         return copy_sparse(source, os.path.join(self.partial_path, name), progress)
 
-    def prune(self, keep: int) -> list[str]:
-        return prune(self.domain_dir, keep, self.stamp)
+    def prune(self, policy: retention.Policy | int) -> list[str]:
+        return prune(self.domain_dir, policy, self.stamp)
 
     def remove_stale_partials(self) -> list[str]:
         stale = stale_partials(self.domain_dir, self.stamp)
@@ -601,11 +603,11 @@ def complete_sets(domain_dir: str) -> list[str]:
     return [e.stamp for e in set_entries(domain_dir)]
 
 
-def prune(domain_dir: str, keep: int, current: str = "") -> list[str]:
-    """Remove complete sets beyond the newest *keep* with images (see
+def prune(domain_dir: str, policy: retention.Policy | int, current: str = "") -> list[str]:
+    """Remove the complete sets that *policy* keeps for no reason (see
     ``sets_to_prune``), never *current*. Returns the names removed."""
     removed = []
-    for stamp in sets_to_prune(set_entries(domain_dir), keep, current):
+    for stamp in sets_to_prune(set_entries(domain_dir), policy, current):
         shutil.rmtree(os.path.join(domain_dir, stamp))
         removed.append(stamp)
     return removed
@@ -812,8 +814,8 @@ class RemoteBackupSet(SetLayout):
                 )
         return self.final_path
 
-    def prune(self, keep: int) -> list[str]:
-        old = sets_to_prune(self.entries(), keep, self.stamp)
+    def prune(self, policy: retention.Policy | int) -> list[str]:
+        old = sets_to_prune(self.entries(), policy, self.stamp)
         if old:
             self.remote.run('cd "$1" && shift && rm -rf -- "$@"', self.domain_dir, *old)
         return old
