@@ -13,7 +13,7 @@ so ``B3SUMS`` covers it::
 ``role`` is ``disk`` (the top of a disk, the file the definition names),
 ``backing`` (a layer below it, named by ``backing`` of the layer above) or
 ``data`` (a qcow2's external data file, named by ``data_file``). The
-machine's state besides its disks (0.7 and later, each optional, at most one
+machine's state besides its disks (after 0.5.0, each optional, at most one
 of each, ``target`` empty, ``virtual_size`` its size in bytes): ``nvram`` (the
 UEFI variable store, ``format`` raw), ``tpm`` (the swtpm state folder as a tar,
 ``format`` tar, ``original_path`` the folder), ``kernel``, ``initrd`` and
