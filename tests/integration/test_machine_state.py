@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
 import shutil
 import tarfile
 import time
@@ -224,6 +225,9 @@ def test_a_uefi_domain_restores_in_place_with_its_variables_and_tpm_and_starts(m
         os.path.join(set_path, "tpm-state.tar")
     )
     assert not [n for n in os.listdir(machine.SWTPM_DIR) if n.startswith(".bnkvm-restore-")]
+    # The tar kept swtpm's owner and modes (tss, 0700 on tpm2/, as libvirt made them).
+    state = os.stat(os.path.join(machine.tpm_folder(vm.uuid), "tpm2"))
+    assert (pwd.getpwuid(state.st_uid).pw_name, state.st_mode & 0o777) == ("tss", 0o700)
     vm.start()  # swtpm takes the restored state (libvirt gives its files to swtpm's user)
     assert vm.is_running()
 
