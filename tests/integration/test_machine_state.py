@@ -329,3 +329,19 @@ def backed_up_plain(vm: TestVM, scratch: str):
     path = action(scratch, vm, backups)
     outcome = back_up(vm, config.load(path))
     return path, outcome.set_path, None
+
+
+def test_a_shut_off_uefi_domain_s_variables_and_tpm_state_are_in_the_set(machines, scratch):
+    vm = uefi_vm(machines)
+    nvram = vm.nvram  # type: ignore[attr-defined]
+    vm.stop()
+
+    _, set_path, _ = backed_up_plain(vm, scratch)
+
+    info = setinfo.read(set_path)
+    assert info.consistency == "shut-off"
+    assert sorted(f.role for f in info.state()) == ["nvram", "tpm"]
+    assert digest(os.path.join(set_path, f"nvram-{vm.name}_VARS.fd")) == digest(nvram)
+    assert tar_files(os.path.join(set_path, "tpm-state.tar")) == folder_files(
+        machine.tpm_folder(vm.uuid)
+    )
