@@ -18,6 +18,8 @@ import libvirt
 import pytest
 
 from backupninja_kvm import config, machine, setinfo
+from tests.conftest import write_action
+from tests.e2e.test_remote import remote_action, server  # noqa: F401 - the fixture
 from tests.integration.test_sets import action
 from tests.support import guest
 from tests.support.cli import helper
@@ -344,4 +346,39 @@ def test_a_shut_off_uefi_domain_s_variables_and_tpm_state_are_in_the_set(machine
     assert digest(os.path.join(set_path, f"nvram-{vm.name}_VARS.fd")) == digest(nvram)
     assert tar_files(os.path.join(set_path, "tpm-state.tar")) == folder_files(
         machine.tpm_folder(vm.uuid)
+    )
+
+
+def test_a_uefi_domain_s_state_goes_to_a_remote_destination_and_comes_back(
+    server,  # noqa: F811 - the fixture
+    machines,
+    scratch,
+):
+    vm = uefi_vm(machines)
+    nvram = vm.nvram  # type: ignore[attr-defined]
+    backups = os.path.join(scratch, "remote-backups")  # "remote": this host, over ssh
+    os.makedirs(backups)
+    path = write_action(os.path.join(scratch, "remote.kvm"), remote_action(backups, vm, server))
+
+    made = helper("run", path)
+
+    assert made.returncode == 0, made.stdout + made.stderr
+    (stamp,) = [n for n in os.listdir(os.path.join(backups, vm.name)) if n.endswith("Z")]
+    set_path = os.path.join(backups, vm.name, stamp)
+    assert sorted(f.role for f in setinfo.read(set_path).state()) == ["nvram", "tpm"]
+    verified = helper("verify", "-a", path, vm.name)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "2 machine-state file(s) of their size" in verified.stdout, verified.stdout
+
+    vm.stop()
+    saved_nvram = digest(os.path.join(set_path, f"nvram-{vm.name}_VARS.fd"))
+    assert saved_nvram == digest(nvram)
+    vm.domain.undefineFlags(UNDEFINE)
+    os.unlink(vm.paths["vda"])
+    restored = helper("restore", "-a", path, vm.name)
+
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert digest(nvram) == saved_nvram
+    assert folder_files(machine.tpm_folder(vm.uuid)) == tar_files(
+        os.path.join(set_path, "tpm-state.tar")
     )
