@@ -26,9 +26,10 @@ from backupninja_kvm.plan import Plan, block_refusal, check_space, checked_plan,
 from backupninja_kvm.quiesce import quiesce_wanted
 from backupninja_kvm.report import log
 
-# Called right after the freeze, before the copy, while the domain runs on its
-# overlays, with the domain and {target: overlay path}. Tests use it to write
-# into the guest during the backup window.
+# Called right after the freeze and the machine state's copy, before the
+# disks' copy, while the domain runs on its overlays, with the domain and
+# {target: overlay path}. Tests use it to write into the guest during the
+# backup window.
 WindowHook = Callable[[Domain, dict[str, str]], None]
 
 
@@ -121,6 +122,7 @@ def _back_up_running(
         freeze.freeze(domain, all_disks, overlays, quiesce, settings, outcome, frozen_at)
         frozen = True
         faults.checkpoint("after-freeze")
+        ship.copy_state(plan, backup_set, outcome)  # first: the closest to the freeze instant
         if window_hook:
             hook_started = time.monotonic()
             window_hook(domain, overlays)

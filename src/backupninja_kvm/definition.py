@@ -103,6 +103,23 @@ def point_disks(xml: str, disks: dict[str, tuple[str, str]]) -> str:
     return _text(root)
 
 
+def point_os_files(xml: str, files: dict[str, str]) -> str:
+    """*xml* with the ``<os>`` files of *files* (``nvram``, ``kernel``,
+    ``initrd``, ``dtb`` -> path) at those paths, as a restore into
+    ``--to DIR`` puts them; an element the definition lacks is not added."""
+    root = _parse(xml)
+    for tag, path in files.items():
+        element = root.find(f"./os/{tag}")
+        if element is None:
+            continue
+        if tag == "nvram":
+            for child in list(element):  # <nvram type='file'><source file=.../>
+                element.remove(child)
+            element.attrib.pop("type", None)
+        element.text = path
+    return _text(root)
+
+
 def with_backing_chain(xml: str, target: str, chain: list[tuple[str, str]]) -> str:
     """The definition with disk *target*'s backing chain spelled out: each
     (path, format) of *chain* below its top, topmost first.

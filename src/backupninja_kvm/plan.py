@@ -8,7 +8,7 @@ import fnmatch
 import os
 from dataclasses import dataclass, field
 
-from backupninja_kvm import destination, images, preflight
+from backupninja_kvm import destination, images, machine, preflight
 from backupninja_kvm.config import Settings
 from backupninja_kvm.disks import (
     BLOCK_NEEDS_OVERLAYDIR,
@@ -69,6 +69,9 @@ class Plan:
     files: list[SetFile] = field(default_factory=list)  # what is copied, disks' tops first
     fixes: list[HeaderFix] = field(default_factory=list)  # after the copy
     notes: list[tuple[str, str]] = field(default_factory=list)  # (level, message)
+    # The machine's state besides its disks (NVRAM, TPM, boot files), copied
+    # right after the freeze; not in ``files``, which a ride-along view exposes.
+    state: list[SetFile] = field(default_factory=list)
 
     def describe(self) -> str:
         state = "running" if self.active else "shut off"
@@ -78,6 +81,8 @@ class Plan:
         extra = [f.source for f in self.files[len(self.disks) :]]
         if extra:
             text += " with " + ", ".join(extra)
+        if self.state:
+            text += "; machine state " + ", ".join(f"{f.role} ({f.source})" for f in self.state)
         if self.skipped:
             text += "; skip " + ", ".join(f"{s.disk.target} ({s.reason})" for s in self.skipped)
         if self.agent:
@@ -129,7 +134,53 @@ def make_plan(
             continue
         plan.disks.append(disk)
         _plan_files(plan, disk, chain, backing)
+    _plan_state(plan, xml, domain.uuid)
     return plan
+
+
+def _plan_state(plan: Plan, xml: str, uuid: str, swtpm_dir: str = machine.SWTPM_DIR) -> None:
+    """The machine-state files of the set: each that exists now; a missing
+    one is said (Info when libvirt makes it at the first start, a Warning
+    for a boot file: the domain cannot start without it)."""
+    try:
+        found = machine.state_files(xml, uuid, swtpm_dir)
+    except machine.MachineStateError as error:
+        plan.notes.append((WARNING, f"{plan.name}: no machine state in the set: {error}"))
+        return
+    for item in found:
+        name = machine.set_name(item)
+        if item.role == machine.TPM:
+            if os.path.isdir(item.path):
+                plan.state.append(SetFile("", item.path, name, "tar", 0, item.role))
+            else:
+                plan.notes.append(
+                    (
+                        INFO,
+                        f"{plan.name}: its TPM has no state yet ({item.path}: libvirt creates "
+                        f"it at the first start); none in the set",
+                    )
+                )
+        elif os.path.isfile(item.path):
+            image_format = "raw" if item.role == machine.NVRAM else "file"
+            size = os.path.getsize(item.path)
+            plan.state.append(SetFile("", item.path, name, image_format, size, item.role))
+        elif item.role == machine.NVRAM:
+            plan.notes.append(
+                (
+                    INFO,
+                    f"{plan.name}: its UEFI variable store {item.path} does not exist yet "
+                    f"(libvirt makes it from the firmware's template at the first start); "
+                    f"none in the set",
+                )
+            )
+        else:
+            plan.notes.append(
+                (
+                    WARNING,
+                    f"{plan.name}: its {item.role} file {item.path} is not a file: not in the "
+                    f"set (the domain cannot boot without it)",
+                )
+            )
 
 
 def _leave_out(
@@ -392,7 +443,9 @@ def check_space(
     plan: Plan, settings: Settings, overlays: dict[str, str], backup_set: destination.AnySet
 ) -> None:
     """Refuse, before anything is frozen, a backup that would fill a disk."""
-    set_need = preflight.destination_need(settings.directory, [f.source for f in plan.files])
+    sources = [f.source for f in plan.files]
+    sources += [f.source for f in plan.state if f.role != machine.TPM]  # a TPM's: a few KiB
+    set_need = preflight.destination_need(settings.directory, sources)
     needs = []
     problems = []
     if isinstance(backup_set, destination.RemoteBackupSet):

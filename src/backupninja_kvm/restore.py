@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from backupninja_kvm import definition as definitions
-from backupninja_kvm import destination, interrupts, preflight, setinfo
+from backupninja_kvm import destination, interrupts, machine, preflight, setinfo
 from backupninja_kvm.errors import BackupNinjaKvmError, HypervisorError, TransferError
 from backupninja_kvm.lock import domain_lock
 from backupninja_kvm.report import human_bytes, log, seconds
@@ -135,9 +135,10 @@ def _text(path: str) -> str:
 
 
 def plan_paths(info: setinfo.SetInfo, options: Options) -> dict[str, str]:
-    """set file name -> the path it is restored to."""
+    """set file name -> the path it is restored to; a file that is not
+    restored (a copy's boot files, which it shares) is not in it."""
     paths = {}
-    for item in info.files:
+    for item in info.images():
         if not options.to and _was_a_device(item.original_path):
             raise RestoreError(_device_refusal(info, item, options))
         folder = options.to or os.path.dirname(item.original_path)
@@ -146,12 +147,49 @@ def plan_paths(info: setinfo.SetInfo, options: Options) -> dict[str, str]:
         else:
             base = os.path.basename(item.original_path)
         paths[item.name] = os.path.join(os.path.abspath(folder), base)
+    files_dir = copy_files_dir(paths, options)
+    for item in info.state():
+        path = _state_path(item, options, files_dir)
+        if path:
+            paths[item.name] = path
     if len(set(paths.values())) != len(paths):
         raise RestoreError(
             f"{info.domain}: two files of the set would be restored to the same path; "
             f"restore without --to, or --as NAME"
         )
     return paths
+
+
+def copy_files_dir(image_paths: dict[str, str], options: Options) -> str:
+    """Where a copy's files besides its images go (``copy_definition``'s
+    *files_dir*): ``--to DIR``, else the folder of its first image."""
+    return options.to or os.path.dirname(next(iter(image_paths.values()), "/"))
+
+
+def _state_path(item: setinfo.SetImage, options: Options, files_dir: str) -> str:
+    """Where a machine-state file of the set goes; "" when it is not restored.
+
+    The TPM state goes to the domain's swtpm folder, found by its UUID (a
+    copy's UUID is only known once it is defined: ``pending_tpm_path``). A
+    copy's variable store goes where ``copy_definition`` points its
+    ``<nvram>``; a copy shares the original's boot files (QEMU only reads
+    them). In place, every file goes back to its path, or into ``--to``."""
+    if item.role == machine.TPM:
+        if options.new_name:
+            return pending_tpm_path(item, options.new_name)
+        return item.original_path
+    if options.new_name:
+        if item.role == machine.NVRAM:
+            return os.path.join(os.path.abspath(files_dir), f"{options.new_name}_VARS.fd")
+        return ""
+    if options.to:
+        return os.path.join(os.path.abspath(options.to), os.path.basename(item.original_path))
+    return item.original_path
+
+
+def pending_tpm_path(item: setinfo.SetImage, new_name: str) -> str:
+    """A copy's TPM state folder until its UUID is known (reports only)."""
+    return os.path.join(os.path.dirname(item.original_path), f"UUID-OF-{new_name}")
 
 
 def _was_a_device(path: str) -> bool:
@@ -195,10 +233,14 @@ def _restore(hypervisor, ref, options, info, definition, manifest, sums, started
     _check_set(ref, options)
     paths = plan_paths(info, options)
     existing = _check_domain(hypervisor, info, options)
+    kept = _unchanged_boot_files(info, paths, manifest, sums, options)
+    xml, dropped = _definition_for(info, definition, paths, options)
+    for kept_name in kept:
+        del paths[kept_name]
     _check_paths(hypervisor, info, paths, options, existing)
     _check_space(ref, info, paths)
-    xml, dropped = _definition_for(info, definition, paths, options)
     result = Restored(name, ref, {n: paths[n] for n in paths}, dropped=dropped)
+    _report_shared_boot_files(name, info, paths)
     for target in dropped:
         log.warning(
             "%s: disk %s is not in the set: left out of the copy (it would share the "
@@ -211,6 +253,10 @@ def _restore(hypervisor, ref, options, info, definition, manifest, sums, started
         copies, digests = _copy_all(ref, info, paths, folders, result, manifest)
         _check_copies(ref, manifest, sums, digests, result, options)
         _fix_headers(info, paths, copies)
+        _unpack_tpm_state(info, copies)
+        after_define = {}
+        if options.new_name:  # its TPM folder is named by the UUID libvirt gives it
+            after_define = {n: copies.pop(n) for n in list(copies) if _role(info, n) == machine.TPM}
         with interrupts.critical():
             try:
                 _put_in_place(copies, paths, result)
@@ -227,6 +273,8 @@ def _restore(hypervisor, ref, options, info, definition, manifest, sums, started
                     f"{name}: cannot put the restored files in place ({error}); the files "
                     f"that were replaced are back in place, nothing restored"
                 ) from None
+            for set_name, unpacked in after_define.items():
+                _place_copy_tpm_state(domain, set_name, unpacked, result)
     finally:
         for folder in folders.values():
             shutil.rmtree(folder, ignore_errors=True)
@@ -297,6 +345,53 @@ def _check_domain(hypervisor, info: setinfo.SetInfo, options: Options):
     return existing
 
 
+def _role(info: setinfo.SetInfo, name: str) -> str:
+    return info.by_name()[name].role
+
+
+def _unchanged_boot_files(
+    info: setinfo.SetInfo, paths: dict[str, str], manifest: str, sums: dict[str, str], options
+) -> list[str]:
+    """The boot files (kernel, initrd, dtb) a restore in place leaves alone:
+    the file at their path already has the set's bytes (often a kernel the
+    host and other domains share). Only with the set's manifest to tell."""
+    if options.new_name or not manifest:
+        return []
+    kept = []
+    for item in info.state():
+        path = paths.get(item.name, "")
+        if item.role not in machine.BOOT_FILES or not os.path.isfile(path):
+            continue
+        expected = sums.get(item.name)
+        actual = destination.file_b3sum(path) if manifest == "B3SUMS" else _sha256(path)
+        if expected and actual == expected:
+            log.info(
+                "%s: %s already holds the set's %s: left as it is", info.domain, path, item.role
+            )
+            kept.append(item.name)
+    return kept
+
+
+def _report_shared_boot_files(name: str, info: setinfo.SetInfo, paths: dict[str, str]) -> None:
+    """A copy boots from the original's kernel files: say where, and what
+    to do for one that is no longer there."""
+    for item in info.state():
+        if item.role not in machine.BOOT_FILES or item.name in paths:
+            continue
+        if os.path.isfile(item.original_path):
+            log.info("%s: shares the original's %s %s", name, item.role, item.original_path)
+        else:
+            log.warning(
+                "%s: its %s %s is missing (the copy shares the original's): put the set's "
+                "copy there before starting it (`cp --sparse=always SET/%s %s`)",
+                name,
+                item.role,
+                item.original_path,
+                item.name,
+                item.original_path,
+            )
+
+
 def _check_paths(hypervisor, info, paths: dict[str, str], options: Options, existing) -> None:
     used_by_others: dict[str, str] = {}
     for other, files in hypervisor.paths_of_other_domains(
@@ -305,6 +400,9 @@ def _check_paths(hypervisor, info, paths: dict[str, str], options: Options, exis
         for path in files:
             used_by_others[os.path.realpath(path)] = other
     for name, path in paths.items():
+        if _role(info, name) == machine.TPM:
+            _check_tpm_path(name, path, options)
+            continue
         other = used_by_others.get(os.path.realpath(path))
         if other and (options.new_name or other != info.domain):
             raise RestoreError(
@@ -322,6 +420,18 @@ def _check_paths(hypervisor, info, paths: dict[str, str], options: Options, exis
             raise RestoreError(f"{name}: {path} is a folder")
 
 
+def _check_tpm_path(name: str, path: str, options: Options) -> None:
+    """A TPM state folder goes into libvirt's swtpm folder (made when it is
+    missing, as libvirt makes it); one that exists is replaced only with
+    --force (kept aside like an image)."""
+    if os.path.lexists(path) and not options.force:
+        raise RestoreError(
+            f"{name}: the TPM state {path} exists; give --force to replace it (it is kept aside)"
+        )
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise RestoreError(f"{name}: {path} is not a folder")
+
+
 def _check_space(ref: SetRef, info: setinfo.SetInfo, paths: dict[str, str]) -> None:
     """Refuse a restore whose copies do not fit beside their destinations
     (the replaced files stay until the domain is defined, so they count as
@@ -330,6 +440,8 @@ def _check_space(ref: SetRef, info: setinfo.SetInfo, paths: dict[str, str]) -> N
         return
     needs: dict[str, int] = {}
     for item in info.files:
+        if item.name not in paths or item.role == machine.TPM:  # a TPM's: a few KiB
+            continue
         folder = os.path.dirname(paths[item.name])
         size = preflight.allocated_bytes(os.path.join(ref.path, item.name))
         needs[folder] = needs.get(folder, 0) + size
@@ -345,11 +457,19 @@ def _definition_for(info, definition_xml: str, paths: dict[str, str], options: O
     disks = {item.target: (paths[item.name], item.format) for item in info.disks()}
     try:
         if options.new_name:
-            files_dir = options.to or os.path.dirname(next(iter(paths.values()), "/"))
+            files_dir = copy_files_dir({i.name: paths[i.name] for i in info.images()}, options)
             return definitions.copy_definition(
                 definition_xml, options.new_name, disks, files_dir=files_dir
             )
-        return definitions.point_disks(definition_xml, disks), []
+        xml = definitions.point_disks(definition_xml, disks)
+        if options.to:
+            moved = {
+                item.role: paths[item.name]
+                for item in info.state()
+                if item.role != machine.TPM and item.name in paths
+            }
+            xml = definitions.point_os_files(xml, moved)
+        return xml, []
     except definitions.DefinitionError as error:
         raise RestoreError(f"{info.domain}: domain.xml of the set: {error}") from None
 
@@ -369,8 +489,11 @@ def _copy_all(
     from backupninja_kvm.progress import Board
     from backupninja_kvm.transfer import copy_sparse, data_bytes
 
-    for item in info.files:
+    items = [item for item in info.files if item.name in paths]
+    for item in items:
         folder = os.path.dirname(paths[item.name])
+        if item.role == machine.TPM and not os.path.isdir(folder):
+            os.makedirs(folder, mode=0o711)  # libvirt's own mode for its swtpm folder
         if folder not in folders:
             folders[folder] = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=folder)
     stop = threading.Event()
@@ -403,9 +526,9 @@ def _copy_all(
         return item.name, copy, data_bytes(copy), digest
 
     copies, digests = {}, {}
-    pool = ThreadPoolExecutor(max_workers=min(len(info.files), 4) or 1)
+    pool = ThreadPoolExecutor(max_workers=min(len(items), 4) or 1)
     try:
-        futures = [pool.submit(one, item) for item in info.files]
+        futures = [pool.submit(one, item) for item in items]
         for future in futures:
             name, copy, size, digest = future.result()
             copies[name], digests[name] = copy, digest
@@ -501,6 +624,41 @@ def _qemu_img(argv: list[str], name: str) -> None:
         )
 
 
+def _unpack_tpm_state(info: setinfo.SetInfo, copies: dict[str, str]) -> None:
+    """Turn the checked copy of the TPM state tar into the folder that is
+    renamed into place (same private folder: same filesystem)."""
+    for item in info.state():
+        if item.role != machine.TPM or item.name not in copies:
+            continue
+        packed = copies[item.name]
+        unpacked = packed + ".state"
+        os.mkdir(unpacked, 0o700)
+        try:
+            machine.unpack_tpm(packed, unpacked)
+        except machine.MachineStateError as error:
+            raise RestoreError(f"{error}; nothing restored") from None
+        os.unlink(packed)
+        copies[item.name] = unpacked
+
+
+def _place_copy_tpm_state(domain, name: str, unpacked: str, result: Restored) -> None:
+    """Rename a copy's TPM state into its swtpm folder, now that its UUID
+    is known (before it is started: libvirt would make a new TPM)."""
+    final = machine.tpm_folder(domain.uuid, os.path.dirname(os.path.dirname(unpacked)))
+    try:
+        if os.path.lexists(final):
+            raise OSError(f"{final} exists")
+        os.rename(unpacked, final)
+    except OSError as error:
+        raise RestoreError(
+            f"{result.domain}: restored and defined, but its TPM state could not be put in "
+            f"{final} ({error}): the domain would start with a new, empty TPM; put it there "
+            f"by hand before starting it (`mkdir {final} && tar -xpf SET/{name} -C {final}`)"
+        ) from None
+    result.paths[name] = final
+    result.placed.append(final)
+
+
 def _put_in_place(copies: dict[str, str], paths: dict[str, str], result: Restored) -> None:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     for name, copy in copies.items():
@@ -517,7 +675,10 @@ def _undo(result: Restored) -> None:
     """The definition failed: remove the restored files, put the replaced back."""
     for final in result.placed:
         try:
-            os.unlink(final)
+            if os.path.isdir(final) and not os.path.islink(final):
+                shutil.rmtree(final)  # a TPM state folder
+            else:
+                os.unlink(final)
         except OSError:
             pass
     result.placed = []

@@ -12,7 +12,12 @@ so ``B3SUMS`` covers it::
 
 ``role`` is ``disk`` (the top of a disk, the file the definition names),
 ``backing`` (a layer below it, named by ``backing`` of the layer above) or
-``data`` (a qcow2's external data file, named by ``data_file``).
+``data`` (a qcow2's external data file, named by ``data_file``). The
+machine's state besides its disks (after 0.5.0, each optional, at most one
+of each, ``target`` empty, ``virtual_size`` its size in bytes): ``nvram`` (the
+UEFI variable store, ``format`` raw), ``tpm`` (the swtpm state folder as a tar,
+``format`` tar, ``original_path`` the folder), ``kernel``, ``initrd`` and
+``dtb`` (``format`` file); see ``machine``.
 
 A set made by an earlier version has no ``set.json``: the same is read from
 its ``domain.xml`` and the images (``legacy_info``). A folder that a borg or
@@ -35,13 +40,15 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
+from backupninja_kvm import machine
 from backupninja_kvm.errors import BackupNinjaKvmError
 
 SET_INFO = "set.json"
 CHECKS = "checks.json"
 VIEW_MANIFEST = "manifest.json"  # view.MANIFEST_NAME, in a copy of a ride-along view
 VERSION = 1
-ROLES = ("disk", "backing", "data")
+IMAGE_ROLES = ("disk", "backing", "data")
+ROLES = (*IMAGE_ROLES, *machine.ROLES)
 CONSISTENCIES = ("quiesced", "crash-consistent", "shut-off", "unknown")
 # Files of a set that are not in its manifest, and not images.
 NOT_IMAGES = ("domain.xml", SET_INFO, CHECKS, "B3SUMS", "SHA256SUMS", VIEW_MANIFEST)
@@ -90,6 +97,14 @@ class SetInfo:
 
     def disks(self) -> list[SetImage]:
         return [f for f in self.files if f.role == "disk"]
+
+    def images(self) -> list[SetImage]:
+        """The disks' files: tops, layers, data files."""
+        return [f for f in self.files if f.role in IMAGE_ROLES]
+
+    def state(self) -> list[SetImage]:
+        """The machine-state files (``machine.ROLES``), if any."""
+        return [f for f in self.files if f.role in machine.ROLES]
 
     def by_name(self) -> dict[str, SetImage]:
         return {f.name: f for f in self.files}
@@ -148,6 +163,12 @@ def check(info: SetInfo, where: str) -> None:
         if item.name in names:
             raise SetInfoError(f"{where}: {item.name} is listed twice")
         names.add(item.name)
+    roles = [item.role for item in info.state()]
+    for role in sorted({role for role in roles if roles.count(role) > 1}):
+        raise SetInfoError(f"{where}: two files have the role {role!r}")
+    for item in info.state():
+        if item.backing or item.data_file:
+            raise SetInfoError(f"{where}: {item.name}: a {item.role} file has no layers")
     for item in info.files:
         for other in (item.backing, item.data_file):
             if other and other not in names:

@@ -3,12 +3,14 @@ the domain runs on its overlays (or, shut off, checked unchanged)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from backupninja_kvm import destination, faults, preflight, setinfo
+from backupninja_kvm import destination, faults, machine, preflight, setinfo
 from backupninja_kvm.errors import DomainError, TransferError
 from backupninja_kvm.hypervisor import Domain
 from backupninja_kvm.outcome import Outcome
@@ -50,7 +52,7 @@ def write_set_info(
                 f.backing,
                 f.data_file,
             )
-            for f in plan.files
+            for f in [*plan.files, *plan.state]
         ),
     )
     try:
@@ -128,12 +130,53 @@ def copy_disks(plan: Plan, backup_set: destination.AnySet, outcome: Outcome) -> 
     outcome.copy_seconds = time.monotonic() - started
 
 
+def copy_state(plan: Plan, backup_set: destination.AnySet, outcome: Outcome) -> None:
+    """Copy the machine's state besides its disks (``plan.state``: NVRAM,
+    TPM, boot files) into the set, through the set's ``copy_image`` as the
+    images go; each file's size is recorded in the plan for set.json.
+
+    Called right after the freeze, before the disks' copy: these files are
+    not part of the disk-only snapshot (libvirt cannot take them with it),
+    so the closest the hypervisor allows is a copy a few milliseconds after
+    it. The variable store is one that QEMU writes in place (pflash) when
+    the guest sets a variable, and swtpm replaces its state file by a
+    rename: each copy is whole and as of its own instant, which a guest
+    sees like a power cut then (OVMF's variable store is written to survive
+    one; a TPM's volatile state, its PCRs and sessions, is lost as at a
+    power cut). Raises OSError or TransferError, as a disk's copy does.
+    """
+    started = time.monotonic()
+    copied = []
+    for item in plan.state:
+        if item.role == machine.TPM:
+            with tempfile.TemporaryDirectory(prefix="bnkvm-tpm-") as folder:
+                packed = os.path.join(folder, item.name)
+                machine.pack_tpm(item.source, packed)
+                size = os.path.getsize(packed)
+                sent = backup_set.copy_image(packed, item.name, lambda _done: None)
+        else:
+            size = os.path.getsize(item.source)
+            sent = backup_set.copy_image(item.source, item.name, lambda _done: None)
+        outcome.bytes_copied += sent
+        copied.append(dataclasses.replace(item, virtual_size=size))
+        log.debug("%s: copied its %s %s (%s)", plan.name, item.role, item.source, human_bytes(size))
+    plan.state = copied
+    if copied:
+        log.info(
+            "%s: machine state copied (%s) in %s",
+            plan.name,
+            ", ".join(f.role for f in copied),
+            seconds(time.monotonic() - started),
+        )
+
+
 def copy_shut_off(
     domain: Domain, plan: Plan, backup_set: destination.AnySet, outcome: Outcome
 ) -> None:
     """Copy the images of a shut-off domain: nothing writes them, unless it starts."""
     before = {f.name: _signature(f.source) for f in plan.files}
     try:
+        copy_state(plan, backup_set, outcome)
         copy_disks(plan, backup_set, outcome)
     except TransferError as error:
         backup_set.discard()

@@ -394,6 +394,13 @@ def _freeze_domain(domain: Domain, settings: Settings, record: ride.Ride) -> rid
     name = plan.name
     for problem in unsaved:
         log.error("%s", problem)
+    if plan.state:  # nothing not saved is hidden
+        log.warning(
+            "%s: its machine state (%s) is not in the view: a ride-along view exposes the "
+            "disks only; back it up with stage = full to keep it",
+            name,
+            ", ".join(f"{f.role} {f.source}" for f in plan.state),
+        )
     quiesce = quiesce_wanted(plan, settings)
     files = _view_files(plan)
     definition = domain.xml(inactive=domain.is_persistent(), secure=True)

@@ -35,7 +35,7 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-from backupninja_kvm import destination, setinfo
+from backupninja_kvm import destination, machine, setinfo
 from backupninja_kvm.errors import TransferError
 from backupninja_kvm.report import seconds
 from backupninja_kvm.sets import SetRef
@@ -50,6 +50,7 @@ class Verification:
     notes: list[str] = field(default_factory=list)  # not damage: what was not checked
     summed: int = 0  # files checked against the manifest
     images: int = 0  # images whose structure was checked
+    state_files: int = 0  # machine-state files (NVRAM, TPM, boot files) of their size
     seconds: float = 0.0
 
     @property
@@ -64,6 +65,8 @@ class Verification:
             parts.append(f"{self.summed} file(s) match the manifest")
         if self.images:
             parts.append(f"{self.images} image(s) sound")
+        if self.state_files:
+            parts.append(f"{self.state_files} machine-state file(s) of their size")
         parts.append("the definition parses")
         text = f"{self.ref.short}: verified: {', '.join(parts)} in {seconds(self.seconds)}"
         if self.notes:
@@ -311,7 +314,16 @@ def _check_images(reader, info: setinfo.SetInfo, names: set[str], found: Verific
     for item in info.files:
         if item.name not in names:
             continue
-        if item.format == "qcow2":
+        if item.role in machine.ROLES:
+            size = sizes.get(item.name, -1)
+            if item.virtual_size and size != item.virtual_size:
+                found.problems.append(
+                    f"{item.name}: {size} bytes, but the {item.role} file had "
+                    f"{item.virtual_size} (truncated or extended since the backup)"
+                )
+            else:
+                found.state_files += 1
+        elif item.format == "qcow2":
             if _check_qcow2(reader, item, found):
                 found.images += 1
         elif item.format == "raw":

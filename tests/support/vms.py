@@ -33,6 +33,13 @@ PREFIX = os.environ.get("BNKVM_TEST_PREFIX", "bnkvm-t-")
 IMAGE_ROOT = f"/var/lib/libvirt/images/{PREFIX}images"
 
 MiB = 1024 * 1024
+# Also removes a UEFI domain's variable store (libvirt refuses to undefine
+# one without a word about it) and an emulated TPM's state.
+UNDEFINE = (
+    libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+    | libvirt.VIR_DOMAIN_UNDEFINE_TPM
+)
 
 
 @dataclass(frozen=True)
@@ -269,7 +276,7 @@ class TestVM:
             domain = self.domain
             if domain.isActive():
                 domain.destroy()
-            domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+            domain.undefineFlags(UNDEFINE)
         except libvirt.libvirtError:
             pass
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -316,7 +323,7 @@ def remove_leftover_vms() -> None:
             if domain.isActive():
                 domain.destroy()
             if persistent:
-                domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+                domain.undefineFlags(UNDEFINE)
     shutil.rmtree(IMAGE_ROOT, ignore_errors=True)
     for journal_uuid in journal.all_journals():
         try:

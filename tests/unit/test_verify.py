@@ -61,3 +61,30 @@ def test_a_set_without_a_manifest_is_not_proven(tmp_path):
     assert found.problems == [
         "B3SUMS: missing: the set has no manifest, so its contents cannot be proven"
     ]
+
+
+def test_machine_state_files_are_checked_by_their_size(tmp_path):
+    ref = old_set(tmp_path)
+    (tmp_path / "nvram-web1_VARS.fd").write_bytes(b"\0" * 4096)
+    (tmp_path / "tpm-state.tar").write_bytes(b"\0" * 10240)
+    sums = "".join(
+        f"{hashlib.sha256((tmp_path / n).read_bytes()).hexdigest()}  {n}\n"
+        for n in ("domain.xml", "vdb-data.raw", "nvram-web1_VARS.fd", "tpm-state.tar")
+    )
+    (tmp_path / "SHA256SUMS").write_text(sums)
+    (tmp_path / "set.json").write_text(
+        '{"version": 1, "domain": "web1", "files": [{"name": "vdb-data.raw", "target": "vdb",'
+        ' "role": "disk", "original_path": "/srv/vm/data.raw", "format": "raw",'
+        ' "virtual_size": 8192}, {"name": "nvram-web1_VARS.fd", "target": "", "role": "nvram",'
+        ' "original_path": "/nv/web1_VARS.fd", "format": "raw", "virtual_size": 4096},'
+        ' {"name": "tpm-state.tar", "target": "", "role": "tpm", "original_path": "/swtpm/u",'
+        ' "format": "tar", "virtual_size": 20480}]}'
+    )
+
+    found = verify.verify_set(ref)
+
+    assert found.state_files == 1 and found.images == 1
+    assert found.problems == [
+        "tpm-state.tar: 10240 bytes, but the tpm file had 20480 (truncated or extended since "
+        "the backup)"
+    ]
