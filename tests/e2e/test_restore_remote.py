@@ -71,3 +71,43 @@ def test_verify_of_a_remote_set_names_the_damaged_file(server, new_vm, scratch):
 
     assert verified.returncode == 1, verified.stdout + verified.stderr
     assert "vda-vda.qcow2: its content differs from B3SUMS" in verified.stdout
+
+
+def test_a_block_disk_goes_to_a_remote_destination_sparse_and_as_of_the_freeze(
+    server,  # noqa: F811 - the fixture
+    new_vm,
+    scratch,
+):
+    from tests.integration.test_block_disks import BEFORE as BLOCK_BEFORE
+    from tests.integration.test_block_disks import DEVICE_SIZE, vm_with_a_device
+    from tests.support import vms
+    from tests.support.vms import DiskSpec, MiB, reference_image, same_content
+
+    with vms.loop_device(scratch, DEVICE_SIZE) as device:
+        vm, overlaydir = vm_with_a_device(new_vm, device)
+        try:
+            for target, writes in BLOCK_BEFORE.items():
+                vm.write(target, *writes)
+            backups = os.path.join(scratch, "remote-backups")
+            os.makedirs(backups)
+            text = remote_action(backups, vm, server).replace(
+                "[source]\n", f"[source]\noverlaydir = {overlaydir}\noverlay_reserve = 16\n"
+            )
+            path = write_action(os.path.join(scratch, "remote.kvm"), text)
+
+            made = helper("run", path)
+            verified = helper("verify", "-a", path, vm.name)
+
+            assert made.returncode == 0, made.stdout + made.stderr
+            assert "Warning" not in made.stdout, made.stdout
+            assert verified.returncode == 0, verified.stdout + verified.stderr
+            (set_name,) = [n for n in os.listdir(os.path.join(backups, vm.name)) if n.endswith("Z")]
+            raw = os.path.join(backups, vm.name, set_name, f"vdb-{os.path.basename(device)}.raw")
+            expected = reference_image(
+                scratch, "vdb", DiskSpec("vdb", "raw", DEVICE_SIZE), BLOCK_BEFORE["vdb"]
+            )
+            assert same_content(raw, "raw", expected, "raw")
+            assert os.stat(raw).st_blocks * 512 <= 2 * MiB  # rsync --sparse kept the holes
+            assert vm.tops() == vm.paths
+        finally:
+            vm.remove()  # before the device is detached
