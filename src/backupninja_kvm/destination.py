@@ -53,6 +53,7 @@ import calendar
 import contextlib
 import errno
 import fcntl
+import hashlib
 import mmap
 import os
 import re
@@ -253,6 +254,17 @@ except ImportError:  # Debian has no python3-blake3: the package uses the b3sum 
 def file_b3sum(path: str) -> str:
     """BLAKE3 of a file, as `b3sum` prints it. Raises OSError."""
     return file_b3sums([path])[0]
+
+
+def manifest_sum(manifest: str, path: str) -> str:
+    """The sum of a file as the manifest *manifest* (B3SUMS or SHA256SUMS) lists it."""
+    if manifest == MANIFEST:
+        return file_b3sum(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(4 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _module_b3sum(path: str) -> str:

@@ -363,7 +363,7 @@ def _unchanged_boot_files(
         if item.role not in machine.BOOT_FILES or not os.path.isfile(path):
             continue
         expected = sums.get(item.name)
-        actual = destination.file_b3sum(path) if manifest == "B3SUMS" else _sha256(path)
+        actual = destination.manifest_sum(manifest, path)
         if expected and actual == expected:
             log.info(
                 "%s: %s already holds the set's %s: left as it is", info.domain, path, item.role
@@ -522,7 +522,7 @@ def _copy_all(
             raise RestoreError(f"{item.name}: {error}; nothing restored") from None
         digest = ""
         if manifest and not stop.is_set():
-            digest = destination.file_b3sum(copy) if manifest == "B3SUMS" else _sha256(copy)
+            digest = destination.manifest_sum(manifest, copy)
         return item.name, copy, data_bytes(copy), digest
 
     copies, digests = {}, {}
@@ -561,16 +561,6 @@ def _check_copies(ref, manifest: str, sums: dict[str, str], digests, result, opt
                 f"restore it as it is)"
             )
         result.checked += 1
-
-
-def _sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(4 * 1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fix_headers(info: setinfo.SetInfo, paths: dict[str, str], copies: dict[str, str]) -> None:

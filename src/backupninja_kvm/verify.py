@@ -25,7 +25,6 @@ Nothing here writes the set but ``checks.json``, the record of the result.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -110,7 +109,7 @@ class _Local:
             if not os.path.isfile(path):
                 found[name] = "missing"
                 continue
-            actual = destination.file_b3sum(path) if manifest == "B3SUMS" else _sha256(path)
+            actual = destination.manifest_sum(manifest, path)
             found[name] = "ok" if actual == digest else "differs"
         return found
 
@@ -128,14 +127,6 @@ class _Local:
                 ["virt-xml-validate", handle.name, "domain"], capture_output=True, text=True
             )
         return result.returncode, (result.stderr or result.stdout).strip()
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(4 * 1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 _REMOTE_FILES = """cd "$1" || exit 3
