@@ -152,7 +152,10 @@ def rehearse_set(
             log.debug("%s: starting %s on overlays in %s", label, name, folder)
             started = time.monotonic()
             try:
-                domain = hypervisor.start_transient(xml)
+                # The guest exists before createXML returns: a signal waits
+                # until we hold the domain, so that the clean-up destroys it.
+                with interrupts.critical():
+                    domain = hypervisor.start_transient(xml)
             except HypervisorError as error:
                 if error.code in DEFINITION_REFUSED:
                     raise RehearseError(f"{label}: libvirt refused the copy: {error}") from None
