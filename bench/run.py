@@ -53,6 +53,8 @@ from backupninja_kvm.hypervisor import Hypervisor  # noqa: E402
 
 URI = "qemu:///system"
 IMAGES = "/var/lib/libvirt/images/bnkvm-bench"
+# the changed blocks' checkpoints' records go with the domain
+UNDEFINE = libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
 MiB = 1024 * 1024
 
 
@@ -247,12 +249,134 @@ def restore_once(name: str, settings, scratch: str, cold: bool, number: int) -> 
         elapsed = time.monotonic() - started
         if not number % 2:
             baseline = cp_baseline(images, os.path.join(scratch, "cp"), cold)
-        hypervisor.domain(copy)._handle.undefine()
+        hypervisor.domain(copy)._handle.undefineFlags(UNDEFINE)
     finally:
         hypervisor.close()
     shutil.rmtree(target)
     shutil.rmtree(outcome.set_path)
     return {"restore": elapsed, "cp": baseline, "ratio": elapsed / baseline}
+
+
+@contextlib.contextmanager
+def xfs_mount(scratch: str, size_bytes: int):
+    """An XFS filesystem with reflinks on a loop device (unmounted afterwards)."""
+    image = os.path.join(scratch, "xfs.img")
+    mount = os.path.join(scratch, "xfs")
+    os.makedirs(scratch, exist_ok=True)
+    with open(image, "wb") as handle:
+        handle.truncate(size_bytes)
+    run("mkfs.xfs", "-q", "-m", "reflink=1", image)
+    os.makedirs(mount)
+    run("mount", "-o", "loop", image, mount)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", mount], check=False)
+        os.unlink(image)
+
+
+def change_data(domain: libvirt.virDomain, data: int, fraction: float, seed: int) -> int:
+    """Rewrite *fraction* of the first *data* bytes of vda, in 1 MiB pieces
+    at distinct places; returns the bytes changed."""
+    import random
+
+    pieces = max(1, round(data / MiB * fraction))
+    rng = random.Random(seed)
+    for piece in rng.sample(range(data // MiB), pieces):
+        command = (
+            f"qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "
+            f'"write -P {rng.randrange(1, 255):#x} {piece * MiB} {MiB}"'
+        )
+        libvirt_qemu.qemuMonitorCommand(
+            domain, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+        )
+    return pieces * MiB
+
+
+def changed_blocks_case(
+    connection, scratch: str, image_size: int, data: int, fractions, cold: bool
+) -> list[dict]:
+    """A qcow2 of *image_size* with *data* random bytes, backed up to XFS:
+    for each fraction, a night that copies it whole (changed_blocks = no),
+    then the guest changes that fraction of its data, then a night of
+    changed blocks, and cp of the image, all in this run."""
+    name = f"bnkvm-bench-cb-{uuid.uuid4().hex[:6]}"
+    directory = os.path.join(IMAGES, name)
+    os.makedirs(directory, mode=0o755)
+    disks = {"vda": make_images(directory, image_size, data)["vda"]}
+    os.unlink(os.path.join(directory, "vdb.raw"))
+    results = []
+    try:
+        domain = connection.defineXML(domain_xml(name, disks))
+        domain.create()
+        with xfs_mount(scratch, 4 * image_size + 1024 * MiB) as mount:
+            sets = os.path.join(mount, "sets")
+            os.makedirs(sets)
+            settings = {}
+            for mode in ("auto", "no"):
+                action = os.path.join(scratch, f"cb-{mode}.kvm")
+                with open(action, "w") as handle:
+                    handle.write(
+                        f"[source]\ndomains = {name}\n[dest]\ndirectory = {mount}/sets\n"
+                        f"keep = 2\nchanged_blocks = {mode}\n"
+                    )
+                os.chmod(action, 0o600)
+                settings[mode] = config.load(action)
+            for number, fraction in enumerate(fractions):
+                # the full night's set is the changed night's previous set
+                full = backup_night(name, settings["no"], cold, f"20260104T{number:02d}0000")
+                first = backup_night(name, settings["auto"], cold, f"20260104T{number:02d}0001")
+                changed = change_data(domain, data, fraction, number)
+                night = backup_night(name, settings["auto"], cold, f"20260104T{number:02d}0002")
+                baseline = cp_baseline([disks["vda"][0]], os.path.join(mount, "cp"), cold)
+                read, written = night["changes"].get("vda", (data, data))
+                results.append(
+                    {
+                        "fraction": fraction,
+                        "changed": changed,
+                        "read": read,
+                        "written": written,
+                        "changed_overlay": night["overlay"],
+                        "changed_total": night["total"],
+                        "full_overlay": full["overlay"],
+                        "full_total": full["total"],
+                        "first_total": first["total"],
+                        "cp": baseline,
+                    }
+                )
+                print(
+                    f"changed blocks {fraction:.0%}: {changed // MiB} MiB changed, read "
+                    f"{read / MiB:.1f} MiB, wrote {written / MiB:.1f} MiB; on overlay "
+                    f"{night['overlay']:.3f} s (full {full['overlay']:.3f} s), total "
+                    f"{night['total']:.3f} s (full {full['total']:.3f} s), cp {baseline:.3f} s",
+                    flush=True,
+                )
+                shutil.rmtree(sets)
+                os.makedirs(sets)
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            domain = connection.lookupByName(name)
+            if domain.isActive():
+                domain.destroy()
+            domain.undefineFlags(UNDEFINE)
+        shutil.rmtree(directory, ignore_errors=True)
+    return results
+
+
+def backup_night(name: str, settings, cold: bool, stamp: str) -> dict:
+    """One night into a destination that keeps its sets (no window writes)."""
+    if cold:
+        drop_caches()
+    hypervisor = Hypervisor(URI)
+    try:
+        outcome = back_up_domain(hypervisor.domain(name), settings, stamp)
+    finally:
+        hypervisor.close()
+    return {
+        "overlay": outcome.overlay_seconds,
+        "total": outcome.total_seconds,
+        "changes": dict(outcome.changes),
+    }
 
 
 def summary(values: list[float]) -> dict:
@@ -372,6 +496,18 @@ def table(results: dict) -> str:
         f"restore / cp of the same images: median {restore_ratio['median']:.3f} (min "
         f"{restore_ratio['min']:.3f}, max {restore_ratio['max']:.3f}); target <= 1.5"
     )
+    for case, ratio in zip(
+        results["runs"].get("changed_blocks", []), r.get("changed_blocks", []), strict=True
+    ):
+        lines.append(
+            f"changed blocks, {case['fraction']:.0%} of the data changed "
+            f"({case['changed'] // MiB} MiB): read {case['read'] / MiB:.1f} MiB, wrote "
+            f"{case['written'] / MiB:.1f} MiB ({ratio['io_vs_changed']:.2f} x the change; "
+            f"target <= 1.1); on the overlay {ratio['overlay_vs_full']:.3f} x and in all "
+            f"{ratio['total_vs_full']:.3f} x a full night's ({case['changed_total']:.2f} s vs "
+            f"{case['full_total']:.2f} s; cp {case['cp']:.2f} s)"
+            + ("; target <= 0.1" if case["fraction"] <= 0.01 else "")
+        )
     lines.append(f"caches dropped before each copy: {results['parameters']['cold_cache']}")
     return "\n".join(lines)
 
@@ -386,6 +522,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ride-runs", type=int, default=3, help="ride-along nights (3)")
     parser.add_argument(
         "--restore-runs", type=int, default=3, help="restores of a set as a copy (3)"
+    )
+    parser.add_argument(
+        "--changed",
+        default="0.01,0.1,0.5",
+        help="fractions of the data changed per night, for the changed-blocks case "
+        "(0.01,0.1,0.5; empty: none)",
     )
     parser.add_argument("--results", default=os.path.join(ROOT, "results"))
     args = parser.parse_args(argv)
@@ -458,6 +600,11 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
+        fractions = [float(f) for f in args.changed.split(",") if f.strip()]
+        changes = changed_blocks_case(
+            connection, os.path.join(destination, "cb"), image_size, data, fractions, cold
+        )
+
         def figure(key, source=runs):
             return summary([r[key] for r in source])
 
@@ -500,6 +647,15 @@ def main(argv: list[str] | None = None) -> int:
                 "pull_vs_commit": figures["merge_pull"]["median"]
                 / figures["merge_commit"]["median"],
                 "restore_vs_cp": summary([r["ratio"] for r in restores]),
+                "changed_blocks": [
+                    {
+                        "fraction": c["fraction"],
+                        "io_vs_changed": (c["read"] + c["written"]) / (2 * c["changed"]),
+                        "overlay_vs_full": c["changed_overlay"] / c["full_overlay"],
+                        "total_vs_full": c["changed_total"] / c["full_total"],
+                    }
+                    for c in changes
+                ],
             },
             "runs": {
                 "commit": runs,
@@ -507,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cp_baseline": baselines,
                 "ride": rides,
                 "restore": restores,
+                "changed_blocks": changes,
             },
         }
         os.makedirs(args.results, exist_ok=True)
@@ -528,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
             domain = connection.lookupByName(name)
             if domain.isActive():
                 domain.destroy()
-            domain.undefine()
+            domain.undefineFlags(UNDEFINE)
         except libvirt.libvirtError:
             pass
         connection.close()

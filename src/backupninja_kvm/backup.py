@@ -13,12 +13,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from backupninja_kvm import complete, destination, faults, freeze, interrupts, recovery, ship
+from backupninja_kvm import (
+    changed,
+    complete,
+    destination,
+    faults,
+    freeze,
+    interrupts,
+    recovery,
+    ship,
+)
 from backupninja_kvm import journal as journals
 from backupninja_kvm import merge as merges
 from backupninja_kvm.config import Settings
 from backupninja_kvm.disks import Disk, overlay_paths, parse_disks
-from backupninja_kvm.errors import DomainError, OverlayLeftError, TransferError
+from backupninja_kvm.errors import DomainError, HypervisorError, OverlayLeftError, TransferError
 from backupninja_kvm.hypervisor import Domain
 from backupninja_kvm.lock import domain_lock
 from backupninja_kvm.outcome import Outcome
@@ -80,22 +89,60 @@ def _back_up_locked(
 
     outcome = Outcome(name, disks=[d.target for d in plan.disks], merge=settings.merge)
     outcome.problems += unsaved
+    night = None
     try:
         if plan.active:
+            night = _prepare_changes(domain, plan, settings, backup_set)
             _back_up_running(
-                domain, plan, settings, quiesce, overlays, backup_set, outcome, window_hook
+                domain, plan, settings, quiesce, overlays, backup_set, outcome, window_hook, night
             )
         else:
             outcome.live = False
             outcome.freeze_time = time.time()
             ship.copy_shut_off(domain, plan, backup_set, outcome)
         complete.fix_headers(plan, backup_set)
-        ship.write_set_info(domain, plan, backup_set, outcome)
+        _strip_bitmaps(plan, backup_set)
+        tracking = changed.record(night, backup_set) if night else {}
+        ship.write_set_info(domain, plan, backup_set, outcome, tracking)
+        complete.complete_set(domain, plan, settings, backup_set, outcome)
     except BaseException:
         backup_set.discard()  # failed or interrupted: never leave a half set behind
+        if night is not None and night.started:
+            with interrupts.critical():
+                _finish_changes(domain, night, complete=False)
         raise
-    complete.complete_set(domain, plan, settings, backup_set, outcome)
+    if night is not None:
+        faults.checkpoint("before-checkpoint-delete")
+        _finish_changes(domain, night, complete=True)
     return outcome
+
+
+def _prepare_changes(
+    domain: Domain, plan: Plan, settings: Settings, backup_set: destination.AnySet
+) -> changed.Night | None:
+    try:
+        return changed.prepare(domain, plan, settings, backup_set)
+    except HypervisorError as error:
+        log.info("%s: changed blocks: %s; whole copies", plan.name, error)
+        return None
+
+
+def _strip_bitmaps(plan: Plan, backup_set: destination.AnySet) -> None:
+    try:
+        changed.strip_bitmaps(plan, backup_set)
+    except TransferError as error:
+        raise DomainError(
+            f"{plan.name}: {error}; no set made, the domain runs on its own images"
+        ) from None
+
+
+def _finish_changes(domain: Domain, night: changed.Night, complete: bool) -> None:
+    try:
+        changed.finish(domain, night, complete)
+    except HypervisorError as error:
+        log.warning(
+            "%s: checkpoints: %s; the next night deletes those no set needs", night.domain, error
+        )
 
 
 def _back_up_running(
@@ -107,6 +154,7 @@ def _back_up_running(
     backup_set: destination.AnySet,
     outcome: Outcome,
     window_hook: WindowHook | None,
+    night: changed.Night | None = None,
 ) -> None:
     name = plan.name
     if not plan.disks:
@@ -119,6 +167,9 @@ def _back_up_running(
     journals.write(journal)
     try:
         faults.checkpoint("after-journal")
+        if night is not None:
+            changed.start_checkpoint(domain, night, all_disks)
+            faults.checkpoint("after-checkpoint")
         freeze.freeze(domain, all_disks, overlays, quiesce, settings, outcome, frozen_at)
         frozen = True
         faults.checkpoint("after-freeze")
@@ -127,7 +178,9 @@ def _back_up_running(
             hook_started = time.monotonic()
             window_hook(domain, overlays)
             outcome.hook_seconds = time.monotonic() - hook_started
-        ship.copy_disks(plan, backup_set, outcome)
+        if night is not None:
+            changed.copy_changes(night, backup_set, outcome)
+        ship.copy_disks(plan, backup_set, outcome, skip=night.changed_names() if night else set())
         copied = True
         faults.checkpoint("after-copy")
     except (TransferError, OSError) as error:

@@ -136,6 +136,23 @@ sshoptions = string(default='')
 # transfer, the previous set's image as the basis; the remote host reads that
 # image). "no": send whole images (less CPU; faster on a fast network).
 delta = boolean(default=True)
+# dest = local: make each set of a running domain's qcow2 disk from the
+# previous set and only what changed since (a libvirt checkpoint, a dirty
+# bitmap in the image, started just before each freeze): the night reads and
+# writes the changed blocks and the domain spends only their copy on the
+# overlay. Every set is still a complete image with its own manifest. On XFS
+# or btrfs the new image shares the previous one's unchanged extents
+# (reflink); elsewhere it starts as a copy of the previous set's file, made
+# at the destination before the freeze. A disk is copied whole, with an Info
+# line saying why, whenever the chain cannot be proven intact (no previous
+# set, a checkpoint gone or inconsistent after a crash, a restart, a resize,
+# a replaced image...). Raw images and block devices are always copied whole
+# (libvirt 9.0 keeps no bitmap for them). "no": whole copies, no checkpoint.
+changed_blocks = option('auto', 'no', default='auto')
+# changed_blocks = auto: copy each disk whole after this many changed-only
+# sets in a row, which also catches what no bitmap sees (an image written
+# while its domain was running elsewhere). 0: never for that reason alone.
+full_every = integer(min=0, max=100000, default=30)
 # Number of complete backup sets with disk images kept per domain; older ones
 # are removed. A set that lacks a disk's data (a disk skipped with a Warning)
 # removes none, so that the sets holding that disk survive.
@@ -222,6 +239,8 @@ class Settings:
     keep_weekly: int = 0
     keep_monthly: int = 0
     keep_yearly: int = 0
+    changed_blocks: str = "auto"  # [dest] changed_blocks: auto or no (changed.py)
+    full_every: int = 30
     view: str = "/var/lib/backupninja-kvm/view"  # stage = freeze and thaw
     max_frozen: int = 12 * 3600  # seconds, stage = freeze
 
@@ -441,6 +460,8 @@ def load(
         keep_weekly=dest["keep_weekly"],
         keep_monthly=dest["keep_monthly"],
         keep_yearly=dest["keep_yearly"],
+        changed_blocks=dest["changed_blocks"],
+        full_every=dest["full_every"],
         view=os.path.normpath(general["view"].strip()),
         max_frozen=parse_duration(general["max_frozen"]) or 0,
     )

@@ -178,6 +178,7 @@ class Layer:
     backing_name: str | None = None  # the backing file as the header names it
     data_file: str | None = None  # qcow2 external data file, absolute
     virtual_size: int = field(default=0, compare=False)  # bytes the guest sees
+    compat: str = field(default="", compare=False)  # a qcow2's version: 1.1 (v3) or 0.10 (v2)
 
 
 def parse_chain(info: list[dict]) -> list[Layer]:
@@ -197,6 +198,7 @@ def parse_chain(info: list[dict]) -> list[Layer]:
                 backing_name=entry.get("backing-filename"),
                 data_file=data_file or None,
                 virtual_size=int(entry.get("virtual-size") or 0),
+                compat=str(specific.get("compat") or ""),
             )
         )
     return layers

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -429,6 +430,47 @@ class Domain:
 
     def abort_job(self, target: str) -> None:
         self._call(f"abort block job of {target}", "blockJobAbort", target, 0)
+
+    def run_id(self) -> int:
+        """libvirt's id of the running QEMU process (a new one at each start)."""
+        return int(self._call("id", "ID"))
+
+    def checkpoints(self) -> list[str]:
+        """The names of the domain's libvirt checkpoints, ours and others'."""
+        return [c.getName() for c in self._call("checkpoint list", "listAllCheckpoints", 0)]
+
+    def create_checkpoint(self, xml: str) -> None:
+        """Start a checkpoint: a persistent dirty bitmap in each disk it names."""
+        self._call("checkpoint", "checkpointCreateXML", xml, 0)
+
+    def checkpoint_sizes(self, name: str) -> dict[str, int | None]:
+        """target -> bytes changed since checkpoint *name*, as libvirt
+        counts them; None for a disk of the checkpoint whose bitmap is not
+        consistent (libvirt then reports no size). HypervisorError when the
+        checkpoint does not exist."""
+        checkpoint = self._call(f"checkpoint {name}", "checkpointLookupByName", name, 0)
+        try:
+            xml = checkpoint.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE)
+        except libvirt.libvirtError as error:
+            raise _translate(error, f"{self.name}: checkpoint {name}") from None
+        sizes: dict[str, int | None] = {}
+        for disk in ET.fromstring(xml).findall("./disks/disk"):
+            if disk.get("checkpoint") == "bitmap":
+                size = disk.get("size")
+                sizes[disk.get("name", "")] = int(size) if size is not None else None
+        return sizes
+
+    def delete_checkpoint(self, name: str) -> None:
+        """Delete checkpoint *name* and its bitmaps; where a bitmap is
+        already gone (an image replaced, a restore), only libvirt's record."""
+        checkpoint = self._call(f"checkpoint {name}", "checkpointLookupByName", name, 0)
+        try:
+            checkpoint.delete(0)
+        except libvirt.libvirtError:
+            try:
+                checkpoint.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+            except libvirt.libvirtError as error:
+                raise _translate(error, f"{self.name}: delete of checkpoint {name}") from None
 
 
 def wait_until(

@@ -32,11 +32,22 @@ class Outcome:
     rehearsed: bool | None = None  # [dest] rehearse = yes: whether the new set booted
     rehearse_seconds: float = 0.0
     problems: list[str] = field(default_factory=list)  # Error lines; the set is still good
+    # changed blocks: target -> (bytes read, bytes written) of each disk made
+    # from the previous set and its changes; the other disks were copied whole
+    changes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def summary(self) -> str:
         disks = ", ".join(self.disks) or "no disk"
         verb = "sent" if self.remote else "copied"
         text = f"{self.name}: backed up {disks}, {human_bytes(self.bytes_copied)} {verb}"
+        if self.changes:
+            text += " (" + "; ".join(
+                f"{target} changed blocks only: {human_bytes(read)} read, "
+                f"{human_bytes(written)} written"
+                for target, (read, written) in sorted(self.changes.items())
+            )
+            whole = [d for d in self.disks if d not in self.changes]
+            text += f"; {', '.join(whole)} whole)" if whole else ")"
         if self.live:
             text += (
                 f", {'quiesced' if self.quiesced is not None else 'crash-consistent'}"

@@ -72,7 +72,17 @@ def list_sets(args: argparse.Namespace) -> int:
     if not found:
         print(f"no complete set in {where.label}")
         return EXIT_OK
-    header = ("DOMAIN", "SET", "FROZEN", "SIZE", "DISKS", "CONSISTENCY", "VERIFIED", "REHEARSED")
+    header = (
+        "DOMAIN",
+        "SET",
+        "FROZEN",
+        "SIZE",
+        "DISKS",
+        "CONSISTENCY",
+        "MADE",
+        "VERIFIED",
+        "REHEARSED",
+    )
     rows = [header]
     for item in found:
         info = item.info
@@ -84,6 +94,7 @@ def list_sets(args: argparse.Namespace) -> int:
                 human_bytes(item.size),
                 ",".join(item.disks) or "-",
                 info.consistency if info else "unknown",
+                item.made(),
                 _check_text(item.checks.get("verify"), "verify"),
                 _check_text(item.checks.get("rehearse"), "rehearse"),
             )

@@ -19,6 +19,11 @@ UEFI variable store, ``format`` raw), ``tpm`` (the swtpm state folder as a tar,
 ``format`` tar, ``original_path`` the folder), ``kernel``, ``initrd`` and
 ``dtb`` (``format`` file); see ``machine``.
 
+A disk's top made by a run with changed blocks (``changed``) also has
+``tracking``: how it was made (``full`` or ``changed``), the bytes read and
+written, why full, the checkpoint started at its freeze, and what the next
+night checks before it trusts that checkpoint (``Tracking``).
+
 A set made by an earlier version has no ``set.json``: the same is read from
 its ``domain.xml`` and the images (``legacy_info``). A folder that a borg or
 restic extract of a ride-along view produced has the view's
@@ -59,6 +64,56 @@ class SetInfoError(BackupNinjaKvmError):
 
 
 @dataclass(frozen=True)
+class Tracking:
+    """How a disk's image came into the set, and what the next night needs
+    to make its image from this one (``changed``); in set.json as the
+    image's ``tracking``, absent for sets made without changed blocks."""
+
+    how: str  # "full" (the whole image copied) or "changed" (the previous set's + changes)
+    bytes_read: int  # read from the domain's image
+    bytes_written: int  # written into the set (zeroed ranges not counted)
+    reason: str = ""  # why a full copy, when changed blocks were wanted
+    checkpoint: str = ""  # the libvirt checkpoint started just before this set's freeze
+    identity: str = ""  # "DEV:INODE" of the domain's image at the freeze
+    run: str = ""  # "BOOT_ID:DOMAIN_ID": the QEMU process that ran the domain
+    size: int = 0  # the set's image file as written: its size ...
+    mtime_ns: int = 0  # ... and modification time (a later change is seen)
+    nights: int = 0  # changed-only sets since the last full copy, this one included
+
+    def to_dict(self) -> dict:
+        return {
+            "how": self.how,
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "reason": self.reason,
+            "checkpoint": self.checkpoint,
+            "identity": self.identity,
+            "run": self.run,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "nights": self.nights,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Tracking:
+        how = str(data["how"])
+        if how not in ("full", "changed"):
+            raise ValueError(f"tracking how {how!r} is not full or changed")
+        return cls(
+            how,
+            int(data["bytes_read"]),
+            int(data["bytes_written"]),
+            str(data.get("reason", "")),
+            str(data.get("checkpoint", "")),
+            str(data.get("identity", "")),
+            str(data.get("run", "")),
+            int(data.get("size", 0)),
+            int(data.get("mtime_ns", 0)),
+            int(data.get("nights", 0)),
+        )
+
+
+@dataclass(frozen=True)
 class SetImage:
     """One image file of a set."""
 
@@ -70,9 +125,10 @@ class SetImage:
     virtual_size: int  # bytes the guest sees (0: unknown)
     backing: str = ""  # the set's file below it, if any
     data_file: str = ""  # the set's data file of it, if any
+    tracking: Tracking | None = None  # a disk's top, made by a run with changed blocks
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "name": self.name,
             "target": self.target,
             "role": self.role,
@@ -82,6 +138,9 @@ class SetImage:
             "backing": self.backing,
             "data_file": self.data_file,
         }
+        if self.tracking is not None:
+            data["tracking"] = self.tracking.to_dict()
+        return data
 
 
 @dataclass(frozen=True)
@@ -136,6 +195,7 @@ class SetInfo:
                     int(f["virtual_size"]),
                     str(f.get("backing", "")),
                     str(f.get("data_file", "")),
+                    Tracking.from_dict(f["tracking"]) if f.get("tracking") else None,
                 )
                 for f in data["files"]
             )

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from backupninja_kvm import config, destination, setinfo
 from backupninja_kvm.errors import BackupNinjaKvmError, ConfigError, TransferError
+from backupninja_kvm.report import human_bytes
 from backupninja_kvm.transfer import Remote
 
 
@@ -185,8 +186,36 @@ class SetListing:
             "disks": self.disks,
             "verify": self.checks.get("verify"),
             "rehearse": self.checks.get("rehearse"),
+            "changed_blocks": self.changes(),
             "problem": self.problem or None,
         }
+
+    def changes(self) -> dict[str, dict]:
+        """target -> how changed blocks made its image (full or changed,
+        bytes read and written, why full), for the disks that say."""
+        if self.info is None:
+            return {}
+        return {
+            f.target: {
+                "how": f.tracking.how,
+                "bytes_read": f.tracking.bytes_read,
+                "bytes_written": f.tracking.bytes_written,
+                "reason": f.tracking.reason or None,
+            }
+            for f in self.info.disks()
+            if f.tracking is not None
+        }
+
+    def made(self) -> str:
+        """``sets``' MADE column: "full", or "changed 12.0 MiB" (written)."""
+        changes = self.changes()
+        if not changes:
+            return "-"
+        if all(c["how"] == "full" for c in changes.values()):
+            return "full"
+        written = sum(c["bytes_written"] for c in changes.values() if c["how"] == "changed")
+        whole = [t for t, c in changes.items() if c["how"] == "full"]
+        return f"changed {human_bytes(written)}" + (f" +{','.join(whole)} full" if whole else "")
 
 
 def _allocated(path: str) -> int:

@@ -28,10 +28,16 @@ def write_definition(domain: Domain, backup_set: destination.AnySet) -> None:
 
 
 def write_set_info(
-    domain: Domain, plan: Plan, backup_set: destination.AnySet, outcome: Outcome
+    domain: Domain,
+    plan: Plan,
+    backup_set: destination.AnySet,
+    outcome: Outcome,
+    tracking: dict[str, setinfo.Tracking] | None = None,
 ) -> None:
     """Write set.json: which file is which disk or layer, where each was,
-    its format and size, the freeze instant and its consistency."""
+    its format and size, the freeze instant and its consistency; with
+    changed blocks, how each disk's image was made (*tracking*, by name)."""
+    tracking = tracking or {}
     if not outcome.live:
         consistency = "shut-off"
     else:
@@ -51,6 +57,7 @@ def write_set_info(
                 f.virtual_size,
                 f.backing,
                 f.data_file,
+                tracking.get(f.name),
             )
             for f in [*plan.files, *plan.state]
         ),
@@ -69,9 +76,12 @@ class _CopyStopped(Exception):
     """Another disk's copy failed, or we were interrupted: stop this one."""
 
 
-def copy_disks(plan: Plan, backup_set: destination.AnySet, outcome: Outcome) -> None:
+def copy_disks(
+    plan: Plan, backup_set: destination.AnySet, outcome: Outcome, skip: set[str] | None = None
+) -> None:
     """Copy every file of the plan (each disk's top, its own backing layers,
-    data files) into the set, side by side.
+    data files) into the set, side by side; but those named in *skip*
+    (made from changed blocks).
 
     Files are copied in parallel (one thread each, at most 4): measured
     about twice as fast as one after the other here, and the time on the
@@ -103,7 +113,7 @@ def copy_disks(plan: Plan, backup_set: destination.AnySet, outcome: Outcome) -> 
             seconds(time.monotonic() - file_started),
         )
 
-    files = plan.files
+    files = [f for f in plan.files if f.name not in (skip or set())]
     tops = {d.path for d in plan.disks}
     progresses = {
         f.name: board.add(

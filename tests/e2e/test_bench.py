@@ -22,7 +22,7 @@ def test_the_benchmark_runs_and_writes_its_results(connection, scratch):
     results = os.path.join(scratch, "results")
     command = [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--results", results]
     command += ["--size", "64M", "--data", "32M", "--window", "4M", "--runs", "2"]
-    command += ["--pull-runs", "1", "--ride-runs", "1", "--restore-runs", "1"]
+    command += ["--pull-runs", "1", "--ride-runs", "1", "--restore-runs", "1", "--changed", "0.1"]
 
     result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
@@ -36,6 +36,7 @@ def test_the_benchmark_runs_and_writes_its_results(connection, scratch):
         "time on overlay / cp baseline",
         "ride-along: frozen time - ship time",
         "restore / cp of the same images",
+        "changed blocks, 10% of the data changed",
     ):
         assert label in result.stdout, result.stdout
     with open(os.path.join(results, "latest.json")) as handle:
@@ -44,6 +45,8 @@ def test_the_benchmark_runs_and_writes_its_results(connection, scratch):
     assert figures["figures"]["merge_pull"]["runs"] == 1
     assert figures["ratios"]["overlay_vs_cp"]["median"] > 0
     assert figures["figures"]["restore"]["runs"] == 1
+    (changed,) = figures["runs"]["changed_blocks"]
+    assert 0 < changed["read"] < 32 * 1024 * 1024  # a tenth of the data, not all of it
     with open(os.path.join(results, "latest.png"), "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     assert not [d for d in connection.listAllDomains() if d.name().startswith("bnkvm-bench-")]

@@ -8,6 +8,7 @@ original keeps running beside its rehearsals.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import shutil
@@ -258,7 +259,7 @@ def test_the_layers_below_are_the_sets_whatever_the_headers_name(live_set, scrat
         info.uuid,
         info.freeze_time,
         info.consistency,
-        (setinfo.SetImage(**{**top.to_dict(), "backing": base.name}), base),
+        (dataclasses.replace(top, backing=base.name), base),
     )
     with open(os.path.join(copy, setinfo.SET_INFO), "w") as handle:
         handle.write(layered.to_json())

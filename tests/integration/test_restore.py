@@ -16,6 +16,7 @@ from tests.integration.test_sets import action
 from tests.support.cli import helper
 from tests.support.cycle import back_up
 from tests.support.vms import (
+    UNDEFINE,
     DiskSpec,
     MiB,
     Write,
@@ -81,7 +82,7 @@ def copies():
             continue
         if domain.isActive():
             domain.destroy()
-        domain.undefine()
+        domain.undefineFlags(UNDEFINE)
 
 
 def test_restore_in_place_brings_back_the_freeze_instant_and_the_domain_starts(new_vm, scratch):

@@ -34,9 +34,11 @@ IMAGE_ROOT = f"/var/lib/libvirt/images/{PREFIX}images"
 
 MiB = 1024 * 1024
 # Also removes a UEFI domain's variable store (libvirt refuses to undefine
-# one without a word about it) and an emulated TPM's state.
+# one without a word about it), an emulated TPM's state, and the records of
+# changed blocks' checkpoints (libvirt refuses to undefine a domain with any).
 UNDEFINE = (
     libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+    | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
     | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
     | libvirt.VIR_DOMAIN_UNDEFINE_TPM
 )

@@ -1,0 +1,735 @@
+"""Changed blocks: make a night's set from the previous set and what changed.
+
+With ``[dest] changed_blocks = auto`` (the default), each qcow2 disk of a
+running domain that a local set holds as one file gets a libvirt checkpoint
+(a persistent dirty bitmap in the image, libvirt's own bookkeeping) just
+before the freeze. The next night, the disk's new image is made from the
+previous set's image and only the extents the previous checkpoint's bitmap
+marks, read from the frozen base while the domain runs on its overlay:
+
+    before the freeze   clone the previous set's image into the new set
+                        (FICLONE: shared extents on XFS or btrfs; elsewhere
+                        a sparse copy of the destination's own file), and
+                        start checkpoint C(N) covering the disks
+    freeze              the snapshot; the base is now read-only to QEMU,
+                        which wrote C(N-1)'s bitmap into it, not in use
+    ship                read C(N-1)'s dirty extents from the base's header
+                        (``bitmaps``); copy each extent from the base into
+                        the clone, both exposed as plain files by one
+                        qemu-storage-daemon (FUSE exports); zero blocks
+                        become zero clusters
+    after the set       delete every checkpoint of ours but C(N)
+
+Writes between C(N) and the freeze land in both bitmaps: counted twice,
+never missed. libvirt carries the bitmaps into the overlay at the snapshot
+and merges them back at the pivot, and the commit's own writes mark the
+base's bitmaps, so the window's writes are in C(N) too. Every set stays a
+complete qcow2 image: its manifest is that of the whole file, ``verify``
+and ``restore`` see no difference, and pruning any set never touches
+another.
+
+Trust nothing: a disk is copied whole, with an Info line saying why, when
+the chain cannot be proven intact: no previous set, or it has no record of
+this disk's checkpoint; the previous image changed since it was written
+(size, modification time), is not in its manifest, or failed ``verify``;
+the checkpoint is gone, or libvirt reports its bitmap inconsistent (QEMU
+was killed), or the bitmap in the frozen base is missing or in use; the
+disk's path, file (a restore, a replaced image) or virtual size changed;
+the domain was restarted since (a new QEMU process: something may have
+written the image while it was off); or ``full_every`` nights have passed.
+
+Checkpoints are named ``bnkvm-TAG-STAMP``, TAG from the destination's
+folder, so two actions backing the same domain up to two places keep their
+own; one not of ours is never touched. A kill at any point leaves at most
+one checkpoint that no set names: the next night deletes it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import xml.sax.saxutils
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from backupninja_kvm import bitmaps, destination, faults, images, setinfo
+from backupninja_kvm.config import Settings
+from backupninja_kvm.disks import Disk
+from backupninja_kvm.errors import HypervisorError, TransferError
+from backupninja_kvm.hypervisor import Domain
+from backupninja_kvm.outcome import Outcome
+from backupninja_kvm.plan import Plan, SetFile
+from backupninja_kvm.report import human_bytes, log
+
+PREFIX = "bnkvm-"
+FICLONE = 0x40049409
+CHUNK = 4 * 1024 * 1024
+_ZERO = bytes(CHUNK)
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_ZERO_RANGE = 0x10
+_PR_SET_PDEATHSIG = 1
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+EXPORT_TIMEOUT = 30.0
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
+
+
+@dataclass
+class DiskNight:
+    """One disk's top in tonight's set, and how it is made."""
+
+    item: SetFile
+    identity: str  # "DEV:INODE" of the domain's image
+    since: str = ""  # read what changed since this checkpoint; "" copies it whole
+    previous: str = ""  # the previous set's image the clone is made of
+    reason: str = ""  # why it is copied whole
+    nights: int = 0  # changed-only sets before this one since a full copy
+    bytes_read: int = 0
+    bytes_written: int = 0
+    cloned: bool = False  # made from the previous image (not a full copy)
+    reflinked: bool = False  # ... sharing its extents
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.since)
+
+
+@dataclass
+class Night:
+    """What changed blocks do for one domain tonight."""
+
+    domain: str
+    tag: str
+    checkpoint: str  # C(N), started just before the freeze
+    run: str
+    disks: dict[str, DiskNight] = field(default_factory=dict)  # by the image's name in the set
+    started: bool = False  # C(N) exists
+
+    def tracking(self) -> dict[str, setinfo.Tracking]:
+        """set.json's record of each tracked image (call after the copy)."""
+        records = {}
+        for name, disk in self.disks.items():
+            records[name] = setinfo.Tracking(
+                how="changed" if disk.changed else "full",
+                bytes_read=disk.bytes_read,
+                bytes_written=disk.bytes_written,
+                reason=disk.reason,
+                checkpoint=self.checkpoint if self.started else "",
+                identity=disk.identity,
+                run=self.run,
+                nights=disk.nights + 1 if disk.changed else 0,
+            )
+        return records
+
+    def changed_names(self) -> set[str]:
+        return {name for name, disk in self.disks.items() if disk.changed}
+
+
+def destination_tag(domain_dir: str) -> str:
+    """Eight hex digits naming the destination folder in a checkpoint's name."""
+    folder = os.path.dirname(os.path.realpath(domain_dir))
+    return hashlib.sha256(folder.encode()).hexdigest()[:8]
+
+
+def checkpoint_name(tag: str, stamp: str) -> str:
+    return f"{PREFIX}{tag}-{stamp}"
+
+
+def run_identity(domain: Domain) -> str:
+    try:
+        with open(BOOT_ID) as handle:
+            boot = handle.read().strip()
+    except OSError:
+        boot = "unknown"
+    return f"{boot}:{domain.run_id()}"
+
+
+def file_identity(path: str) -> str:
+    status = os.stat(path)
+    return f"{status.st_dev}:{status.st_ino}"
+
+
+# --- before the freeze -------------------------------------------------------
+
+
+def prepare(
+    domain: Domain, plan: Plan, settings: Settings, backup_set: destination.AnySet
+) -> Night | None:
+    """Decide, per disk, whether tonight copies it whole or only what
+    changed; delete the checkpoints of ours that no set needs; clone the
+    previous images. None when changed blocks do not apply to this run.
+
+    Call with the domain's lock held, after ``backup_set.begin()``.
+    """
+    if settings.changed_blocks == "no" or not plan.active or not plan.disks:
+        return None
+    if isinstance(backup_set, destination.RemoteBackupSet):
+        log.info(
+            "%s: changed blocks are for dest = local yet: whole images, sent by rsync's delta",
+            plan.name,
+        )
+        return None
+    missing = _missing_tools()
+    if missing:
+        log.info("%s: changed blocks need %s: whole copies", plan.name, missing)
+        return None
+    if settings.merge != "commit":
+        log.info(
+            "%s: changed blocks need merge = commit (a pull makes the overlay the image): "
+            "whole copies",
+            plan.name,
+        )
+        return None
+    tag = destination_tag(backup_set.domain_dir)
+    night = Night(plan.name, tag, checkpoint_name(tag, backup_set.stamp), run_identity(domain))
+    by_target = {d.target: d for d in plan.disks}
+    for item in plan.files:
+        disk = by_target.get(item.target)
+        if disk is None or item.role != "disk" or item.source != disk.path:
+            continue
+        unfit = _unfit(disk, item, plan)
+        if unfit:
+            log.info("%s: %s: copied whole every night: %s", plan.name, disk.target, unfit)
+            continue
+        night.disks[item.name] = DiskNight(item, file_identity(item.source))
+    if not night.disks:
+        return None
+    previous = _previous_set(backup_set)
+    ours = [c for c in domain.checkpoints() if c.startswith(f"{PREFIX}{tag}-")]
+    wanted = _still_needed(previous, night)
+    for name in ours:
+        if name not in wanted:
+            _delete(domain, name, "no set needs it")
+    present = set(ours) & wanted
+    for tracked in night.disks.values():
+        tracked.reason = _why_full(domain, settings, previous, tracked, night, present)
+        if not tracked.reason:
+            _clone(plan.name, backup_set, tracked)
+        if tracked.reason:
+            log.info("%s: %s: copied whole: %s", plan.name, tracked.item.target, tracked.reason)
+    return night
+
+
+def _missing_tools() -> str:
+    if shutil.which("qemu-storage-daemon") is None:
+        return "qemu-storage-daemon (Debian package qemu-system-common)"
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse (the fuse kernel module)"
+    return ""
+
+
+def _unfit(disk: Disk, item: SetFile, plan: Plan) -> str:
+    """Why this disk cannot be tracked at all, or ''."""
+    if disk.source_type != "file":
+        return "a block device is raw: libvirt 9.0 keeps no bitmap for it"
+    if disk.format != "qcow2":
+        return f"its image is {disk.format}: libvirt 9.0 keeps bitmaps in qcow2 images only"
+    if (
+        item.backing
+        or item.data_file
+        or any(f.target == item.target and f is not item for f in plan.files)
+    ):
+        return "the set holds more than its one image file (layers, a data file)"
+    try:
+        layer = images.chain(item.source)[0]
+    except images.ImageError as error:
+        return str(error)
+    if layer.compat != "1.1":
+        return f"its qcow2 is version {layer.compat or 'unknown'} (compat 1.1 holds bitmaps)"
+    return ""
+
+
+@dataclass(frozen=True)
+class _Previous:
+    path: str
+    info: setinfo.SetInfo
+    manifest: set[str]
+    verify_failed: bool
+
+
+def _previous_set(backup_set: destination.AnySet) -> _Previous | str:
+    """The newest complete set of the domain with images, or why there is none."""
+    entries = [e for e in backup_set.entries() if e.has_images]
+    if not entries:
+        return "no earlier set"
+    path = os.path.join(backup_set.domain_dir, entries[-1].stamp)
+    try:
+        info = setinfo.read(path)
+    except setinfo.SetInfoError as error:
+        return f"the previous set cannot be read: {error}"
+    manifest = set()
+    try:
+        with open(os.path.join(path, destination.MANIFEST), errors="replace") as handle:
+            for line in handle:
+                _, _, name = line.rstrip("\n").partition("  ")
+                manifest.add(name)
+    except OSError:
+        return f"the previous set {path} has no {destination.MANIFEST}"
+    verify = setinfo.read_checks(path).get("verify")
+    failed = isinstance(verify, dict) and verify.get("ok") is False
+    return _Previous(path, info, manifest, failed)
+
+
+def _still_needed(previous: _Previous | str, night: Night) -> set[str]:
+    if isinstance(previous, str):
+        return set()
+    return {
+        item.tracking.checkpoint
+        for item in previous.info.disks()
+        if item.tracking is not None and item.tracking.checkpoint.startswith(PREFIX + night.tag)
+    }
+
+
+def _why_full(
+    domain: Domain,
+    settings: Settings,
+    previous: _Previous | str,
+    disk: DiskNight,
+    night: Night,
+    present: set[str],
+) -> str:
+    """Why *disk* must be copied whole tonight, or '' (then ``since`` is set)."""
+    if isinstance(previous, str):
+        return previous
+    stamp = os.path.basename(previous.path)
+    old = next((f for f in previous.info.disks() if f.target == disk.item.target), None)
+    if old is None or old.tracking is None:
+        return f"the previous set {stamp} has no record of its changes"
+    tracking = old.tracking
+    if not tracking.checkpoint:
+        return f"the previous set {stamp} was made without a checkpoint"
+    if settings.full_every and tracking.nights + 1 >= settings.full_every:
+        return f"{tracking.nights + 1} changed-only sets since the last full copy (full_every)"
+    if previous.verify_failed:
+        return f"the previous set {stamp} failed its verification"
+    if old.name not in previous.manifest:
+        return f"the previous set {stamp} has no sum of {old.name}"
+    image = os.path.join(previous.path, old.name)
+    try:
+        status = os.stat(image)
+    except OSError as error:
+        return f"the previous image {image} cannot be read: {error.strerror}"
+    if (status.st_size, status.st_mtime_ns) != (tracking.size, tracking.mtime_ns):
+        return f"the previous image {image} changed since it was written"
+    if old.original_path != disk.item.source:
+        return f"its image is now {disk.item.source}, not {old.original_path}"
+    if tracking.identity != disk.identity:
+        return f"{disk.item.source} is another file than at the previous set (restored, replaced)"
+    if old.virtual_size != disk.item.virtual_size:
+        return (
+            f"its size changed from {human_bytes(old.virtual_size)} to "
+            f"{human_bytes(disk.item.virtual_size)}"
+        )
+    if tracking.run != night.run:
+        return (
+            "the domain was restarted since the previous set (its image may have been "
+            "written while it was off)"
+        )
+    if tracking.checkpoint not in present:
+        return f"the checkpoint {tracking.checkpoint} is gone"
+    try:
+        sizes = domain.checkpoint_sizes(tracking.checkpoint)
+    except HypervisorError as error:
+        return f"the checkpoint {tracking.checkpoint} cannot be read: {error.reason}"
+    if disk.item.target not in sizes:
+        return f"the checkpoint {tracking.checkpoint} does not cover it"
+    if sizes[disk.item.target] is None:
+        return (
+            f"the bitmap of checkpoint {tracking.checkpoint} is not consistent "
+            f"(QEMU stopped without saving it)"
+        )
+    disk.since = tracking.checkpoint
+    disk.previous = image
+    disk.nights = tracking.nights
+    return ""
+
+
+def _clone(domain: str, backup_set: destination.AnySet, disk: DiskNight) -> None:
+    """The new image starts as the previous one: shared extents where the
+    filesystem can (FICLONE), else a sparse copy; on failure a full copy."""
+    target = os.path.join(backup_set.partial_path, disk.item.name)
+    try:
+        with open(disk.previous, "rb") as source:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.ioctl(fd, FICLONE, source.fileno())
+                disk.reflinked = True
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
+                    raise
+            finally:
+                os.close(fd)
+        if not disk.reflinked:
+            os.unlink(target)
+            destination.copy_sparse(disk.previous, target)
+    except (OSError, TransferError) as error:
+        _remove(target)
+        disk.reason = f"the previous image cannot be copied: {getattr(error, 'strerror', error)}"
+        disk.since = disk.previous = ""
+        return
+    disk.cloned = True
+    log.debug(
+        "%s: %s: started from %s (%s)",
+        domain,
+        disk.item.target,
+        disk.previous,
+        "shared extents" if disk.reflinked else "a copy: this filesystem has no reflinks",
+    )
+
+
+def start_checkpoint(domain: Domain, night: Night, all_disks: list[Disk]) -> None:
+    """Start C(N) covering the tracked disks; just before the freeze, so
+    that what is written until the next freeze is in its bitmaps."""
+    tracked = {d.item.target for d in night.disks.values()}
+    lines = "".join(
+        f"<disk name={xml.sax.saxutils.quoteattr(d.target)} "
+        f"checkpoint='{'bitmap' if d.target in tracked else 'no'}'/>"
+        for d in all_disks
+    )
+    text = (
+        f"<domaincheckpoint><name>{night.checkpoint}</name>"
+        "<description>backupninja-kvm: the next set of this domain is made from what "
+        "changed since</description>"
+        f"<disks>{lines}</disks></domaincheckpoint>"
+    )
+    try:
+        domain.create_checkpoint(text)
+    except HypervisorError as error:
+        log.info(
+            "%s: cannot start checkpoint %s (%s): the next set copies every disk whole",
+            night.domain,
+            night.checkpoint,
+            error.reason,
+        )
+        return
+    night.started = True
+
+
+# --- while frozen ---------------------------------------------------------------
+
+
+def copy_changes(night: Night, backup_set: destination.AnySet, outcome: Outcome) -> None:
+    """Write what changed into each cloned image. A disk whose bitmap
+    cannot be trusted falls back to a full copy: its clone is removed, and
+    ``night.changed_names()`` no longer lists it. Raises TransferError when
+    a copy failed (the set is then discarded)."""
+    for name, disk in night.disks.items():
+        if not disk.changed:
+            continue
+        clone = os.path.join(backup_set.partial_path, name)
+        try:
+            granularity, extents = bitmaps.dirty_extents(disk.item.source, disk.since)
+        except bitmaps.BitmapError as error:
+            _fall_back(night, disk, clone, str(error))
+            continue
+        changed = sum(length for _, length in extents)
+        log.debug(
+            "%s: %s: %s changed since %s (%d extents, granularity %s)",
+            night.domain,
+            disk.item.target,
+            human_bytes(changed),
+            disk.since,
+            len(extents),
+            human_bytes(granularity),
+        )
+        if extents:
+            exports = _Exports(disk.item.source, clone, backup_set.partial_path, disk.item.target)
+            try:
+                with exports as files:
+                    disk.bytes_read, disk.bytes_written = apply_extents(files[0], files[1], extents)
+            except TransferError as error:
+                log.warning(
+                    "%s: %s: the changes could not be copied (%s): copying it whole",
+                    night.domain,
+                    disk.item.target,
+                    error,
+                )
+                _fall_back(
+                    night, disk, clone, f"the changes could not be copied: {error}", quiet=True
+                )
+                continue
+        outcome.bytes_copied += disk.bytes_written
+        outcome.changes[disk.item.target] = (disk.bytes_read, disk.bytes_written)
+
+
+def _fall_back(night: Night, disk: DiskNight, clone: str, reason: str, quiet: bool = False) -> None:
+    _remove(clone)
+    disk.since = disk.previous = ""
+    disk.cloned = disk.reflinked = False
+    disk.bytes_read = disk.bytes_written = 0
+    disk.reason = reason
+    if not quiet:
+        log.info("%s: %s: copied whole: %s", night.domain, disk.item.target, reason)
+
+
+def apply_extents(
+    source: str,
+    target: str,
+    extents: list[tuple[int, int]],
+    progress: Callable[[int], None] | None = None,
+) -> tuple[int, int]:
+    """Copy each (offset, length) of *source* into *target* (both plain
+    files of the guest's view); an all-zero block becomes a zeroed range,
+    which qcow2 keeps as zero clusters. Returns (bytes read, bytes written)."""
+    read = written = 0
+    source_fd = os.open(source, os.O_RDONLY)
+    try:
+        target_fd = os.open(target, os.O_WRONLY)
+        try:
+            for offset, length in extents:
+                end = offset + length
+                while offset < end:
+                    step = min(CHUNK, end - offset)
+                    data = os.pread(source_fd, step, offset)
+                    if len(data) != step:
+                        raise TransferError(
+                            f"short read of {source} at {offset}: {len(data)} of {step} bytes"
+                        )
+                    read += step
+                    if data == _ZERO[:step]:
+                        _zero_range(target_fd, target, offset, step)
+                    else:
+                        _write_all(target_fd, data, offset)
+                        written += step
+                    offset += step
+                    if progress:
+                        progress(read)
+                    if read == step:
+                        faults.checkpoint("mid-changes")
+            os.fsync(target_fd)
+        finally:
+            os.close(target_fd)
+    except OSError as error:
+        raise TransferError(f"copy of changes into {target} failed: {error.strerror}") from None
+    finally:
+        os.close(source_fd)
+    return read, written
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+def _zero_range(fd: int, path: str, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        if code not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(code, os.strerror(code), path)
+        _write_all(fd, _ZERO[:length], offset)
+
+
+class _Exports:
+    """The frozen base (read-only, sharing it with the domain's QEMU) and
+    the clone in the set (writable), each exposed as a plain file of the
+    guest's view by one qemu-storage-daemon with two FUSE exports.
+
+    The daemon dies with us (PR_SET_PDEATHSIG) and, on SIGTERM, closes the
+    clone cleanly and takes its mounts down. The base is opened with
+    force-share, so even a daemon left behind never blocks the commit.
+    """
+
+    def __init__(self, base: str, clone: str, folder: str, target: str) -> None:
+        self.mounts = [
+            os.path.join(folder, f".bnkvm-base-{target}"),
+            os.path.join(folder, f".bnkvm-clone-{target}"),
+        ]
+        self.base, self.clone = base, clone
+        self.process: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> list[str]:
+        for mount in self.mounts:
+            os.close(os.open(mount, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        nodes = [
+            {
+                "driver": "qcow2",
+                "node-name": "base",
+                "read-only": True,
+                "force-share": True,
+                "file": {
+                    "driver": "file",
+                    "filename": self.base,
+                    "read-only": True,
+                    "force-share": True,
+                },
+            },
+            {
+                "driver": "qcow2",
+                "node-name": "clone",
+                "file": {"driver": "file", "filename": self.clone},
+            },
+        ]
+        exports = [
+            {"type": "fuse", "id": "base", "node-name": "base", "mountpoint": self.mounts[0]},
+            {
+                "type": "fuse",
+                "id": "clone",
+                "node-name": "clone",
+                "mountpoint": self.mounts[1],
+                "writable": True,
+            },
+        ]
+        argv = ["qemu-storage-daemon"]
+        for node in nodes:
+            argv += ["--blockdev", json.dumps(node)]
+        for export in exports:
+            argv += ["--export", json.dumps(export)]
+        try:
+            self.process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                preexec_fn=_die_with_parent,
+            )
+        except OSError as error:
+            self._remove_mounts()
+            raise TransferError(f"cannot run qemu-storage-daemon: {error.strerror}") from None
+        deadline = time.monotonic() + EXPORT_TIMEOUT
+        while not all(_is_mounted(m) for m in self.mounts):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                _, stderr = self._stop()
+                raise TransferError(
+                    f"qemu-storage-daemon could not expose {self.base} and {self.clone}: "
+                    f"{stderr or f'no mount within {EXPORT_TIMEOUT:g} s'}"
+                )
+            time.sleep(0.01)
+        return list(self.mounts)
+
+    def __exit__(self, kind, value, traceback) -> None:
+        returncode, stderr = self._stop()
+        if kind is None and returncode != 0:
+            raise TransferError(
+                f"qemu-storage-daemon did not close {self.clone} cleanly: {stderr or 'no message'}"
+            )
+
+    def _stop(self) -> tuple[int | None, str]:
+        """Stop the daemon, take its mounts down; its exit status and last message."""
+        returncode, stderr = None, ""
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                _, stderr = self.process.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                _, stderr = self.process.communicate()
+            returncode = self.process.returncode
+            self.process = None
+        for mount in self.mounts:
+            if _is_mounted(mount):
+                subprocess.run(["umount", "-l", mount], capture_output=True)
+        self._remove_mounts()
+        lines = (stderr or "").strip().splitlines()
+        return returncode, lines[-1] if lines else ""
+
+    def _remove_mounts(self) -> None:
+        for mount in self.mounts:
+            _remove(mount)
+
+
+def _die_with_parent() -> None:
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _is_mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as handle:
+        return any(line.split()[4] == path for line in handle)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# --- after the set --------------------------------------------------------------
+
+
+def strip_bitmaps(plan: Plan, backup_set: destination.AnySet) -> None:
+    """Remove our checkpoints' bitmaps from the set's qcow2 copies (after
+    the header fixes): a restored image must not carry bitmaps that libvirt
+    knows nothing of, which QEMU would go on updating for good. Foreign
+    bitmaps are kept, as the domain had them."""
+    if not isinstance(backup_set, destination.BackupSet):
+        return
+    for item in plan.files:
+        if item.format != "qcow2":
+            continue
+        copy = os.path.join(backup_set.partial_path, item.name)
+        try:
+            names = [b.name for b in bitmaps.bitmaps(copy) if b.name.startswith(PREFIX)]
+        except bitmaps.BitmapError as error:
+            log.debug("%s: %s: bitmaps not read: %s", plan.name, item.name, error)
+            continue
+        for name in names:
+            removed = subprocess.run(
+                ["qemu-img", "bitmap", "--remove", "-f", "qcow2", item.name, name],
+                cwd=backup_set.partial_path,
+                capture_output=True,
+                text=True,
+            )
+            if removed.returncode != 0:
+                raise TransferError(
+                    f"qemu-img cannot remove bitmap {name} from {copy}: "
+                    f"{removed.stderr.strip() or removed.returncode}"
+                )
+
+
+def record(night: Night, backup_set: destination.AnySet) -> dict[str, setinfo.Tracking]:
+    """set.json's tracking of each image, with the image file's size and
+    modification time as written (call after the header fixes)."""
+    records = night.tracking()
+    for name, tracking in list(records.items()):
+        status = os.stat(os.path.join(backup_set.partial_path, name))
+        records[name] = replace(tracking, size=status.st_size, mtime_ns=status.st_mtime_ns)
+    return records
+
+
+def finish(domain: Domain, night: Night, complete: bool) -> None:
+    """After the set: when it is complete, delete every checkpoint of ours
+    but tonight's (the next night reads tonight's); when it is not, delete
+    tonight's instead, so that the next night reads the previous one again
+    (it never stopped recording: what it marks is a superset)."""
+    try:
+        ours = [c for c in domain.checkpoints() if c.startswith(f"{PREFIX}{night.tag}-")]
+    except HypervisorError as error:
+        log.warning(
+            "%s: cannot list its checkpoints (%s): the next night deletes the ones no set needs",
+            night.domain,
+            error.reason,
+        )
+        return
+    for name in ours:
+        if complete and name != night.checkpoint:
+            _delete(domain, name, f"the new set's is {night.checkpoint}")
+        elif not complete and name == night.checkpoint:
+            _delete(domain, name, "its set was not made")
+
+
+def _delete(domain: Domain, name: str, why: str) -> None:
+    try:
+        domain.delete_checkpoint(name)
+    except HypervisorError as error:
+        log.warning(
+            "%s: cannot delete checkpoint %s (%s); the next night tries again",
+            domain.name,
+            name,
+            error.reason,
+        )
+        return
+    log.debug("%s: deleted checkpoint %s: %s", domain.name, name, why)
