@@ -55,6 +55,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import xml.sax.saxutils
 from collections.abc import Callable
@@ -78,6 +79,7 @@ _FALLOC_FL_ZERO_RANGE = 0x10
 _PR_SET_PDEATHSIG = 1
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 EXPORT_TIMEOUT = 30.0
+CHANGES_ROOT = "/var/tmp"  # the changes for a remote set, before they are sent
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -135,9 +137,13 @@ class Night:
         return {name for name, disk in self.disks.items() if disk.changed}
 
 
-def destination_tag(domain_dir: str) -> str:
-    """Eight hex digits naming the destination folder in a checkpoint's name."""
-    folder = os.path.dirname(os.path.realpath(domain_dir))
+def destination_tag(backup_set: destination.AnySet) -> str:
+    """Eight hex digits naming the destination folder (and its host) in a
+    checkpoint's name."""
+    if isinstance(backup_set, destination.RemoteBackupSet):
+        folder = f"{backup_set.remote.label}:{os.path.dirname(backup_set.domain_dir)}"
+    else:
+        folder = os.path.dirname(os.path.realpath(backup_set.domain_dir))
     return hashlib.sha256(folder.encode()).hexdigest()[:8]
 
 
@@ -173,12 +179,6 @@ def prepare(
     """
     if settings.changed_blocks == "no" or not plan.active or not plan.disks:
         return None
-    if isinstance(backup_set, destination.RemoteBackupSet):
-        log.info(
-            "%s: changed blocks are for dest = local yet: whole images, sent by rsync's delta",
-            plan.name,
-        )
-        return None
     missing = _missing_tools()
     if missing:
         log.info("%s: changed blocks need %s: whole copies", plan.name, missing)
@@ -190,7 +190,17 @@ def prepare(
             plan.name,
         )
         return None
-    tag = destination_tag(backup_set.domain_dir)
+    if isinstance(backup_set, destination.RemoteBackupSet):
+        remote_missing = _remote_missing_tools(backup_set)
+        if remote_missing:
+            log.info(
+                "%s: changed blocks need %s on %s: whole images, sent by rsync's delta",
+                plan.name,
+                remote_missing,
+                backup_set.remote.label,
+            )
+            return None
+    tag = destination_tag(backup_set)
     night = Night(plan.name, tag, checkpoint_name(tag, backup_set.stamp), run_identity(domain))
     by_target = {d.target: d for d in plan.disks}
     for item in plan.files:
@@ -255,6 +265,30 @@ class _Previous:
     info: setinfo.SetInfo
     manifest: set[str]
     verify_failed: bool
+    stats: dict[str, tuple[int, int]] | None = None  # remote: name -> (size, mtime_ns)
+
+    def stat(self, name: str) -> tuple[int, int]:
+        """(size, mtime_ns) of a file of the set; OSError when it is not there."""
+        if self.stats is None:
+            status = os.stat(os.path.join(self.path, name))
+            return status.st_size, status.st_mtime_ns
+        if name not in self.stats:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+        return self.stats[name]
+
+
+# A remote set, for the next night: set.json, "@checks", checks.json,
+# "@manifest", the manifest's names, "@stat", "SIZE SECONDS.NANOSECONDS NAME"
+# per file.
+_DESCRIBE = """cd "$1" || exit 3
+cat set.json || exit 3
+echo @checks; cat checks.json 2>/dev/null; echo
+echo @manifest
+for m in B3SUMS SHA256SUMS; do [ -f "$m" ] && { sed 's/^[^ ]*  //' "$m"; break; }; done
+echo @stat
+stat -c '%s %.9Y %n' -- * 2>/dev/null
+exit 0
+"""
 
 
 def _previous_set(backup_set: destination.AnySet) -> _Previous | str:
@@ -263,6 +297,8 @@ def _previous_set(backup_set: destination.AnySet) -> _Previous | str:
     if not entries:
         return "no earlier set"
     path = os.path.join(backup_set.domain_dir, entries[-1].stamp)
+    if isinstance(backup_set, destination.RemoteBackupSet):
+        return _previous_remote(backup_set, path)
     try:
         info = setinfo.read(path)
     except setinfo.SetInfoError as error:
@@ -278,6 +314,41 @@ def _previous_set(backup_set: destination.AnySet) -> _Previous | str:
     verify = setinfo.read_checks(path).get("verify")
     failed = isinstance(verify, dict) and verify.get("ok") is False
     return _Previous(path, info, manifest, failed)
+
+
+def _previous_remote(backup_set: destination.RemoteBackupSet, path: str) -> _Previous | str:
+    where = f"{backup_set.remote.label}:{path}"
+    try:
+        output = backup_set.remote.run(_DESCRIBE, path)
+    except TransferError as error:
+        return f"the previous set {where} cannot be read: {error}"
+    info_text, _, rest = output.partition("\n@checks\n")
+    checks_text, _, rest = rest.partition("\n@manifest\n")
+    manifest_text, _, stat_text = rest.partition("@stat\n")
+    try:
+        info = setinfo.SetInfo.from_json(info_text, f"{where}/set.json")
+    except setinfo.SetInfoError as error:
+        return f"the previous set cannot be read: {error}"
+    try:
+        checks = json.loads(checks_text) if checks_text.strip() else {}
+    except ValueError:
+        checks = {}
+    manifest = {line for line in manifest_text.splitlines() if line}
+    if not manifest:
+        return f"the previous set {where} has no manifest"
+    stats = _parse_stats(stat_text)
+    verify = checks.get("verify") if isinstance(checks, dict) else None
+    failed = isinstance(verify, dict) and verify.get("ok") is False
+    return _Previous(path, info, manifest, failed, stats)
+
+
+def _remote_missing_tools(backup_set: destination.RemoteBackupSet) -> str:
+    """What the remote host lacks to build a set from changes, or ''."""
+    try:
+        backup_set.remote.run("command -v qemu-img >/dev/null || exit 3")
+    except TransferError as error:
+        return "qemu-img (qemu-utils)" if error.status == 3 else f"a shell ({error})"
+    return ""
 
 
 def _still_needed(previous: _Previous | str, night: Night) -> set[str]:
@@ -316,10 +387,10 @@ def _why_full(
         return f"the previous set {stamp} has no sum of {old.name}"
     image = os.path.join(previous.path, old.name)
     try:
-        status = os.stat(image)
+        status = previous.stat(old.name)
     except OSError as error:
         return f"the previous image {image} cannot be read: {error.strerror}"
-    if (status.st_size, status.st_mtime_ns) != (tracking.size, tracking.mtime_ns):
+    if status != (tracking.size, tracking.mtime_ns):
         return f"the previous image {image} changed since it was written"
     if old.original_path != disk.item.source:
         return f"its image is now {disk.item.source}, not {old.original_path}"
@@ -354,10 +425,22 @@ def _why_full(
     return ""
 
 
+_REMOTE_CLONE = 'cp --reflink=auto --sparse=always -- "$1" "$2" && chmod 600 -- "$2"'
+
+
 def _clone(domain: str, backup_set: destination.AnySet, disk: DiskNight) -> None:
     """The new image starts as the previous one: shared extents where the
     filesystem can (FICLONE), else a sparse copy; on failure a full copy."""
     target = os.path.join(backup_set.partial_path, disk.item.name)
+    if isinstance(backup_set, destination.RemoteBackupSet):
+        try:
+            backup_set.remote.run(_REMOTE_CLONE, disk.previous, target)
+        except TransferError as error:
+            disk.reason = f"the previous image cannot be copied on the remote host: {error}"
+            disk.since = disk.previous = ""
+            return
+        disk.cloned = True
+        return
     try:
         with open(disk.previous, "rb") as source:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -420,9 +503,9 @@ def start_checkpoint(domain: Domain, night: Night, all_disks: list[Disk]) -> Non
 
 def copy_changes(night: Night, backup_set: destination.AnySet, outcome: Outcome) -> None:
     """Write what changed into each cloned image. A disk whose bitmap
-    cannot be trusted falls back to a full copy: its clone is removed, and
-    ``night.changed_names()`` no longer lists it. Raises TransferError when
-    a copy failed (the set is then discarded)."""
+    cannot be trusted, or whose changes cannot be copied, falls back to a
+    full copy: its clone is removed, and ``night.changed_names()`` no
+    longer lists it."""
     for name, disk in night.disks.items():
         if not disk.changed:
             continue
@@ -430,7 +513,7 @@ def copy_changes(night: Night, backup_set: destination.AnySet, outcome: Outcome)
         try:
             granularity, extents = bitmaps.dirty_extents(disk.item.source, disk.since)
         except bitmaps.BitmapError as error:
-            _fall_back(night, disk, clone, str(error))
+            _fall_back(night, disk, backup_set, clone, str(error))
             continue
         changed = sum(length for _, length in extents)
         log.debug(
@@ -442,28 +525,91 @@ def copy_changes(night: Night, backup_set: destination.AnySet, outcome: Outcome)
             len(extents),
             human_bytes(granularity),
         )
-        if extents:
-            exports = _Exports(disk.item.source, clone, backup_set.partial_path, disk.item.target)
-            try:
+        sent = 0
+        try:
+            if isinstance(backup_set, destination.RemoteBackupSet):
+                sent = _send_changes(disk, backup_set, extents)
+            elif extents:
+                exports = _Exports(
+                    disk.item.source, clone, backup_set.partial_path, disk.item.target
+                )
                 with exports as files:
                     disk.bytes_read, disk.bytes_written = apply_extents(files[0], files[1], extents)
-            except TransferError as error:
-                log.warning(
-                    "%s: %s: the changes could not be copied (%s): copying it whole",
-                    night.domain,
-                    disk.item.target,
-                    error,
-                )
-                _fall_back(
-                    night, disk, clone, f"the changes could not be copied: {error}", quiet=True
-                )
-                continue
-        outcome.bytes_copied += disk.bytes_written
+        except TransferError as error:
+            log.warning(
+                "%s: %s: the changes could not be copied (%s): copying it whole",
+                night.domain,
+                disk.item.target,
+                error,
+            )
+            reason = f"the changes could not be copied: {error}"
+            _fall_back(night, disk, backup_set, clone, reason, quiet=True)
+            continue
+        remote = isinstance(backup_set, destination.RemoteBackupSet)
+        outcome.bytes_copied += sent if remote else disk.bytes_written
         outcome.changes[disk.item.target] = (disk.bytes_read, disk.bytes_written)
 
 
-def _fall_back(night: Night, disk: DiskNight, clone: str, reason: str, quiet: bool = False) -> None:
-    _remove(clone)
+# On the remote host, in the new set's folder: write the changes (a qcow2
+# whose backing file is the clone, by its name in the set) into the clone.
+_REMOTE_COMMIT = """cd "$1" || exit 1
+qemu-img commit -q -d -f qcow2 -- "$2"; status=$?
+rm -f -- "$2"
+exit $status
+"""
+
+
+def _send_changes(
+    disk: DiskNight, backup_set: destination.RemoteBackupSet, extents: list[tuple[int, int]]
+) -> int:
+    """The changes, for a remote set: written here into a qcow2 that holds
+    them alone (its backing file named as the clone in the set), sent with
+    rsync, and committed into the clone there by the remote host's
+    qemu-img. Returns the bytes sent."""
+    if not extents:
+        return 0
+    folder = tempfile.mkdtemp(prefix="bnkvm-changes-", dir=CHANGES_ROOT)
+    try:
+        changes = os.path.join(folder, "changes.qcow2")
+        created = subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", disk.item.name]
+            + ["-F", "qcow2", changes, str(disk.item.virtual_size)],
+            capture_output=True,
+            text=True,
+        )
+        if created.returncode != 0:
+            raise TransferError(f"qemu-img cannot make {changes}: {created.stderr.strip()}")
+        # Its backing file is on the remote host: opened without one here,
+        # and every zero is written as data, never left to read through.
+        exports = _Exports(disk.item.source, changes, folder, disk.item.target, no_backing=True)
+        with exports as files:
+            disk.bytes_read, disk.bytes_written = apply_extents(
+                files[0], files[1], extents, zeros_as_data=True
+            )
+        remote_name = f".bnkvm-changes-{disk.item.name}"
+        stats = backup_set.remote.send(changes, os.path.join(backup_set.partial_path, remote_name))
+        backup_set.remote.run(_REMOTE_COMMIT, backup_set.partial_path, remote_name)
+        log.debug(
+            "%s: %s: %s of changes sent, committed into the clone on %s",
+            backup_set.domain,
+            disk.item.target,
+            human_bytes(stats.sent),
+            backup_set.remote.label,
+        )
+        return stats.sent
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _fall_back(
+    night: Night,
+    disk: DiskNight,
+    backup_set: destination.AnySet,
+    clone: str,
+    reason: str,
+    quiet: bool = False,
+) -> None:
+    _remove_in_set(backup_set, clone)
     disk.since = disk.previous = ""
     disk.cloned = disk.reflinked = False
     disk.bytes_read = disk.bytes_written = 0
@@ -472,15 +618,24 @@ def _fall_back(night: Night, disk: DiskNight, clone: str, reason: str, quiet: bo
         log.info("%s: %s: copied whole: %s", night.domain, disk.item.target, reason)
 
 
+def _remove_in_set(backup_set: destination.AnySet, path: str) -> None:
+    if isinstance(backup_set, destination.RemoteBackupSet):
+        backup_set.remote.run('rm -f -- "$1"', path)
+    else:
+        _remove(path)
+
+
 def apply_extents(
     source: str,
     target: str,
     extents: list[tuple[int, int]],
     progress: Callable[[int], None] | None = None,
+    zeros_as_data: bool = False,
 ) -> tuple[int, int]:
     """Copy each (offset, length) of *source* into *target* (both plain
     files of the guest's view); an all-zero block becomes a zeroed range,
-    which qcow2 keeps as zero clusters. Returns (bytes read, bytes written)."""
+    which qcow2 keeps as zero clusters (with *zeros_as_data*, zeros written
+    as data). Returns (bytes read, bytes written)."""
     read = written = 0
     source_fd = os.open(source, os.O_RDONLY)
     try:
@@ -496,7 +651,7 @@ def apply_extents(
                             f"short read of {source} at {offset}: {len(data)} of {step} bytes"
                         )
                     read += step
-                    if data == _ZERO[:step]:
+                    if data == _ZERO[:step] and not zeros_as_data:
                         _zero_range(target_fd, target, offset, step)
                     else:
                         _write_all(target_fd, data, offset)
@@ -541,12 +696,14 @@ class _Exports:
     force-share, so even a daemon left behind never blocks the commit.
     """
 
-    def __init__(self, base: str, clone: str, folder: str, target: str) -> None:
+    def __init__(
+        self, base: str, clone: str, folder: str, target: str, no_backing: bool = False
+    ) -> None:
         self.mounts = [
             os.path.join(folder, f".bnkvm-base-{target}"),
             os.path.join(folder, f".bnkvm-clone-{target}"),
         ]
-        self.base, self.clone = base, clone
+        self.base, self.clone, self.no_backing = base, clone, no_backing
         self.process: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> list[str]:
@@ -569,6 +726,7 @@ class _Exports:
                 "driver": "qcow2",
                 "node-name": "clone",
                 "file": {"driver": "file", "filename": self.clone},
+                **({"backing": None} if self.no_backing else {}),
             },
         ]
         exports = [
@@ -660,12 +818,27 @@ def _remove(path: str) -> None:
 # --- after the set --------------------------------------------------------------
 
 
+# The same on the remote host, with its qemu-img (a host without one keeps them).
+_REMOTE_STRIP = """cd "$1" && shift || exit 1
+command -v qemu-img >/dev/null || exit 0
+for f in "$@"; do
+  qemu-img info -U --output=json -- "$f" |
+    sed -n 's/^ *"name": "\\(bnkvm-[^"]*\\)",\\{0,1\\}$/\\1/p' |
+    while read -r b; do qemu-img bitmap --remove -f qcow2 -- "$f" "$b" || exit 1; done ||
+    { echo "qemu-img cannot remove the bitmaps of $f" >&2; exit 1; }
+done
+"""
+
+
 def strip_bitmaps(plan: Plan, backup_set: destination.AnySet) -> None:
     """Remove our checkpoints' bitmaps from the set's qcow2 copies (after
     the header fixes): a restored image must not carry bitmaps that libvirt
     knows nothing of, which QEMU would go on updating for good. Foreign
     bitmaps are kept, as the domain had them."""
-    if not isinstance(backup_set, destination.BackupSet):
+    if isinstance(backup_set, destination.RemoteBackupSet):
+        names = [item.name for item in plan.files if item.format == "qcow2"]
+        if names:
+            backup_set.remote.run(_REMOTE_STRIP, backup_set.partial_path, *names)
         return
     for item in plan.files:
         if item.format != "qcow2":
@@ -694,10 +867,37 @@ def record(night: Night, backup_set: destination.AnySet) -> dict[str, setinfo.Tr
     """set.json's tracking of each image, with the image file's size and
     modification time as written (call after the header fixes)."""
     records = night.tracking()
+    if isinstance(backup_set, destination.RemoteBackupSet):
+        stats = _remote_stats(backup_set, list(records))
+    else:
+        stats = {}
+        for name in records:
+            status = os.stat(os.path.join(backup_set.partial_path, name))
+            stats[name] = (status.st_size, status.st_mtime_ns)
     for name, tracking in list(records.items()):
-        status = os.stat(os.path.join(backup_set.partial_path, name))
-        records[name] = replace(tracking, size=status.st_size, mtime_ns=status.st_mtime_ns)
+        size, mtime_ns = stats.get(name, (0, 0))
+        records[name] = replace(tracking, size=size, mtime_ns=mtime_ns)
     return records
+
+
+def _remote_stats(
+    backup_set: destination.RemoteBackupSet, names: list[str]
+) -> dict[str, tuple[int, int]]:
+    output = backup_set.remote.run(
+        'cd "$1" && shift && stat -c \'%s %.9Y %n\' -- "$@"', backup_set.partial_path, *names
+    )
+    return _parse_stats(output)
+
+
+def _parse_stats(output: str) -> dict[str, tuple[int, int]]:
+    """name -> (size, mtime_ns) from lines of ``stat -c '%s %.9Y %n'``."""
+    stats = {}
+    for line in output.splitlines():
+        size, stamp, name = (line.split(" ", 2) + ["", ""])[:3]
+        seconds, _, fraction = stamp.partition(".")
+        if size.isdigit() and seconds.isdigit() and fraction.isdigit():
+            stats[name] = (int(size), int(seconds) * 10**9 + int(fraction.ljust(9, "0")[:9]))
+    return stats
 
 
 def finish(domain: Domain, night: Night, complete: bool) -> None:

@@ -136,18 +136,20 @@ sshoptions = string(default='')
 # transfer, the previous set's image as the basis; the remote host reads that
 # image). "no": send whole images (less CPU; faster on a fast network).
 delta = boolean(default=True)
-# dest = local: make each set of a running domain's qcow2 disk from the
-# previous set and only what changed since (a libvirt checkpoint, a dirty
-# bitmap in the image, started just before each freeze): the night reads and
-# writes the changed blocks and the domain spends only their copy on the
-# overlay. Every set is still a complete image with its own manifest. On XFS
-# or btrfs the new image shares the previous one's unchanged extents
-# (reflink); elsewhere it starts as a copy of the previous set's file, made
-# at the destination before the freeze. A disk is copied whole, with an Info
-# line saying why, whenever the chain cannot be proven intact (no previous
-# set, a checkpoint gone or inconsistent after a crash, a restart, a resize,
-# a replaced image...). Raw images and block devices are always copied whole
-# (libvirt 9.0 keeps no bitmap for them). "no": whole copies, no checkpoint.
+# Make each set of a running domain's qcow2 disk from the previous set and
+# only what changed since (a libvirt checkpoint, a dirty bitmap in the image,
+# started just before each freeze): the night reads and writes the changed
+# blocks and the domain spends only their copy on the overlay. Every set is
+# still a complete image with its own manifest. On XFS or btrfs the new image
+# shares the previous one's unchanged extents (reflink); elsewhere it starts
+# as a copy of the previous set's file, made at the destination before the
+# freeze. dest = remote: only the changes are sent, and the remote host
+# builds the new image from its previous one (it needs qemu-img). A disk is
+# copied whole, with an Info line saying why, whenever the chain cannot be
+# proven intact (no previous set, a checkpoint gone or inconsistent after a
+# crash, a restart, a resize, a replaced image...). Raw images and block
+# devices are always copied whole (libvirt 9.0 keeps no bitmap for them).
+# "no": whole copies, no checkpoint.
 changed_blocks = option('auto', 'no', default='auto')
 # changed_blocks = auto: copy each disk whole after this many changed-only
 # sets in a row, which also catches what no bitmap sees (an image written

@@ -225,6 +225,10 @@ def test_many_nights_each_set_is_its_freeze_instant_and_stands_alone(new_vm, scr
     image = os.path.join(keep, "vda-vda.qcow2")
     assert same_content(window.references[7], "qcow2", image, "qcow2")
     run("qemu-img", "check", "-q", image)
+    # only the administrator's bitmap: ours are stripped from the set's copies
+    listed = json.loads(run("qemu-img", "info", "--output=json", image))
+    names = [b["name"] for b in listed["format-specific"]["data"].get("bitmaps", [])]
+    assert names == ["admins-own"], names
 
 
 def test_on_a_filesystem_without_reflinks_the_set_starts_as_a_copy(new_vm, scratch):
