@@ -895,6 +895,7 @@ def _parse_stats(output: str) -> dict[str, tuple[int, int]]:
     for line in output.splitlines():
         size, stamp, name = (line.split(" ", 2) + ["", ""])[:3]
         seconds, _, fraction = stamp.partition(".")
+        fraction = fraction or "0"
         if size.isdigit() and seconds.isdigit() and fraction.isdigit():
             stats[name] = (int(size), int(seconds) * 10**9 + int(fraction.ljust(9, "0")[:9]))
     return stats

@@ -328,7 +328,7 @@ def _check_domain(hypervisor, info: setinfo.SetInfo, options: Options):
         raise RestoreError(
             f"{info.domain}: the domain {existing.name} ({existing.uuid}) has the set's name "
             f"or UUID ({info.uuid}) but not both: restore --as NEWNAME beside it, or "
-            f"undefine it first"
+            f"undefine it first (virsh undefine --checkpoints-metadata {existing.name})"
         )
     if existing.is_active():
         raise RestoreError(

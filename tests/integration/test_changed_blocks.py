@@ -12,6 +12,7 @@ that is changed blocks again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -28,6 +29,7 @@ from tests.conftest import write_action
 from tests.support.cli import helper
 from tests.support.cycle import back_up
 from tests.support.vms import (
+    UNDEFINE,
     DiskSpec,
     MiB,
     Write,
@@ -225,6 +227,19 @@ def test_many_nights_each_set_is_its_freeze_instant_and_stands_alone(new_vm, scr
     image = os.path.join(keep, "vda-vda.qcow2")
     assert same_content(window.references[7], "qcow2", image, "qcow2")
     run("qemu-img", "check", "-q", image)
+    # ... and restores on its own, as a copy beside the running original
+    copy_name, copy_dir = f"{vm.name}-copy", os.path.join(scratch, "restored")
+    os.mkdir(copy_dir)
+    try:
+        restored = helper("restore", keep, "--as", copy_name, "--to", copy_dir)
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        images = [n for n in os.listdir(copy_dir) if n.endswith(".qcow2")]
+        assert len(images) == 1, images
+        restored_image = os.path.join(copy_dir, images[0])
+        assert same_content(window.references[7], "qcow2", restored_image, "qcow2")
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            connect().lookupByName(copy_name).undefineFlags(UNDEFINE)
     # only the administrator's bitmap: ours are stripped from the set's copies
     listed = json.loads(run("qemu-img", "info", "--output=json", image))
     names = [b["name"] for b in listed["format-specific"]["data"].get("bitmaps", [])]
