@@ -102,7 +102,7 @@ def _back_up_locked(
             ship.copy_shut_off(domain, plan, backup_set, outcome)
         complete.fix_headers(plan, backup_set)
         _strip_bitmaps(plan, backup_set)
-        tracking = changed.record(night, backup_set) if night else {}
+        tracking = changed.record(night, backup_set, outcome) if night else {}
         ship.write_set_info(domain, plan, backup_set, outcome, tracking)
         complete.complete_set(domain, plan, settings, backup_set, outcome)
     except BaseException:

@@ -117,14 +117,17 @@ class Night:
     disks: dict[str, DiskNight] = field(default_factory=dict)  # by the image's name in the set
     started: bool = False  # C(N) exists
 
-    def tracking(self) -> dict[str, setinfo.Tracking]:
-        """set.json's record of each tracked image (call after the copy)."""
+    def tracking(self, copied: dict[str, int]) -> dict[str, setinfo.Tracking]:
+        """set.json's record of each tracked image (call after the copy);
+        *copied*: the bytes of each file copied whole (for a remote set,
+        what rsync sent)."""
         records = {}
         for name, disk in self.disks.items():
+            whole = copied.get(name, 0)
             records[name] = setinfo.Tracking(
                 how="changed" if disk.changed else "full",
-                bytes_read=disk.bytes_read,
-                bytes_written=disk.bytes_written,
+                bytes_read=disk.bytes_read if disk.changed else whole,
+                bytes_written=disk.bytes_written if disk.changed else whole,
                 reason=disk.reason,
                 checkpoint=self.checkpoint if self.started else "",
                 identity=disk.identity,
@@ -863,10 +866,12 @@ def strip_bitmaps(plan: Plan, backup_set: destination.AnySet) -> None:
                 )
 
 
-def record(night: Night, backup_set: destination.AnySet) -> dict[str, setinfo.Tracking]:
+def record(
+    night: Night, backup_set: destination.AnySet, outcome: Outcome
+) -> dict[str, setinfo.Tracking]:
     """set.json's tracking of each image, with the image file's size and
     modification time as written (call after the header fixes)."""
-    records = night.tracking()
+    records = night.tracking(outcome.copied)
     if isinstance(backup_set, destination.RemoteBackupSet):
         stats = _remote_stats(backup_set, list(records))
     else:

@@ -136,6 +136,7 @@ def copy_disks(
         pool.shutdown(wait=True)  # each copy stops at its next chunk
         board.close()  # later log lines go below it
     outcome.bytes_copied += sum(copied.values())
+    outcome.copied.update(copied)
     outcome.remote = isinstance(backup_set, destination.RemoteBackupSet)
     outcome.copy_seconds = time.monotonic() - started
 
