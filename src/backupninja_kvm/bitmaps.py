@@ -31,6 +31,7 @@ IN_USE = 1 << 0
 AUTO = 1 << 1
 EXTRA_DATA_COMPATIBLE = 1 << 2
 KNOWN_FLAGS = IN_USE | AUTO | EXTRA_DATA_COMPATIBLE
+AUTOCLEAR_BITMAPS = 1 << 0  # the header's autoclear bit: the bitmaps extension is consistent
 DIRTY_TRACKING = 1
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 MAX_BITMAPS = 65535
@@ -52,6 +53,7 @@ class Bitmap:
     flags: int = 0
     table_offset: int = 0
     table_size: int = 0  # entries
+    extra_data: int = 0  # bytes of extra data in its directory entry
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class _Image:
     cluster_size: int
     virtual_size: int
     file_size: int
+    consistent: bool = True  # autoclear bit 0: no program unaware of bitmaps changed it
 
 
 def bitmaps(path: str) -> list[Bitmap]:
@@ -92,6 +95,13 @@ def dirty_extents(path: str, name: str) -> tuple[int, list[tuple[int, int]]]:
             )
         if bitmap.flags & ~KNOWN_FLAGS:
             raise BitmapError(f"{path}: bitmap {name!r} has unknown flags {bitmap.flags:#x}")
+        if bitmap.extra_data and not bitmap.flags & EXTRA_DATA_COMPATIBLE:
+            raise BitmapError(f"{path}: bitmap {name!r} has extra data this reader does not know")
+        if not image.consistent:
+            raise BitmapError(
+                f"{path}: its bitmaps are marked inconsistent (a program that does not know "
+                f"bitmaps changed the image), so what bitmap {name!r} marks cannot be trusted"
+            )
         return bitmap.granularity, _extents(fd, path, image, bitmap)
     finally:
         os.close(fd)
@@ -126,7 +136,8 @@ def _read_directory(fd: int, path: str) -> tuple[_Image, list[Bitmap]]:
         raise BitmapError(f"{path}: cluster size 2^{cluster_bits} is not one qcow2 allows")
     virtual_size = struct.unpack(">Q", header[24:32])[0]
     header_length = struct.unpack(">I", header[100:104])[0]
-    image = _Image(1 << cluster_bits, virtual_size, file_size)
+    autoclear = struct.unpack(">Q", header[88:96])[0]
+    image = _Image(1 << cluster_bits, virtual_size, file_size, bool(autoclear & AUTOCLEAR_BITMAPS))
     offset = header_length
     limit = min(image.cluster_size, file_size)
     while offset + 8 <= limit:
@@ -173,6 +184,7 @@ def _parse_directory(
                 flags,
                 table & OFFSET_MASK,
                 entries,
+                extra,
             )
         )
         position = (start + name_size + 7) & ~7

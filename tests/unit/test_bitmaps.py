@@ -161,3 +161,13 @@ def test_a_terabyte_disk_is_read_from_its_few_set_bits(tmp_path):
     qemu_io(big, "write 0 4k", "write 500G 1M", "write 1099511562240 4k")
     granularity, extents = bitmaps.dirty_extents(str(big), "b1")
     assert extents == [(0, 64 * K), (500 * 1024 * M, M), (1024 * 1024 * M - 64 * K, 64 * K)]
+
+
+def test_bitmaps_that_a_program_unaware_of_them_left_are_not_trusted(image):
+    qemu_img("bitmap", "--add", str(image), "b1")
+    qemu_io(image, "write 1M 4k")
+    with open(image, "r+b") as handle:  # what such a program does: clear the autoclear bits
+        handle.seek(88)
+        handle.write(struct.pack(">Q", 0))
+    with pytest.raises(BitmapError, match="marked inconsistent"):
+        bitmaps.dirty_extents(str(image), "b1")
