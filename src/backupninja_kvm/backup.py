@@ -102,7 +102,7 @@ def _back_up_locked(
             ship.copy_shut_off(domain, plan, backup_set, outcome)
         complete.fix_headers(plan, backup_set)
         _strip_bitmaps(plan, backup_set)
-        tracking = changed.record(night, backup_set, outcome) if night else {}
+        tracking = _record_changes(night, backup_set, outcome) if night else {}
         ship.write_set_info(domain, plan, backup_set, outcome, tracking)
         complete.complete_set(domain, plan, settings, backup_set, outcome)
     except BaseException:
@@ -122,9 +122,22 @@ def _prepare_changes(
 ) -> changed.Night | None:
     try:
         return changed.prepare(domain, plan, settings, backup_set)
-    except HypervisorError as error:
-        log.info("%s: changed blocks: %s; whole copies", plan.name, error)
-        return None
+    except (HypervisorError, TransferError, OSError) as error:
+        reason = f"{error.filename}: {error.strerror}" if isinstance(error, OSError) else error
+        log.info("%s: changed blocks: %s; whole copies", plan.name, reason)
+    changed.discard_clones(plan, backup_set)  # the whole copies take their place
+    return None
+
+
+def _record_changes(night: changed.Night, backup_set: destination.AnySet, outcome: Outcome) -> dict:
+    try:
+        return changed.record(night, backup_set, outcome)
+    except (OSError, TransferError) as error:
+        raise DomainError(
+            f"{night.domain}: cannot read the set's images in {backup_set.partial_path}: "
+            f"{getattr(error, 'strerror', None) or error}; no set made, the domain runs on "
+            f"its own images"
+        ) from None
 
 
 def _strip_bitmaps(plan: Plan, backup_set: destination.AnySet) -> None:

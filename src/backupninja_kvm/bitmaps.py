@@ -69,6 +69,8 @@ def bitmaps(path: str) -> list[Bitmap]:
     fd = _open(path)
     try:
         return _read_directory(fd, path)[1]
+    except OSError as error:
+        raise BitmapError(f"cannot read {path}: {error.strerror}") from None
     finally:
         os.close(fd)
 
@@ -84,6 +86,10 @@ def dirty_extents(path: str, name: str) -> tuple[int, list[tuple[int, int]]]:
         bitmap = next((b for b in found if b.name == name), None)
         if bitmap is None:
             raise BitmapError(f"{path}: no bitmap {name!r} (it has {_names(found)})")
+        if not bitmap.auto:
+            raise BitmapError(
+                f"{path}: bitmap {name!r} is disabled: it stopped recording, so it may miss writes"
+            )
         if bitmap.in_use:
             raise BitmapError(
                 f"{path}: bitmap {name!r} is in use: QEMU did not store it cleanly "
@@ -103,6 +109,8 @@ def dirty_extents(path: str, name: str) -> tuple[int, list[tuple[int, int]]]:
                 f"bitmaps changed the image), so what bitmap {name!r} marks cannot be trusted"
             )
         return bitmap.granularity, _extents(fd, path, image, bitmap)
+    except OSError as error:
+        raise BitmapError(f"cannot read {path}: {error.strerror}") from None
     finally:
         os.close(fd)
 

@@ -52,6 +52,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -78,6 +79,7 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_ZERO_RANGE = 0x10
 _PR_SET_PDEATHSIG = 1
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
+QEMU_PID_DIR = "/run/libvirt/qemu"  # qemu:///system's NAME.pid files
 EXPORT_TIMEOUT = 30.0
 CHANGES_ROOT = "/var/tmp"  # the changes for a remote set, before they are sent
 
@@ -155,12 +157,23 @@ def checkpoint_name(tag: str, stamp: str) -> str:
 
 
 def run_identity(domain: Domain) -> str:
+    """BOOT_ID:DOMAIN_ID:START of the QEMU process that runs the domain now
+    (START: its start time in clock ticks since boot, from /proc; a domain id
+    alone may come back after a restart of libvirtd)."""
     try:
         with open(BOOT_ID) as handle:
             boot = handle.read().strip()
     except OSError:
         boot = "unknown"
-    return f"{boot}:{domain.run_id()}"
+    start = ""
+    try:
+        with open(os.path.join(QEMU_PID_DIR, f"{domain.name}.pid")) as handle:
+            pid = int(handle.read().strip())
+        with open(f"/proc/{pid}/stat") as handle:
+            start = handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, ValueError, IndexError):
+        start = "unknown"
+    return f"{boot}:{domain.run_id()}:{start}"
 
 
 def file_identity(path: str) -> str:
@@ -247,6 +260,8 @@ def _unfit(disk: Disk, item: SetFile, plan: Plan) -> str:
         return "a block device is raw: libvirt 9.0 keeps no bitmap for it"
     if disk.format != "qcow2":
         return f"its image is {disk.format}: libvirt 9.0 keeps bitmaps in qcow2 images only"
+    if disk.backing:
+        return "its image has a backing file (a template the set does not hold)"
     if (
         item.backing
         or item.data_file
@@ -382,8 +397,8 @@ def _why_full(
     tracking = old.tracking
     if not tracking.checkpoint:
         return f"the previous set {stamp} was made without a checkpoint"
-    if settings.full_every and tracking.nights + 1 >= settings.full_every:
-        return f"{tracking.nights + 1} changed-only sets since the last full copy (full_every)"
+    if settings.full_every and tracking.nights >= settings.full_every:
+        return f"{tracking.nights} changed-only sets since the last full copy (full_every)"
     if previous.verify_failed:
         return f"the previous set {stamp} failed its verification"
     if old.name not in previous.manifest:
@@ -531,7 +546,7 @@ def copy_changes(night: Night, backup_set: destination.AnySet, outcome: Outcome)
         sent = 0
         try:
             if isinstance(backup_set, destination.RemoteBackupSet):
-                sent = _send_changes(disk, backup_set, extents)
+                sent = _send_changes(disk, backup_set, granularity, extents)
             elif extents:
                 exports = _Exports(
                     disk.item.source, clone, backup_set.partial_path, disk.item.target
@@ -562,8 +577,61 @@ exit $status
 """
 
 
+def delta_layout(
+    granularity: int, extents: list[tuple[int, int]], size: int
+) -> tuple[int, list[tuple[int, int]]]:
+    """The cluster size of the qcow2 that carries the changes, and the
+    extents rounded out to it. Every cluster the changes allocate must be
+    written whole: committed into the clone, its unwritten part would be
+    zeros over the clone's data (the qcow2 has no backing file while it is
+    written). The granularity itself where qcow2 allows it (512 B to 2 MiB),
+    so that nothing more is read than the bitmap marks."""
+    cluster = granularity if 512 <= granularity <= 2 * 1024 * 1024 else 64 * 1024
+    aligned: list[tuple[int, int]] = []
+    for offset, length in extents:
+        start = offset - offset % cluster
+        end = min(-(-(offset + length) // cluster) * cluster, size)
+        if aligned and start <= aligned[-1][0] + aligned[-1][1]:
+            first = aligned[-1][0]
+            aligned[-1] = (first, max(end, first + aligned[-1][1]) - first)
+        else:
+            aligned.append((start, end - start))
+    return cluster, aligned
+
+
+def write_changes(
+    base: str,
+    backing_name: str,
+    size: int,
+    granularity: int,
+    extents: list[tuple[int, int]],
+    changes: str,
+) -> tuple[int, int]:
+    """Write *extents* of the frozen *base* into a new qcow2 *changes* that
+    holds them alone, its header naming *backing_name* (the clone, beside
+    it once sent). Returns (bytes read, bytes written)."""
+    cluster, aligned = delta_layout(granularity, extents, size)
+    created = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}"]
+        + ["-u", "-b", backing_name, "-F", "qcow2", changes, str(size)],
+        capture_output=True,
+        text=True,
+    )
+    if created.returncode != 0:
+        raise TransferError(f"qemu-img cannot make {changes}: {created.stderr.strip()}")
+    # Its backing file is on the remote host: opened without one here, and
+    # every zero is written as data, never left to read through.
+    folder = os.path.dirname(changes)
+    exports = _Exports(base, changes, folder, "changes", no_backing=True)
+    with exports as files:
+        return apply_extents(files[0], files[1], aligned, zeros_as_data=True)
+
+
 def _send_changes(
-    disk: DiskNight, backup_set: destination.RemoteBackupSet, extents: list[tuple[int, int]]
+    disk: DiskNight,
+    backup_set: destination.RemoteBackupSet,
+    granularity: int,
+    extents: list[tuple[int, int]],
 ) -> int:
     """The changes, for a remote set: written here into a qcow2 that holds
     them alone (its backing file named as the clone in the set), sent with
@@ -574,21 +642,9 @@ def _send_changes(
     folder = tempfile.mkdtemp(prefix="bnkvm-changes-", dir=CHANGES_ROOT)
     try:
         changes = os.path.join(folder, "changes.qcow2")
-        created = subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", disk.item.name]
-            + ["-F", "qcow2", changes, str(disk.item.virtual_size)],
-            capture_output=True,
-            text=True,
+        disk.bytes_read, disk.bytes_written = write_changes(
+            disk.item.source, disk.item.name, disk.item.virtual_size, granularity, extents, changes
         )
-        if created.returncode != 0:
-            raise TransferError(f"qemu-img cannot make {changes}: {created.stderr.strip()}")
-        # Its backing file is on the remote host: opened without one here,
-        # and every zero is written as data, never left to read through.
-        exports = _Exports(disk.item.source, changes, folder, disk.item.target, no_backing=True)
-        with exports as files:
-            disk.bytes_read, disk.bytes_written = apply_extents(
-                files[0], files[1], extents, zeros_as_data=True
-            )
         remote_name = f".bnkvm-changes-{disk.item.name}"
         stats = backup_set.remote.send(changes, os.path.join(backup_set.partial_path, remote_name))
         backup_set.remote.run(_REMOTE_COMMIT, backup_set.partial_path, remote_name)
@@ -621,11 +677,21 @@ def _fall_back(
         log.info("%s: %s: copied whole: %s", night.domain, disk.item.target, reason)
 
 
+def discard_clones(plan: Plan, backup_set: destination.AnySet) -> None:
+    """Remove what a failed ``prepare`` cloned into the set already."""
+    for item in plan.files:
+        _remove_in_set(backup_set, os.path.join(backup_set.partial_path, item.name))
+
+
 def _remove_in_set(backup_set: destination.AnySet, path: str) -> None:
-    if isinstance(backup_set, destination.RemoteBackupSet):
-        backup_set.remote.run('rm -f -- "$1"', path)
-    else:
-        _remove(path)
+    """Remove a clone before its whole copy (which replaces it anyway)."""
+    try:
+        if isinstance(backup_set, destination.RemoteBackupSet):
+            backup_set.remote.run('rm -f -- "$1"', path)
+        else:
+            _remove(path)
+    except (OSError, TransferError) as error:
+        log.debug("cannot remove %s before its whole copy: %s", path, error)
 
 
 def apply_extents(
@@ -759,15 +825,19 @@ class _Exports:
         except OSError as error:
             self._remove_mounts()
             raise TransferError(f"cannot run qemu-storage-daemon: {error.strerror}") from None
-        deadline = time.monotonic() + EXPORT_TIMEOUT
-        while not all(_is_mounted(m) for m in self.mounts):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                _, stderr = self._stop()
-                raise TransferError(
-                    f"qemu-storage-daemon could not expose {self.base} and {self.clone}: "
-                    f"{stderr or f'no mount within {EXPORT_TIMEOUT:g} s'}"
-                )
-            time.sleep(0.01)
+        try:
+            deadline = time.monotonic() + EXPORT_TIMEOUT
+            while not all(_is_mounted(m) for m in self.mounts):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    _, stderr = self._stop()
+                    raise TransferError(
+                        f"qemu-storage-daemon could not expose {self.base} and {self.clone}: "
+                        f"{stderr or f'no mount within {EXPORT_TIMEOUT:g} s'}"
+                    )
+                time.sleep(0.01)
+        except BaseException:  # a signal, an OSError: no daemon or mount left behind
+            self._stop()
+            raise
         return list(self.mounts)
 
     def __exit__(self, kind, value, traceback) -> None:
@@ -807,8 +877,14 @@ def _die_with_parent() -> None:
 
 
 def _is_mounted(path: str) -> bool:
+    """Whether *path* is a mount point, by /proc/self/mountinfo (which shows
+    it resolved, with spaces and the like as octal escapes)."""
+    wanted = os.path.realpath(path)
     with open("/proc/self/mountinfo") as handle:
-        return any(line.split()[4] == path for line in handle)
+        return any(
+            re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4]) == wanted
+            for line in handle
+        )
 
 
 def _remove(path: str) -> None:
@@ -816,6 +892,8 @@ def _remove(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+    except OSError as error:  # a mount point still busy: the set's discard says so
+        log.debug("cannot remove %s: %s", path, error.strerror)
 
 
 # --- after the set --------------------------------------------------------------

@@ -454,10 +454,15 @@ class Domain:
         except libvirt.libvirtError as error:
             raise _translate(error, f"{self.name}: checkpoint {name}") from None
         sizes: dict[str, int | None] = {}
-        for disk in ET.fromstring(xml).findall("./disks/disk"):
-            if disk.get("checkpoint") == "bitmap":
-                size = disk.get("size")
-                sizes[disk.get("name", "")] = int(size) if size is not None else None
+        try:
+            for disk in ET.fromstring(xml).findall("./disks/disk"):
+                if disk.get("checkpoint") == "bitmap":
+                    size = disk.get("size")
+                    sizes[disk.get("name", "")] = int(size) if size is not None else None
+        except (ET.ParseError, ValueError) as error:
+            raise HypervisorError(
+                f"{self.name}: checkpoint {name}: unreadable XML: {error}"
+            ) from None
         return sizes
 
     def delete_checkpoint(self, name: str) -> None:
@@ -466,11 +471,16 @@ class Domain:
         checkpoint = self._call(f"checkpoint {name}", "checkpointLookupByName", name, 0)
         try:
             checkpoint.delete(0)
-        except libvirt.libvirtError:
+        except libvirt.libvirtError as error:
+            # Only a bitmap that is really gone makes the record alone go:
+            # any other failure (a shut-off domain, a busy job) leaves both
+            # for the next try, never a bitmap that nothing would remove.
+            if "not found" not in (error.get_error_message() or ""):
+                raise _translate(error, f"{self.name}: delete of checkpoint {name}") from None
             try:
                 checkpoint.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
-            except libvirt.libvirtError as error:
-                raise _translate(error, f"{self.name}: delete of checkpoint {name}") from None
+            except libvirt.libvirtError as second:
+                raise _translate(second, f"{self.name}: delete of checkpoint {name}") from None
 
 
 def wait_until(

@@ -72,12 +72,13 @@ def test_each_bitmap_has_its_own_extents_and_granularity(image):
     assert all(b.auto and not b.in_use for b in found.values())
 
 
-def test_a_disabled_bitmap_records_nothing(image):
+def test_a_disabled_bitmap_records_nothing_and_is_not_trusted(image):
     qemu_img("bitmap", "--add", "--disable", str(image), "off")
     qemu_io(image, "write 1M 4k")
     (bitmap,) = bitmaps.bitmaps(str(image))
     assert not bitmap.auto
-    assert bitmaps.dirty_extents(str(image), "off") == (64 * K, [])
+    with pytest.raises(BitmapError, match="disabled"):  # it missed the write above
+        bitmaps.dirty_extents(str(image), "off")
 
 
 def test_an_image_without_bitmaps_has_none_and_a_missing_one_is_named(image):

@@ -4,6 +4,8 @@ remote host's file times, the copy of extents between plain files."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -62,3 +64,48 @@ def test_a_short_source_is_an_error_not_a_silent_gap(tmp_path):
     with pytest.raises(changed.TransferError, match="short read"):
         changed.apply_extents(str(source), str(target), [(0, 200)])
     assert os.path.getsize(target) == 200
+
+
+def test_the_changes_qcow2_is_written_in_whole_clusters():
+    assert changed.delta_layout(4096, [(0, 4096), (8192, 4096)], 1 << 20) == (
+        4096,
+        [(0, 4096), (8192, 4096)],
+    )
+    # a granularity qcow2 cannot take: rounded out to 64 KiB clusters, merged, clipped
+    assert changed.delta_layout(4 * M, [(0, 4 * M)], 5 * M) == (64 * 1024, [(0, 4 * M)])
+    assert changed.delta_layout(256, [(100, 10), (70000, 10)], 70005) == (
+        64 * 1024,
+        [(0, 70005)],  # adjacent once rounded: one extent
+    )
+
+
+def _qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def test_changes_committed_into_a_clone_leave_its_other_data_alone(tmp_path):
+    """The remote path, on this host: a disk with 4 KiB clusters (and so a
+    4 KiB granularity) changed in 4 KiB; the changes qcow2 committed into a
+    clone of the previous image must give the frozen base, not zeros around
+    the change (helper-22's review reproduced that with 64 KiB clusters)."""
+    base, clone = tmp_path / "base.qcow2", tmp_path / "vda-vda.qcow2"
+    _qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(base), "1M")
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0xaa 0 1M", str(base)],
+        check=True,
+        capture_output=True,
+    )
+    shutil.copy(base, clone)  # the previous set's image
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0xbb 0 4k", str(base)],
+        check=True,
+        capture_output=True,
+    )
+    changes = tmp_path / "changes.qcow2"
+
+    read, written = changed.write_changes(str(base), clone.name, M, 4096, [(0, 4096)], str(changes))
+    _qemu_img("commit", "-q", "-d", "-f", "qcow2", str(changes))
+
+    assert (read, written) == (4096, 4096)
+    compared = subprocess.run(["qemu-img", "compare", str(base), str(clone)], capture_output=True)
+    assert compared.returncode == 0, compared.stdout
