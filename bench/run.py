@@ -257,24 +257,6 @@ def restore_once(name: str, settings, scratch: str, cold: bool, number: int) -> 
     return {"restore": elapsed, "cp": baseline, "ratio": elapsed / baseline}
 
 
-@contextlib.contextmanager
-def xfs_mount(scratch: str, size_bytes: int):
-    """An XFS filesystem with reflinks on a loop device (unmounted afterwards)."""
-    image = os.path.join(scratch, "xfs.img")
-    mount = os.path.join(scratch, "xfs")
-    os.makedirs(scratch, exist_ok=True)
-    with open(image, "wb") as handle:
-        handle.truncate(size_bytes)
-    run("mkfs.xfs", "-q", "-m", "reflink=1", image)
-    os.makedirs(mount)
-    run("mount", "-o", "loop", image, mount)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", mount], check=False)
-        os.unlink(image)
-
-
 def change_data(domain: libvirt.virDomain, data: int, fraction: float, seed: int) -> int:
     """Rewrite *fraction* of the first *data* bytes of vda, in 1 MiB pieces
     at distinct places; returns the bytes changed."""
@@ -309,7 +291,9 @@ def changed_blocks_case(
     try:
         domain = connection.defineXML(domain_xml(name, disks))
         domain.create()
-        with xfs_mount(scratch, 4 * image_size + 1024 * MiB) as mount:
+        from tests.support.vms import xfs_filesystem
+
+        with xfs_filesystem(scratch, 4 * image_size + 1024 * MiB) as mount:
             sets = os.path.join(mount, "sets")
             os.makedirs(sets)
             settings = {}

@@ -52,7 +52,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -62,7 +61,7 @@ import xml.sax.saxutils
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from backupninja_kvm import bitmaps, destination, faults, images, setinfo
+from backupninja_kvm import bitmaps, destination, faults, images, setinfo, view
 from backupninja_kvm.config import Settings
 from backupninja_kvm.disks import Disk
 from backupninja_kvm.errors import HypervisorError, TransferError
@@ -877,14 +876,9 @@ def _die_with_parent() -> None:
 
 
 def _is_mounted(path: str) -> bool:
-    """Whether *path* is a mount point, by /proc/self/mountinfo (which shows
-    it resolved, with spaces and the like as octal escapes)."""
+    """Whether *path* is a mount point (mountinfo shows it resolved)."""
     wanted = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as handle:
-        return any(
-            re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4]) == wanted
-            for line in handle
-        )
+    return any(m.mount_point == wanted for m in view.read_mountinfo())
 
 
 def _remove(path: str) -> None:

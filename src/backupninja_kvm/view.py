@@ -227,7 +227,7 @@ def mounts_under(mounts: list[Mount], directory: str) -> list[Mount]:
     return sorted(inside, key=lambda m: m.mount_id, reverse=True)
 
 
-def _read_mountinfo() -> list[Mount]:
+def read_mountinfo() -> list[Mount]:
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as handle:
         return parse_mountinfo(handle.read())
 
@@ -236,7 +236,7 @@ def mounted(view_dir: str) -> list[Mount]:
     """What is mounted under a view (every domain), newest first: for status and repair.
 
     The domain of a mount is the first component below *view_dir* (``domain_of``)."""
-    return mounts_under(_read_mountinfo(), _resolved(view_dir))
+    return mounts_under(read_mountinfo(), _resolved(view_dir))
 
 
 def domain_of(view_dir: str, mount: Mount) -> str:
@@ -497,7 +497,7 @@ def take_down(view_dir: str, domain: str, wait: float = 60.0) -> TakenDown:
     domain_path = os.path.join(_resolved(view_path), domain)
     result = TakenDown()
     deadline = time.monotonic() + wait
-    pending = [m.mount_point for m in mounts_under(_read_mountinfo(), domain_path)]
+    pending = [m.mount_point for m in mounts_under(read_mountinfo(), domain_path)]
     gone: set[str] = set()
     while pending:
         busy = []
@@ -522,7 +522,7 @@ def take_down(view_dir: str, domain: str, wait: float = 60.0) -> TakenDown:
         if busy:
             time.sleep(0.2)
         # a point can hold stacked mounts: look again until none is left
-        pending = busy or [m.mount_point for m in mounts_under(_read_mountinfo(), domain_path)]
+        pending = busy or [m.mount_point for m in mounts_under(read_mountinfo(), domain_path)]
         stuck = sorted(gone & set(pending))
         if stuck and not busy:
             raise ViewError(

@@ -19,15 +19,6 @@ from tests.support.vms import DiskSpec, MiB, Write, reference_image, same_conten
 pytestmark = [pytest.mark.libvirt, pytest.mark.backupninja]
 
 
-@pytest.fixture
-def server(scratch):
-    keys = os.path.join(scratch, "ssh")
-    os.makedirs(keys, mode=0o700)
-    running = sshd.start(keys)
-    yield running
-    running.stop()
-
-
 def remote_action(backups: str, vm, server, keep: int = 2, port: int | None = None) -> str:
     return (
         "when = everyday at 01:00\n"

@@ -11,22 +11,12 @@ import pytest
 
 from backupninja_kvm import config, setinfo
 from tests.conftest import write_action
-from tests.support import sshd
 from tests.support.cycle import back_up
 from tests.support.vms import DiskSpec, MiB, Write, reference_image, same_content
 
 pytestmark = pytest.mark.libvirt
 
 SPEC = DiskSpec("vda", "qcow2", 64 * MiB)
-
-
-@pytest.fixture
-def server(scratch):
-    keys = os.path.join(scratch, "ssh")
-    os.makedirs(keys, mode=0o700)
-    running = sshd.start(keys)
-    yield running
-    running.stop()
 
 
 def test_a_remote_night_sends_only_the_changes_and_the_set_is_whole(server, new_vm, scratch):

@@ -37,6 +37,7 @@ from tests.support.vms import (
     reference_image,
     run,
     same_content,
+    xfs_filesystem,
 )
 
 pytestmark = pytest.mark.libvirt
@@ -49,17 +50,8 @@ KiB = 1024
 @pytest.fixture
 def xfs(scratch):
     """An XFS filesystem with reflinks, on a loop device, for the sets."""
-    image = os.path.join(scratch, "xfs.img")
-    mount = os.path.join(scratch, "xfs")
-    with open(image, "wb") as handle:
-        handle.truncate(1024 * MiB)
-    run("mkfs.xfs", "-q", "-m", "reflink=1", image)
-    os.mkdir(mount)
-    run("mount", "-o", "loop", image, mount)
-    try:
+    with xfs_filesystem(scratch, 1024 * MiB) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", mount], check=False)
 
 
 def action(folder: str, scratch: str, **dest: str) -> config.Settings:

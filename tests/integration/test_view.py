@@ -34,7 +34,7 @@ def _run(argv, **kwargs):
 
 def _unmount_everything_under(folder: str) -> None:
     """Last-resort cleanup: detach every mount inside *folder*, newest first."""
-    for mount in view.mounts_under(view._read_mountinfo(), os.path.realpath(folder)):
+    for mount in view.mounts_under(view.read_mountinfo(), os.path.realpath(folder)):
         subprocess.run(["umount", "-l", mount.mount_point], capture_output=True)
 
 

@@ -85,6 +85,25 @@ def loop_device(directory: str, size: int = 64 * MiB) -> Iterator[str]:
         os.unlink(backing)
 
 
+@contextmanager
+def xfs_filesystem(folder: str, size: int) -> Iterator[str]:
+    """An XFS filesystem with reflinks on a loop device, mounted at
+    FOLDER/xfs (its image FOLDER/xfs.img); unmounted and removed afterwards."""
+    os.makedirs(folder, exist_ok=True)
+    image = os.path.join(folder, "xfs.img")
+    mount = os.path.join(folder, "xfs")
+    with open(image, "wb") as handle:
+        handle.truncate(size)
+    run("mkfs.xfs", "-q", "-m", "reflink=1", image)
+    os.mkdir(mount)
+    run("mount", "-o", "loop", image, mount)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", mount], check=False)
+        os.unlink(image)
+
+
 def run(*argv: str) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
 

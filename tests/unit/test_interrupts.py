@@ -11,16 +11,7 @@ import pytest
 from backupninja_kvm import interrupts
 from backupninja_kvm.interrupts import Interrupted
 
-
-@pytest.fixture(autouse=True)
-def handlers():
-    saved = {s: signal.getsignal(s) for s in interrupts.SIGNALS}
-    interrupts.reset()
-    interrupts.install()
-    yield
-    interrupts.reset()
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
+pytestmark = pytest.mark.usefixtures("interrupt_handlers")
 
 
 def test_a_signal_outside_a_critical_section_interrupts_at_once():

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from backupninja_kvm import hypervisor, interrupts, rehearse
+from backupninja_kvm import hypervisor, rehearse
 from backupninja_kvm.interrupts import Interrupted
 
 from .test_setinfo import legacy_set
@@ -39,18 +39,9 @@ class SignalledWhileStarting:
         pass
 
 
-@pytest.fixture
-def handlers():
-    saved = {s: signal.getsignal(s) for s in interrupts.SIGNALS}
-    interrupts.reset()
-    interrupts.install()
-    yield
-    interrupts.reset()
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
-
-
-def test_a_signal_during_the_start_still_destroys_the_domain(tmp_path, monkeypatch, handlers):
+def test_a_signal_during_the_start_still_destroys_the_domain(
+    tmp_path, monkeypatch, interrupt_handlers
+):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.setattr(rehearse, "WORK_ROOT", str(work))
