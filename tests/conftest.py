@@ -1,4 +1,4 @@
-"""Shared fixtures: the real system libvirtd, throwaway VMs, scratch folders."""
+"""Shared fixtures: the real system libvirtd, throwaway VMs, scratch folders, an sshd."""
 
 from __future__ import annotations
 
@@ -59,6 +59,18 @@ def scratch():
     os.chmod(path, 0o700)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def server(scratch):
+    """A real sshd on 127.0.0.1 with its own keys, stopped afterwards."""
+    from tests.support import sshd
+
+    keys = os.path.join(scratch, "ssh")
+    os.makedirs(keys, mode=0o700)
+    running = sshd.start(keys)
+    yield running
+    running.stop()
 
 
 def write_action(path: str, text: str) -> str:

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from tests.conftest import write_action
-from tests.e2e.test_remote import remote_action, server  # noqa: F401 - the fixture
+from tests.e2e.test_remote import remote_action
 from tests.integration.test_restore import BEFORE, DISKS, references
 from tests.support.cli import helper
 

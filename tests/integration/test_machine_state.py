@@ -19,7 +19,7 @@ import pytest
 
 from backupninja_kvm import config, machine, setinfo
 from tests.conftest import write_action
-from tests.e2e.test_remote import remote_action, server  # noqa: F401 - the fixture
+from tests.e2e.test_remote import remote_action
 from tests.integration.test_sets import action
 from tests.support import guest
 from tests.support.cli import helper
