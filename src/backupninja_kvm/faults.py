@@ -8,8 +8,10 @@ kill would at that boundary of the cycle. The names, in the cycle's order:
 after-journal, after-freeze, mid-copy, after-copy, before-merge (the
 copy's cleanup begins), mid-merge, after-pivot, before-delete; on a night
 of changed blocks, after-checkpoint (checkpoint started, not frozen yet),
-mid-changes (the first changed chunk written) and before-checkpoint-delete
-(the set complete, the older checkpoint not deleted yet); and, with quiesce,
+mid-changes (the first changed chunk written), changes-sent (a remote set:
+the changes sent, not committed into the clone yet) and
+before-checkpoint-delete (the set complete, the older checkpoint not deleted
+yet); and, with quiesce,
 after-fsfreeze (guest filesystems frozen, snapshot not taken yet);
 in view.build, mid-view (the first image mounted, the others not yet).
 """
@@ -31,12 +33,13 @@ POINTS = (
 )
 # Reached only on a night that makes a set from changed blocks (changed.py).
 CHANGED_POINTS = ("after-checkpoint", "mid-changes", "before-checkpoint-delete")
+REMOTE_CHANGED_POINTS = (*CHANGED_POINTS, "changes-sent")  # reached with dest = remote only
 QUIESCE_POINTS = ("after-fsfreeze",)  # reached only when a guest agent answers
 VIEW_POINTS = ("mid-view",)  # view.build, not yet used by a stage
 
 
 def checkpoint(name: str) -> None:
-    assert name in (*POINTS, *CHANGED_POINTS, *QUIESCE_POINTS, *VIEW_POINTS), name
+    assert name in (*POINTS, *REMOTE_CHANGED_POINTS, *QUIESCE_POINTS, *VIEW_POINTS), name
     if os.environ.get("BACKUPNINJA_KVM_FAULT") == name:
         signame = os.environ.get("BACKUPNINJA_KVM_FAULT_SIGNAL", "KILL")
         os.kill(os.getpid(), getattr(signal, f"SIG{signame}"))

@@ -9,8 +9,9 @@ import subprocess
 
 import pytest
 
-from backupninja_kvm import config, setinfo
+from backupninja_kvm import changed, config, destination, faults, setinfo
 from tests.conftest import write_action
+from tests.support.cli import helper
 from tests.support.cycle import back_up
 from tests.support.vms import DiskSpec, MiB, Write, reference_image, same_content
 
@@ -63,3 +64,58 @@ def test_a_remote_night_sends_only_the_changes_and_the_set_is_whole(server, new_
     assert "bitmaps:" not in info.stdout  # our bitmaps are not in the set's copy
     ours = [c.getName() for c in vm.domain.listAllCheckpoints() if c.getName().startswith("bnkvm")]
     assert ours == [tracking.checkpoint]
+
+
+def changes_folders() -> list[str]:
+    return [n for n in os.listdir(changed.CHANGES_ROOT) if n.startswith("bnkvm-changes-")]
+
+
+@pytest.mark.parametrize("point", faults.REMOTE_CHANGED_POINTS)
+def test_a_kill_at_each_new_point_of_a_remote_night_leaves_the_next_night_correct(
+    server, new_vm, scratch, point
+):
+    vm = new_vm([SPEC])
+    backups = os.path.join(scratch, "remote-backups")
+    os.makedirs(backups)
+    text = (
+        f"[general]\nmerge_timeout = 60\n[source]\ndomains = {vm.name}\n[dest]\ndest = remote\n"
+        f"host = 127.0.0.1\nport = {server.port}\nsshoptions = {server.options}\n"
+        f"directory = {backups}\nkeep = 9\n"
+    )
+    action_file = write_action(os.path.join(scratch, "remote.kvm"), text)
+    domain_dir = os.path.join(backups, vm.name)
+    phases = [
+        [Write(0x11, 0, MiB), Write(0x12, 9 * MiB, 3 * MiB)],
+        [Write(0x21, MiB // 2, 64 * 1024), Write(0x22, 20 * MiB, MiB)],
+        [Write(0x31, 5 * MiB, 4 * 1024)],
+        [Write(0x41, 30 * MiB, 2 * MiB)],
+    ]
+
+    def night(number: int, **fault: str):
+        vm.write("vda", *phases[number])
+        return helper("run", action_file, **fault)
+
+    before = set(changes_folders())
+    first = night(0)
+    assert first.returncode == 0, first.stdout
+    stopped = night(1, fault=point)
+    assert stopped.returncode == -9, stopped.stdout + stopped.stderr
+    with open("/proc/mounts") as mounts:
+        assert ".bnkvm-" not in mounts.read()  # the FUSE exports went with their daemon
+    for number in (2, 3):
+        done = night(number)
+        assert done.returncode == 0, done.stdout
+        assert set(changes_folders()) <= before, "the killed night's changes are still here"
+        set_path = os.path.join(domain_dir, destination.complete_sets(domain_dir)[-1])
+        writes = [w for phase in phases[: number + 1] for w in phase]
+        expected = reference_image(scratch, f"expected-{number}", SPEC, writes)
+        image = os.path.join(set_path, "vda-vda.qcow2")
+        assert same_content(expected, "qcow2", image, "qcow2"), (point, number)
+        subprocess.run(["b3sum", "--quiet", "-c", "B3SUMS"], cwd=set_path, check=True)
+        tracking = next(f for f in setinfo.read(set_path).disks() if f.target == "vda").tracking
+        assert tracking is not None
+        ours = [c.getName() for c in vm.domain.listAllCheckpoints()]
+        assert [c for c in ours if c.startswith("bnkvm")] == [tracking.checkpoint]
+    assert tracking.how == "changed", tracking  # the kill never broke the chain for good
+    assert not [n for n in os.listdir(domain_dir) if n.endswith(".partial")]
+    assert subprocess.run(["pgrep", "-f", "qemu-storage-daemon.*" + vm.name]).returncode == 1

@@ -3,6 +3,7 @@ remote host's file times, the copy of extents between plain files."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -49,20 +50,24 @@ def test_extents_are_copied_and_zero_blocks_zeroed(tmp_path):
     source.write_bytes(b"a" * M + bytes(M) + b"c" * M)
     target.write_bytes(b"x" * 3 * M)
     extents = [(0, 10), (M, M), (2 * M, M)]  # zero blocks are found per chunk of a copy
-    read, written = changed.apply_extents(str(source), str(target), extents)
+    frozen, clone = changed.PlainFile(str(source)), changed.PlainFile(str(target), writable=True)
+    read, written = changed.apply_extents(frozen, clone, extents)
     data = target.read_bytes()
     assert data == b"a" * 10 + b"x" * (M - 10) + bytes(M) + b"c" * M
     assert (read, written) == (10 + 2 * M, 10 + M)  # the zero block was zeroed, not written
-    zeros, _ = changed.apply_extents(str(source), str(target), [(M, M)], zeros_as_data=True)
+    zeros, _ = changed.apply_extents(frozen, clone, [(M, M)], zeros_as_data=True)
     assert zeros == M
+    frozen.close()
+    clone.close()
 
 
 def test_a_short_source_is_an_error_not_a_silent_gap(tmp_path):
     source, target = tmp_path / "source", tmp_path / "target"
     source.write_bytes(b"a" * 100)
     target.write_bytes(b"x" * 200)
+    frozen, clone = changed.PlainFile(str(source)), changed.PlainFile(str(target), writable=True)
     with pytest.raises(changed.TransferError, match="short read"):
-        changed.apply_extents(str(source), str(target), [(0, 200)])
+        changed.apply_extents(frozen, clone, [(0, 200)])
     assert os.path.getsize(target) == 200
 
 
@@ -109,3 +114,76 @@ def test_changes_committed_into_a_clone_leave_its_other_data_alone(tmp_path):
     assert (read, written) == (4096, 4096)
     compared = subprocess.run(["qemu-img", "compare", str(base), str(clone)], capture_output=True)
     assert compared.returncode == 0, compared.stdout
+
+
+def test_the_sweep_removes_changes_a_killed_run_left_and_nothing_else(tmp_path, monkeypatch):
+    monkeypatch.setattr(changed, "CHANGES_ROOT", str(tmp_path))
+    with changed._changes_folder() as alive:  # a run that is still going
+        with open(os.path.join(alive, "changes.qcow2"), "wb") as handle:
+            handle.write(b"x")
+        left = tmp_path / "bnkvm-changes-left"  # its lock released: its run is gone
+        left.mkdir()
+        (left / ".lock").write_bytes(b"")
+        (left / "changes.qcow2").write_bytes(b"y")
+        young = tmp_path / "bnkvm-changes-young"  # no lock yet: being made
+        young.mkdir()
+        old = tmp_path / "bnkvm-changes-old"  # no lock, an hour old: a kill before the lock
+        old.mkdir()
+        os.utime(old, (1, 1))
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / "keep").write_bytes(b"z")
+        link = tmp_path / "bnkvm-changes-link"  # never followed
+        link.symlink_to(elsewhere)
+        other = tmp_path / "not-ours"
+        other.mkdir()
+        changed.sweep_changes(str(tmp_path))
+        assert sorted(os.listdir(tmp_path)) == sorted(
+            [os.path.basename(alive), "bnkvm-changes-young", "elsewhere", link.name, "not-ours"]
+        )
+        assert os.path.exists(os.path.join(alive, "changes.qcow2"))
+        assert (elsewhere / "keep").exists()
+    assert not os.path.exists(alive)  # removed once used
+
+
+def test_the_exports_copy_extents_between_qcow2_images_over_nbd(tmp_path, monkeypatch):
+    monkeypatch.setattr(changed, "CHANGES_ROOT", str(tmp_path))
+    base, clone = str(tmp_path / "base.qcow2"), str(tmp_path / "clone.qcow2")
+    for path, pattern in ((base, 0x5A), (clone, 0x11)):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "8M"], check=True)
+        subprocess.run(
+            ["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern} 0 8M", path],
+            check=True,
+            capture_output=True,
+        )
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -z 2M 1M", base], check=True, capture_output=True
+    )
+    with changed._Exports(base, clone) as (frozen, target):
+        assert len(os.listdir(tmp_path)) == 3  # the images and the exports' own folder
+        read, written = changed.apply_extents(
+            frozen, target, [(M, M), (2 * M, M), (6 * M, 64 * 1024)]
+        )
+    assert (read, written) == (2 * M + 64 * 1024, M + 64 * 1024)
+    assert sorted(os.listdir(tmp_path)) == ["base.qcow2", "clone.qcow2"]  # folder removed
+    for offset, length, pattern in (
+        (0, M, 0x11),
+        (M, M, 0x5A),
+        (2 * M, M, 0),
+        (3 * M, 3 * M, 0x11),
+    ):
+        subprocess.run(
+            ["qemu-io", "-f", "qcow2", "-c", f"read -P {pattern} {offset} {length}", clone],
+            check=True,
+            capture_output=True,
+        )
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"read -P 0x5a {6 * M} 65536", clone],
+        check=True,
+        capture_output=True,
+    )
+    mapped = subprocess.run(
+        ["qemu-img", "map", "--output=json", clone], capture_output=True, text=True, check=True
+    )
+    zero = [e for e in json.loads(mapped.stdout) if e["start"] == 2 * M]
+    assert zero and zero[0]["zero"] and not zero[0]["data"]  # a zero cluster, not written zeros
