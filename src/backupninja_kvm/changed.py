@@ -15,8 +15,8 @@ marks, read from the frozen base while the domain runs on its overlay:
                         which wrote C(N-1)'s bitmap into it, not in use
     ship                read C(N-1)'s dirty extents from the base's header
                         (``bitmaps``); copy each extent from the base into
-                        the clone, both exposed as plain files by one
-                        qemu-storage-daemon (FUSE exports); zero blocks
+                        the clone, both exported by one
+                        qemu-storage-daemon over NBD (libnbd); zero blocks
                         become zero clusters
     after the set       delete every checkpoint of ours but C(N)
 
