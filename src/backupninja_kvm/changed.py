@@ -78,8 +78,6 @@ PREFIX = "bnkvm-"
 FICLONE = 0x40049409
 CHUNK = 4 * 1024 * 1024
 _ZERO = bytes(CHUNK)
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_ZERO_RANGE = 0x10
 _PR_SET_PDEATHSIG = 1
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 QEMU_PID_DIR = "/run/libvirt/qemu"  # qemu:///system's NAME.pid files
@@ -97,7 +95,6 @@ except ImportError:
     _NbdError = OSError
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
 
 
@@ -208,7 +205,7 @@ def prepare(
     """
     if settings.changed_blocks == "no" or not plan.active or not plan.disks:
         return None
-    sweep_changes()  # what a killed remote night left here
+    sweep_changes()  # what a killed night left in CHANGES_ROOT
     missing = _missing_tools()
     if missing:
         log.info("%s: changed blocks need %s: whole copies", plan.name, missing)
@@ -771,7 +768,7 @@ def _remove_in_set(backup_set: destination.AnySet, path: str) -> None:
 
 class Device(Protocol):
     """What the copy of changes needs of an image: the calls of a libnbd
-    connection (``nbd.NBD``), which ``PlainFile`` also offers."""
+    connection (``nbd.NBD``)."""
 
     def pread(self, count: int, offset: int) -> bytes: ...
 
@@ -823,38 +820,6 @@ def apply_extents(
     return read, written
 
 
-class PlainFile:
-    """A plain file with the calls of a libnbd connection (the unit tests'
-    device, and a reference for what the exports do)."""
-
-    def __init__(self, path: str, writable: bool = False) -> None:
-        self.path = path
-        self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-
-    def pread(self, count: int, offset: int) -> bytes:
-        return os.pread(self.fd, count, offset)
-
-    def pwrite(self, buf: bytes, offset: int) -> None:
-        view = memoryview(buf)
-        while view:
-            done = os.pwrite(self.fd, view, offset)
-            view, offset = view[done:], offset + done
-
-    def zero(self, count: int, offset: int) -> None:
-        mode = _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE
-        if _libc.fallocate(self.fd, mode, offset, count) != 0:
-            code = ctypes.get_errno()
-            if code not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise OSError(code, os.strerror(code), self.path)
-            self.pwrite(_ZERO[:count], offset)
-
-    def flush(self) -> None:
-        os.fsync(self.fd)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 class _Exports:
     """The frozen base (read-only, sharing it with the domain's QEMU) and
     the clone in the set (writable), each exported by one
@@ -873,12 +838,11 @@ class _Exports:
         self.base, self.clone, self.no_backing = base, clone, no_backing
         self.process: subprocess.Popen[str] | None = None
         self.handles: list = []
-        self.folder: contextlib.AbstractContextManager[str] | None = None
+        self.folder = contextlib.ExitStack()  # the private folder, removed by _stop
 
     def __enter__(self) -> tuple[Device, Device]:
         assert _nbd is not None
-        self.folder = _changes_folder()
-        socket_path = os.path.join(self.folder.__enter__(), "nbd.sock")
+        socket_path = os.path.join(self.folder.enter_context(_changes_folder()), "nbd.sock")
         nodes = [
             {
                 "driver": "qcow2",
@@ -969,9 +933,7 @@ class _Exports:
                 _, stderr = self.process.communicate()
             returncode = self.process.returncode
             self.process = None
-        if self.folder is not None:
-            self.folder.__exit__(None, None, None)
-            self.folder = None
+        self.folder.close()
         lines = (stderr or "").strip().splitlines()
         return returncode, lines[-1] if lines else ""
 

@@ -16,6 +16,28 @@ from backupninja_kvm.outcome import Outcome
 M = 1024 * 1024
 
 
+class PlainFile:
+    """A plain file with the calls of a libnbd connection (changed.Device)."""
+
+    def __init__(self, path: str, writable: bool = False) -> None:
+        self.fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+
+    def pread(self, count: int, offset: int) -> bytes:
+        return os.pread(self.fd, count, offset)
+
+    def pwrite(self, buf: bytes, offset: int) -> None:
+        assert os.pwrite(self.fd, buf, offset) == len(buf)
+
+    def zero(self, count: int, offset: int) -> None:
+        self.pwrite(bytes(count), offset)
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def test_tracking_goes_through_set_json_and_old_readers_ignore_it():
     tracking = setinfo.Tracking("changed", 3 * M, 2 * M, "", "bnkvm-a-1", "8:3", "b:4", 9, 10, 2)
     image = setinfo.SetImage(
@@ -50,7 +72,7 @@ def test_extents_are_copied_and_zero_blocks_zeroed(tmp_path):
     source.write_bytes(b"a" * M + bytes(M) + b"c" * M)
     target.write_bytes(b"x" * 3 * M)
     extents = [(0, 10), (M, M), (2 * M, M)]  # zero blocks are found per chunk of a copy
-    frozen, clone = changed.PlainFile(str(source)), changed.PlainFile(str(target), writable=True)
+    frozen, clone = PlainFile(str(source)), PlainFile(str(target), writable=True)
     read, written = changed.apply_extents(frozen, clone, extents)
     data = target.read_bytes()
     assert data == b"a" * 10 + b"x" * (M - 10) + bytes(M) + b"c" * M
@@ -65,7 +87,7 @@ def test_a_short_source_is_an_error_not_a_silent_gap(tmp_path):
     source, target = tmp_path / "source", tmp_path / "target"
     source.write_bytes(b"a" * 100)
     target.write_bytes(b"x" * 200)
-    frozen, clone = changed.PlainFile(str(source)), changed.PlainFile(str(target), writable=True)
+    frozen, clone = PlainFile(str(source)), PlainFile(str(target), writable=True)
     with pytest.raises(changed.TransferError, match="short read"):
         changed.apply_extents(frozen, clone, [(0, 200)])
     assert os.path.getsize(target) == 200
