@@ -2,7 +2,7 @@
 #   make demo     install, then back up a throwaway VM through the real backupninja
 #   make test     install what the tests need, then run every test
 #   make install  install for real use (handler, helper on the PATH, example)
-#   make deb      build dist/backupninja-kvm_VERSION_all.deb (Debian hosts: dpkg -i it)
+#   make deb      build dist/backupninja-kvm_VERSION_ARCH.deb (Debian hosts: dpkg -i it)
 
 PYTHON      ?= /usr/bin/python3
 VENV        ?= .venv
@@ -61,8 +61,8 @@ demo: install
 	bash scripts/demo
 
 lint: venv
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench setup.py
+	$(VENV)/bin/ruff format --check src tests bench setup.py
 	$(VENV)/bin/mypy
 
 unit: venv

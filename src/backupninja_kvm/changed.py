@@ -254,6 +254,11 @@ def prepare(
             _clone(plan.name, backup_set, tracked)
         if tracked.reason:
             log.info("%s: %s: copied whole: %s", plan.name, tracked.item.target, tracked.reason)
+    if isinstance(backup_set, destination.BackupSet):  # keep each tracked image's sum as a tree
+        backup_set.trees = {
+            name: tracked.previous if tracked.reflinked else ""
+            for name, tracked in night.disks.items()
+        }
     return night
 
 

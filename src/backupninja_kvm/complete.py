@@ -70,6 +70,8 @@ def complete_set(
     completing = time.monotonic()
     try:
         outcome.set_path = backup_set.complete()
+        if isinstance(backup_set, destination.BackupSet):
+            outcome.hashed = dict(backup_set.hashed)
     except (OSError, TransferError) as error:
         backup_set.discard()
         reason = error.strerror if isinstance(error, OSError) else str(error)

@@ -35,6 +35,8 @@ class Outcome:
     # changed blocks: target -> (bytes read, bytes written) of each disk made
     # from the previous set and its changes; the other disks were copied whole
     changes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # image name -> bytes its sum read (b3tree; the rest was the previous set's)
+    hashed: dict[str, int] = field(default_factory=dict)
     copied: dict[str, int] = field(default_factory=dict)  # file in the set -> bytes copied whole
 
     def summary(self) -> str:

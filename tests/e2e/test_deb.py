@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def deb(tmp_path_factory):
     subprocess.run(["git", "clone", "--quiet", ROOT, clone], check=True)
     built = run(["make", "-C", clone, "deb"])
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    (path,) = glob.glob(os.path.join(clone, "dist", f"{PACKAGE}_*_all.deb"))
+    (path,) = glob.glob(os.path.join(clone, "dist", f"{PACKAGE}_*_amd64.deb"))
     return path
 
 
@@ -84,6 +85,8 @@ def test_the_package_has_the_helper_handler_examples_and_manual_pages(deb):
         "./usr/share/man/man5/backupninja-kvm.kvm.5.gz",
     ):
         assert f" {path}\n" in listing + "\n", path
+    # the compiled BLAKE3 subtree sums, built from Debian's reference C sources
+    assert re.search(r"/backupninja_kvm/_b3tree\.cpython-3\d+-[^ ]*\.so\n", listing), listing
     depends = run(["dpkg-deb", "-f", deb, "Depends"]).stdout
     for package in ("python3-libvirt", "python3-configobj", "backupninja", "b3sum", "rsync"):
         assert package in depends
@@ -97,6 +100,14 @@ def test_the_installed_package_backs_up_a_running_vm_through_backupninja(
     assert version.returncode == 0 and version.stdout.startswith(PACKAGE), version
     # Debian's python3, not a venv's
     assert Path(helper).read_text().splitlines()[0] == "#!/usr/bin/python3"
+    trees = run(
+        [
+            "/usr/bin/python3",
+            "-c",
+            "from backupninja_kvm import b3tree as t; print(t.available(), t.__file__)",
+        ]
+    )
+    assert trees.stdout.startswith("True /usr/lib/python3/dist-packages/"), trees
     vm = new_vm([DiskSpec("vda", "qcow2", 32 * MiB), DiskSpec("vdb", "raw", 16 * MiB)])
     vm.write("vda", Write(0x5A, 0, MiB))
     backups = os.path.join(scratch, "backups")
