@@ -276,9 +276,10 @@ def change_data(domain: libvirt.virDomain, data: int, fraction: float, seed: int
 
 
 def changed_blocks_case(
-    connection, scratch: str, image_size: int, data: int, fractions, cold: bool
+    connection, scratch: str, image_size: int, data: int, fractions, cold: bool, kinds
 ) -> list[dict]:
-    """A qcow2 of *image_size* with *data* random bytes, backed up to XFS:
+    """A qcow2 of *image_size* with *data* random bytes, backed up to each
+    filesystem of *kinds* (xfs: reflinks; ext4: none):
     for each fraction, a night that copies it whole (changed_blocks = no),
     then the guest changes that fraction of its data, then a night of
     changed blocks, and cp of the image, all in this run."""
@@ -291,54 +292,13 @@ def changed_blocks_case(
     try:
         domain = connection.defineXML(domain_xml(name, disks))
         domain.create()
-        from tests.support.vms import xfs_filesystem
+        from tests.support.vms import loop_filesystem
 
-        with xfs_filesystem(scratch, 4 * image_size + 1024 * MiB) as mount:
-            sets = os.path.join(mount, "sets")
-            os.makedirs(sets)
-            settings = {}
-            for mode in ("auto", "no"):
-                action = os.path.join(scratch, f"cb-{mode}.kvm")
-                with open(action, "w") as handle:
-                    handle.write(
-                        f"[source]\ndomains = {name}\n[dest]\ndirectory = {mount}/sets\n"
-                        f"keep = 2\nchanged_blocks = {mode}\n"
-                    )
-                os.chmod(action, 0o600)
-                settings[mode] = config.load(action)
-            for number, fraction in enumerate(fractions):
-                # the full night's set is the changed night's previous set
-                full = backup_night(name, settings["no"], cold, f"20260104T{number:02d}0000")
-                first = backup_night(name, settings["auto"], cold, f"20260104T{number:02d}0001")
-                changed = change_data(domain, data, fraction, number)
-                night = backup_night(name, settings["auto"], cold, f"20260104T{number:02d}0002")
-                baseline = cp_baseline([disks["vda"][0]], os.path.join(mount, "cp"), cold)
-                read, written = night["changes"].get("vda", (data, data))
-                results.append(
-                    {
-                        "fraction": fraction,
-                        "changed": changed,
-                        "read": read,
-                        "written": written,
-                        "changed_overlay": night["overlay"],
-                        "changed_total": night["total"],
-                        "full_overlay": full["overlay"],
-                        "full_total": full["total"],
-                        "changed_complete": night["complete"],
-                        "full_complete": full["complete"],
-                        "first_total": first["total"],
-                        "cp": baseline,
-                    }
+        for kind in kinds:
+            with loop_filesystem(scratch, 4 * image_size + 1024 * MiB, kind) as mount:
+                changed_nights(
+                    name, domain, disks, mount, kind, scratch, data, fractions, cold, results
                 )
-                print(
-                    f"changed blocks {fraction:.0%}: {changed // MiB} MiB changed, read "
-                    f"{read / MiB:.1f} MiB, wrote {written / MiB:.1f} MiB; on overlay "
-                    f"{night['overlay']:.3f} s (full {full['overlay']:.3f} s), total "
-                    f"{night['total']:.3f} s (full {full['total']:.3f} s), cp {baseline:.3f} s",
-                    flush=True,
-                )
-                shutil.rmtree(sets)
-                os.makedirs(sets)
     finally:
         with contextlib.suppress(libvirt.libvirtError):
             domain = connection.lookupByName(name)
@@ -347,6 +307,57 @@ def changed_blocks_case(
             domain.undefineFlags(UNDEFINE)
         shutil.rmtree(directory, ignore_errors=True)
     return results
+
+
+def changed_nights(name, domain, disks, mount, kind, scratch, data, fractions, cold, results):
+    """The nights of changed_blocks_case on the filesystem mounted at *mount*."""
+    sets = os.path.join(mount, "sets")
+    os.makedirs(sets)
+    settings = {}
+    for mode in ("auto", "no"):
+        action = os.path.join(scratch, f"cb-{kind}-{mode}.kvm")
+        with open(action, "w") as handle:
+            handle.write(
+                f"[source]\ndomains = {name}\n[dest]\ndirectory = {mount}/sets\n"
+                f"keep = 2\nchanged_blocks = {mode}\n"
+            )
+        os.chmod(action, 0o600)
+        settings[mode] = config.load(action)
+    for number, fraction in enumerate(fractions):
+        # the full night's set is the changed night's previous set
+        full = backup_night(name, settings["no"], cold, f"20260104T{number:02d}0000")
+        first = backup_night(name, settings["auto"], cold, f"20260104T{number:02d}0001")
+        changed = change_data(domain, data, fraction, number)
+        night = backup_night(name, settings["auto"], cold, f"20260104T{number:02d}0002")
+        baseline = cp_baseline([disks["vda"][0]], os.path.join(mount, "cp"), cold)
+        read, written = night["changes"].get("vda", (data, data))
+        results.append(
+            {
+                "fraction": fraction,
+                "filesystem": kind,
+                "changed": changed,
+                "hashed": night["hashed"],
+                "read": read,
+                "written": written,
+                "changed_overlay": night["overlay"],
+                "changed_total": night["total"],
+                "full_overlay": full["overlay"],
+                "full_total": full["total"],
+                "changed_complete": night["complete"],
+                "full_complete": full["complete"],
+                "first_total": first["total"],
+                "cp": baseline,
+            }
+        )
+        print(
+            f"changed blocks {fraction:.0%} on {kind}: {changed // MiB} MiB changed, read "
+            f"{read / MiB:.1f} MiB, wrote {written / MiB:.1f} MiB; on overlay "
+            f"{night['overlay']:.3f} s (full {full['overlay']:.3f} s), total "
+            f"{night['total']:.3f} s (full {full['total']:.3f} s), cp {baseline:.3f} s",
+            flush=True,
+        )
+        shutil.rmtree(sets)
+        os.makedirs(sets)
 
 
 def backup_night(name: str, settings, cold: bool, stamp: str) -> dict:
@@ -361,8 +372,9 @@ def backup_night(name: str, settings, cold: bool, stamp: str) -> dict:
     return {
         "overlay": outcome.overlay_seconds,
         "total": outcome.total_seconds,
-        "complete": outcome.complete_seconds,  # flush, manifest (the whole image), rename
+        "complete": outcome.complete_seconds,  # flush, manifest, rename
         "changes": dict(outcome.changes),
+        "hashed": sum(outcome.hashed.values()),  # bytes the manifest's sums read
     }
 
 
@@ -487,13 +499,15 @@ def table(results: dict) -> str:
         results["runs"].get("changed_blocks", []), r.get("changed_blocks", []), strict=True
     ):
         lines.append(
-            f"changed blocks, {case['fraction']:.0%} of the data changed "
+            f"changed blocks on {case.get('filesystem', 'xfs')}, {case['fraction']:.0%} of the "
+            f"data changed "
             f"({case['changed'] // MiB} MiB): read {case['read'] / MiB:.1f} MiB, wrote "
             f"{case['written'] / MiB:.1f} MiB ({ratio['io_vs_changed']:.2f} x the change; "
             f"target <= 1.1); on the overlay {ratio['overlay_vs_full']:.3f} x and in all "
             f"{ratio['total_vs_full']:.3f} x a full night's ({case['changed_total']:.2f} s vs "
             f"{case['full_total']:.2f} s, of which flush and manifest "
-            f"{case['changed_complete']:.2f} s vs {case['full_complete']:.2f} s; "
+            f"{case['changed_complete']:.2f} s vs {case['full_complete']:.2f} s, its sum "
+            f"reading {case.get('hashed', 0) / MiB:.0f} MiB; "
             f"cp {case['cp']:.2f} s)" + ("; target <= 0.1" if case["fraction"] <= 0.01 else "")
         )
     lines.append(f"caches dropped before each copy: {results['parameters']['cold_cache']}")
@@ -516,6 +530,11 @@ def main(argv: list[str] | None = None) -> int:
         default="0.01,0.1,0.5",
         help="fractions of the data changed per night, for the changed-blocks case "
         "(0.01,0.1,0.5; empty: none)",
+    )
+    parser.add_argument(
+        "--changed-fs",
+        default="xfs,ext4",
+        help="filesystems of the changed-blocks sets: xfs (reflinks), ext4 (none) (xfs,ext4)",
     )
     parser.add_argument("--results", default=os.path.join(ROOT, "results"))
     args = parser.parse_args(argv)
@@ -590,7 +609,13 @@ def main(argv: list[str] | None = None) -> int:
 
         fractions = [float(f) for f in args.changed.split(",") if f.strip()]
         changes = changed_blocks_case(
-            connection, os.path.join(destination, "cb"), image_size, data, fractions, cold
+            connection,
+            os.path.join(destination, "cb"),
+            image_size,
+            data,
+            fractions,
+            cold,
+            [k for k in args.changed_fs.split(",") if k.strip()],
         )
 
         def figure(key, source=runs):
@@ -638,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
                 "changed_blocks": [
                     {
                         "fraction": c["fraction"],
+                        "filesystem": c["filesystem"],
                         "io_vs_changed": (c["read"] + c["written"]) / (2 * c["changed"]),
                         "overlay_vs_full": c["changed_overlay"] / c["full_overlay"],
                         "total_vs_full": c["changed_total"] / c["full_total"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import signal
@@ -390,3 +391,100 @@ def test_a_checkpoint_deleted_by_hand_means_a_full_copy(new_vm, scratch):
     second = back_up(vm, settings, stamp="20261202T010000").set_path
     assert tracking_of(second).reason == (f"the checkpoint {tracking_of(first).checkpoint} is gone")
     assert tracking_of(back_up(vm, settings, stamp="20261203T010000").set_path).how == "changed"
+
+
+class Said(logging.Handler):
+    """The product's log lines, as the report would show them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname}: {record.getMessage()}")
+
+
+@pytest.fixture
+def said():
+    handler = Said()
+    logger = logging.getLogger("backupninja_kvm")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_each_remaining_doubt_means_a_full_copy_with_its_reason(new_vm, scratch, said):
+    """full_every reached, a previous image without a sum, the previous set
+    gone, the disk at another path; a template's disk is always whole. Each
+    reason is in set.json and in an Info line, and the night after is
+    changed-only again."""
+    os.chmod(scratch, 0o755)
+    template = os.path.join(scratch, "template.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", template, str(16 * MiB))
+    vm = new_vm(
+        [DiskSpec("vda", "qcow2", 16 * MiB), DiskSpec("vdb", "qcow2", 16 * MiB, backing=template)]
+    )
+    settings = action(scratch, scratch, full_every="2", keep="20")
+    rng = random.Random(7)
+    number = 0
+
+    def night() -> tuple[str, setinfo.Tracking]:
+        nonlocal number
+        number += 1
+        random_writes(vm, rng, 5, 16 * MiB)
+        said.lines.clear()
+        set_path = back_up(vm, settings, stamp=f"202612{number:02d}T010000").set_path
+        disks = {d.target: d for d in setinfo.read(set_path).disks()}
+        assert disks["vdb"].tracking is None  # the template's disk: never tracked
+        assert any(
+            line.startswith("INFO:")
+            and "vdb: copied whole every night: its image has a backing file" in line
+            for line in said.lines
+        ), said.lines
+        tracking = disks["vda"].tracking
+        if tracking.how == "full":
+            assert any(
+                line.startswith("INFO:") and f"vda: copied whole: {tracking.reason}" in line
+                for line in said.lines
+            ), (tracking.reason, said.lines)
+        return set_path, tracking
+
+    assert night()[1].reason == "no earlier set"
+    assert [night()[1].how for _ in range(2)] == ["changed", "changed"]
+    assert night()[1].reason == "2 changed-only sets since the last full copy (full_every)"
+
+    # A previous set whose manifest lacks the image's sum
+    set_path, tracking = night()
+    assert tracking.how == "changed"
+    manifest = os.path.join(set_path, destination.MANIFEST)
+    with open(manifest) as handle:
+        kept = [line for line in handle if not line.rstrip("\n").endswith("vda-vda.qcow2")]
+    with open(manifest, "w") as handle:
+        handle.writelines(kept)
+    stamp = os.path.basename(set_path)
+    assert night()[1].reason == f"the previous set {stamp} has no sum of vda-vda.qcow2"
+
+    # The previous set removed: the one before names a checkpoint that is gone
+    before, _ = night()
+    gone, tracking = night()
+    assert tracking.how == "changed"
+    run("rm", "-rf", gone)
+    assert night()[1].reason == f"the checkpoint {tracking_of(before).checkpoint} is gone"
+    assert night()[1].how == "changed"
+
+    # The disk moved to another file name (the domain redefined while off)
+    vm.stop()
+    original = vm.paths["vda"]
+    moved = os.path.join(os.path.dirname(original), "moved-vda.qcow2")
+    os.rename(original, moved)
+    xml = vm.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).replace(original, moved)
+    connect().defineXML(xml)
+    vm.paths["vda"] = moved
+    vm.start()
+    assert night()[1].reason == f"its image is now {moved}, not {original}"
+    assert night()[1].how == "changed"

@@ -89,18 +89,30 @@ def loop_device(directory: str, size: int = 64 * MiB) -> Iterator[str]:
 def xfs_filesystem(folder: str, size: int) -> Iterator[str]:
     """An XFS filesystem with reflinks on a loop device, mounted at
     FOLDER/xfs (its image FOLDER/xfs.img); unmounted and removed afterwards."""
+    with loop_filesystem(folder, size, "xfs") as mount:
+        yield mount
+
+
+@contextmanager
+def loop_filesystem(folder: str, size: int, kind: str) -> Iterator[str]:
+    """A filesystem of *kind* (xfs with reflinks, or ext4: none) on a loop
+    device, mounted at FOLDER/KIND; unmounted and removed afterwards."""
     os.makedirs(folder, exist_ok=True)
-    image = os.path.join(folder, "xfs.img")
-    mount = os.path.join(folder, "xfs")
+    image = os.path.join(folder, f"{kind}.img")
+    mount = os.path.join(folder, kind)
     with open(image, "wb") as handle:
         handle.truncate(size)
-    run("mkfs.xfs", "-q", "-m", "reflink=1", image)
+    if kind == "xfs":
+        run("mkfs.xfs", "-q", "-m", "reflink=1", image)
+    else:
+        run(f"mkfs.{kind}", "-q", "-F", image)
     os.mkdir(mount)
     run("mount", "-o", "loop", image, mount)
     try:
         yield mount
     finally:
         subprocess.run(["umount", mount], check=False)
+        os.rmdir(mount)
         os.unlink(image)
 
 
