@@ -203,46 +203,20 @@ def prepare(
 
     Call with the domain's lock held, after ``backup_set.begin()``.
     """
-    if settings.changed_blocks == "no" or not plan.active or not plan.disks:
+    why_not = _why_not(plan, settings, backup_set)
+    if why_not == _SILENT:
         return None
     sweep_changes()  # what a killed night left in CHANGES_ROOT
-    missing = _missing_tools()
-    if missing:
-        log.info("%s: changed blocks need %s: whole copies", plan.name, missing)
+    if why_not:
+        log.info("%s: %s", plan.name, why_not)
         return None
-    if settings.merge != "commit":
-        log.info(
-            "%s: changed blocks need merge = commit (a pull makes the overlay the image): "
-            "whole copies",
-            plan.name,
-        )
-        return None
-    if isinstance(backup_set, destination.RemoteBackupSet):
-        remote_missing = _remote_missing_tools(backup_set)
-        if remote_missing:
-            log.info(
-                "%s: changed blocks need %s on %s: whole images, sent by rsync's delta",
-                plan.name,
-                remote_missing,
-                backup_set.remote.label,
-            )
-            return None
-    tag = destination_tag(backup_set)
-    night = Night(plan.name, tag, checkpoint_name(tag, backup_set.stamp), run_identity(domain))
-    by_target = {d.target: d for d in plan.disks}
-    for item in plan.files:
-        disk = by_target.get(item.target)
-        if disk is None or item.role != "disk" or item.source != disk.path:
-            continue
-        unfit = _unfit(disk, item, plan)
-        if unfit:
-            log.info("%s: %s: copied whole every night: %s", plan.name, disk.target, unfit)
-            continue
-        night.disks[item.name] = DiskNight(item, file_identity(item.source))
+    night, never = _night(domain, plan, backup_set)
+    for target, unfit in never:
+        log.info("%s: %s: copied whole every night: %s", plan.name, target, unfit)
     if not night.disks:
         return None
     previous = _previous_set(backup_set)
-    ours = [c for c in domain.checkpoints() if c.startswith(f"{PREFIX}{tag}-")]
+    ours = [c for c in domain.checkpoints() if c.startswith(f"{PREFIX}{night.tag}-")]
     wanted = _still_needed(previous, night)
     for name in ours:
         if name not in wanted:
@@ -260,6 +234,89 @@ def prepare(
             for name, tracked in night.disks.items()
         }
     return night
+
+
+_SILENT = "-"  # changed blocks are off, or nothing runs: nothing to say
+
+
+def _why_not(plan: Plan, settings: Settings, backup_set: destination.AnySet) -> str:
+    """Why changed blocks do not apply to this run at all (an Info line), or
+    "" when they do, or _SILENT."""
+    if settings.changed_blocks == "no" or not plan.active or not plan.disks:
+        return _SILENT
+    missing = _missing_tools()
+    if missing:
+        return f"changed blocks need {missing}: whole copies"
+    if settings.merge != "commit":
+        return (
+            "changed blocks need merge = commit (a pull makes the overlay the image): whole copies"
+        )
+    if isinstance(backup_set, destination.RemoteBackupSet):
+        remote_missing = _remote_missing_tools(backup_set)
+        if remote_missing:
+            return (
+                f"changed blocks need {remote_missing} on {backup_set.remote.label}: whole "
+                f"images, sent by rsync's delta"
+            )
+    return ""
+
+
+def _night(
+    domain: Domain, plan: Plan, backup_set: destination.AnySet
+) -> tuple[Night, list[tuple[str, str]]]:
+    """Tonight's Night with the disks that can be tracked, and (target, why)
+    of each disk that never can."""
+    tag = destination_tag(backup_set)
+    night = Night(plan.name, tag, checkpoint_name(tag, backup_set.stamp), run_identity(domain))
+    by_target = {d.target: d for d in plan.disks}
+    never = []
+    for item in plan.files:
+        disk = by_target.get(item.target)
+        if disk is None or item.role != "disk" or item.source != disk.path:
+            continue
+        unfit = _unfit(disk, item, plan)
+        if unfit:
+            never.append((disk.target, unfit))
+        else:
+            night.disks[item.name] = DiskNight(item, file_identity(item.source))
+    return night, never
+
+
+def forecast(
+    domain: Domain, plan: Plan, settings: Settings, backup_set: destination.AnySet
+) -> list[str]:
+    """What ``prepare`` would decide for each disk tonight, as lines for
+    ``run --test`` (each starts with the domain's name); changes nothing:
+    no checkpoint is deleted, no image cloned."""
+    why_not = _why_not(plan, settings, backup_set)
+    if why_not == _SILENT:
+        return []
+    if why_not:
+        return [f"{plan.name}: {why_not}"]
+    night, never = _night(domain, plan, backup_set)
+    lines = [f"{plan.name}: {t}: would copy whole every night: {why}" for t, why in never]
+    if not night.disks:
+        return lines
+    previous = _previous_set(backup_set)
+    ours = [c for c in domain.checkpoints() if c.startswith(f"{PREFIX}{night.tag}-")]
+    wanted = _still_needed(previous, night)
+    for name in ours:
+        if name not in wanted:
+            lines.append(f"{plan.name}: would delete the checkpoint {name}: no set needs it")
+    present = set(ours) & wanted
+    for tracked in night.disks.values():
+        reason = _why_full(domain, settings, previous, tracked, night, present)
+        target = tracked.item.target
+        if reason:
+            lines.append(f"{plan.name}: {target}: would copy whole: {reason}")
+        else:
+            since_set = os.path.basename(os.path.dirname(tracked.previous))
+            lines.append(
+                f"{plan.name}: {target}: would copy only the blocks changed since the "
+                f"checkpoint {tracked.since} (the set {since_set})"
+            )
+    lines.append(f"{plan.name}: would start the checkpoint {night.checkpoint} before the freeze")
+    return lines
 
 
 def _missing_tools() -> str:
@@ -489,6 +546,10 @@ def _clone(domain: str, backup_set: destination.AnySet, disk: DiskNight) -> None
         if not disk.reflinked:
             os.unlink(target)
             destination.copy_sparse(disk.previous, target)
+            # On disk now, before the freeze: else the flush that ends the copy
+            # of the changes writes the whole copy back while the domain is on
+            # its overlay (make bench, ext4: 2.7 s on the overlay at 1 %).
+            destination.sync_file(target)
     except (OSError, TransferError) as error:
         _remove(target)
         disk.reason = f"the previous image cannot be copied: {getattr(error, 'strerror', error)}"

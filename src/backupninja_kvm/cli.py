@@ -283,6 +283,13 @@ def _dry_run_domain(hypervisor, settings: config.Settings, name: str) -> list[st
     overlays = overlay_paths(plan.disks, backup_set.stamp, settings.overlaydir, name)
     plans.check_space(plan, settings, overlays, backup_set)
     log.info("test run: %s: would write the set %s", name, backup_set.final_path)
+    from backupninja_kvm import changed
+
+    try:
+        for line in changed.forecast(domain, plan, settings, backup_set):
+            log.info("test run: %s", line)
+    except (OSError, TransferError) as error:
+        log.info("test run: %s: cannot tell which disks changed blocks would copy: %s", name, error)
     try:
         entries = backup_set.entries()
     except (OSError, TransferError) as error:

@@ -171,6 +171,7 @@ def test_wizard_writes_a_valid_private_action(wizard_action):
 
     assert (settings.merge, settings.keep, settings.directory) == ("pull", 3, backups)
     assert settings.quiesce == "yes"
+    assert settings.changed_blocks == "no"  # a pull: no question, nothing to follow
     assert settings.domains == ()  # all
     assert (settings.stage, settings.uri, settings.dest) == ("full", "qemu:///system", "local")
 
@@ -213,6 +214,7 @@ def test_wizard_writes_a_remote_action(ninjahelper_conf):
     try:
         dialogs.open_kvm_wizard()
         dialogs.answer("How to merge the overlay back", ENTER)
+        dialogs.answer("Copy only the blocks changed", DOWN + " " + ENTER)  # no
         dialogs.answer("Freeze the guests' filesystems", ENTER)
         dialogs.answer("Where do the backup sets go?", DOWN + " " + ENTER)
         dialogs.answer("Remote host", "backup.example.org" + ENTER)
@@ -233,6 +235,7 @@ def test_wizard_writes_a_remote_action(ninjahelper_conf):
     )
     assert (settings.directory, settings.keep) == ("/srv/kvm", 7)
     assert (settings.merge, settings.quiesce) == ("commit", "auto")
+    assert settings.changed_blocks == "no"
     assert not os.path.exists("/srv/kvm")  # nothing created here for a remote directory
 
 
@@ -281,6 +284,7 @@ def test_wizard_writes_names_with_spaces_commas_and_hashes_that_both_parsers_rea
         # One item per domain: the first three are the three odd names.
         dialogs.answer("Domains to back up (space selects)", " " + DOWN + " " + DOWN + " " + ENTER)
         dialogs.answer("How to merge the overlay back", ENTER)
+        dialogs.answer("Copy only the blocks changed", ENTER)  # auto, the default
         dialogs.answer("Freeze the guests' filesystems", ENTER)
         dialogs.answer("Where do the backup sets go?", ENTER)
         dialogs.answer("Directory where the backup sets go", CLEAR_LINE + backups + ENTER)
@@ -295,6 +299,7 @@ def test_wizard_writes_names_with_spaces_commas_and_hashes_that_both_parsers_rea
     settings = config.load(action)
 
     assert settings.domains == ("probe-sp ace", "probe-a,b", "probe-c#d")
+    assert settings.changed_blocks == "auto"
     assert settings.uri == test_driver
     assert settings.directory == backups
     # backupninja's own parser still reads its key, when, from the same file.

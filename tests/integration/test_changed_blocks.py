@@ -488,3 +488,40 @@ def test_each_remaining_doubt_means_a_full_copy_with_its_reason(new_vm, scratch,
     vm.start()
     assert night()[1].reason == f"its image is now {moved}, not {original}"
     assert night()[1].how == "changed"
+
+
+def test_run_test_says_what_changed_blocks_would_do_and_changes_nothing(new_vm, scratch):
+    vm = new_vm([DiskSpec("vda", "qcow2", 16 * MiB), DiskSpec("vdb", "raw", 16 * MiB)])
+    settings = action(scratch, scratch)
+
+    def test_run() -> list[str]:
+        result = helper("run", "--test", settings.path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return [line for line in result.stdout.splitlines() if line.startswith("Info: test run")]
+
+    said = test_run()
+    assert f"Info: test run: {vm.name}: vda: would copy whole: no earlier set" in said, said
+    assert any(
+        f"{vm.name}: vdb: would copy whole every night: its image is raw" in line for line in said
+    ), said
+    assert our_checkpoints(vm) == []
+
+    first = back_up(vm, settings, stamp="20261201T010000").set_path
+    checkpoint = tracking_of(first).checkpoint
+    stray = checkpoint.replace("20261201T010000", "20261130T010000")  # one no set names
+    vm.domain.checkpointCreateXML(
+        f"<domaincheckpoint><name>{stray}</name><disks><disk name='vda' checkpoint='bitmap'/>"
+        "<disk name='vdb' checkpoint='no'/></disks></domaincheckpoint>"
+    )
+    said = test_run()
+    assert (
+        f"Info: test run: {vm.name}: vda: would copy only the blocks changed since the "
+        f"checkpoint {checkpoint} (the set {os.path.basename(first)})"
+    ) in said, said
+    assert (
+        f"Info: test run: {vm.name}: would delete the checkpoint {stray}: no set needs it" in said
+    )
+    # nothing deleted, cloned or started
+    assert sorted(our_checkpoints(vm)) == sorted([checkpoint, stray])
+    domain_dir = os.path.dirname(first)
+    assert sorted(os.listdir(domain_dir)) == sorted([os.path.basename(first), "latest"])
