@@ -41,6 +41,8 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from backupninja_kvm.transfer import data_extents
+
 try:
     from backupninja_kvm import _b3tree  # type: ignore[attr-defined]
 except ImportError:  # built without the BLAKE3 C sources: whole-file sums
@@ -130,7 +132,10 @@ def hash_file(path: str, base: str = "", base_sum: str = "", workers: int = 0) -
             tree = Tree(size, _b3tree.subtree_cv(data, 0) if size else bytes(_OUT))
             return Result(_b3tree.subtree_cv(data, 0, True).hex(), tree, size)
         todo = [i for i in range(count) if i not in reused]
-        empty = _empty_leaves(extents, size, todo) if extents is not None else set()
+        if extents is not None:
+            empty = _empty_leaves(extents, size, todo)
+        else:  # no FIEMAP (NFS, CIFS...): holes from SEEK_DATA, nothing reused
+            empty = _empty_leaves([(o, 0, n, 0) for o, n in data_extents(fd, size)], size, todo)
         found: dict[int, bytes] = {}
 
         def work(batch: list[int]) -> list[tuple[int, bytes]]:
