@@ -89,6 +89,7 @@ def test_a_block_disk_is_backed_up_as_of_the_freeze_and_keeps_every_write(scratc
         "domain.xml",
         "set.json",
         "vda-vda.qcow2",
+        "vda-vda.qcow2.b3tree",  # its BLAKE3 tree, for the next night's changed blocks
         name,
     ]
     check_manifest(set_path)

@@ -107,7 +107,8 @@ def test_commit_backs_up_the_freeze_instant_and_keeps_every_write(new_vm, scratc
     set_path = outcome.set_path
     assert set_path == os.path.join(scratch, "backups", vm.name, "20261127T010000")
     assert sorted(os.listdir(set_path)) == sorted(
-        ["B3SUMS", "domain.xml", "set.json", "vda-vda.qcow2", "vdb-vdb.raw"]
+        # the qcow2's BLAKE3 tree, for the next night's changed blocks (b3tree)
+        ["B3SUMS", "domain.xml", "set.json", "vda-vda.qcow2", "vda-vda.qcow2.b3tree", "vdb-vdb.raw"]
     )
     check_manifest(set_path)
     assert os.readlink(os.path.join(scratch, "backups", vm.name, "latest")) == "20261127T010000"

@@ -268,6 +268,8 @@ def test_what_the_freeze_did_not_change_is_no_failure(new_vm, scratch, change):
             "domain.xml",
             "set.json",
             *(f"{t}-{os.path.basename(p)}" for t, p in live_before.items()),
+            # each qcow2's BLAKE3 tree, for the next night's changed blocks
+            *(f"{t}-{os.path.basename(p)}.b3tree" for t, p in live_before.items()),
         ]
     )
     assert vm.tops() == live_before
