@@ -16,8 +16,9 @@ those leaves, exactly the sum ``b3sum`` computes (tested against it).
 The next night's image starts as a reflink clone of this one, and only the
 changed blocks are written into it. Which leaves still hold the previous
 image's bytes is read from the filesystem, not assumed: a leaf is reused when
-FIEMAP maps it, in both files, to the same physical extents, with no flag
-that makes the mapping uncertain (delayed allocation, inline, encoded...).
+FIEMAP maps it, in both files, to the same physical extents flagged shared,
+with no flag that makes the mapping uncertain (delayed allocation, inline,
+encoded...).
 Shared blocks are copy-on-write, so two files that map an offset to the same
 block read the same bytes there. Every other leaf, and all of a file on a
 filesystem without reflinks, is read and hashed again. The previous tree is
@@ -35,6 +36,7 @@ import array
 import errno
 import fcntl
 import os
+import stat
 import struct
 import tempfile
 from collections.abc import Iterable
@@ -51,8 +53,10 @@ except ImportError:  # built without the BLAKE3 C sources: whole-file sums
 LEAF = 1 << 20  # bytes per kept chaining value: a power of two of 1 KiB chunks
 CHUNK = 1024
 SUFFIX = ".b3tree"
-MAGIC = b"bnkvm-b3tree 1\n"
-_HEADER = struct.Struct("<QQ")  # leaf size, file size
+MAGIC = b"bnkvm-b3tree 2\n"
+# leaf size, file size, and the file's inode, mtime and ctime when it was hashed
+# (ctime: no utime can set it back, so a file changed since is never trusted)
+_HEADER = struct.Struct("<QQQqq")
 _OUT = 32
 _BATCH = 64  # leaves per task: few futures, even for a 400 GiB image
 
@@ -61,6 +65,7 @@ FS_IOC_FIEMAP = 0xC020660B
 _FIEMAP_FLAG_SYNC = 0x1
 _EXTENT_LAST = 0x1
 _EXTENT_UNWRITTEN = 0x800
+_EXTENT_SHARED = 0x2000
 # unknown location, delayed allocation, encoded, encrypted, not aligned,
 # inline, tail-packed: the physical address does not name the bytes
 _EXTENT_UNSURE = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x400
@@ -80,6 +85,7 @@ class Tree:
 
     size: int
     leaves: bytes  # 32 bytes per LEAF, in order
+    stamp: tuple[int, int, int] = (0, 0, 0)  # the file's (inode, mtime_ns, ctime_ns) then
 
     @property
     def count(self) -> int:
@@ -119,9 +125,10 @@ def hash_file(path: str, base: str = "", base_sum: str = "", workers: int = 0) -
     """
     assert _b3tree is not None
     workers = workers or os.cpu_count() or 1
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = _open_file(path)
     try:
-        size = os.fstat(fd).st_size
+        status = os.fstat(fd)
+        size, stamp = status.st_size, _stamp(status)
         count = leaf_count(size)
         extents = fiemap(fd)
         reused: dict[int, bytes] = {}
@@ -129,7 +136,7 @@ def hash_file(path: str, base: str = "", base_sum: str = "", workers: int = 0) -
             reused = _reusable(fd, size, extents, base, base_sum)
         if count == 1:  # one leaf: the sum is that of its bytes
             data = os.pread(fd, size, 0) if size else b""
-            tree = Tree(size, _b3tree.subtree_cv(data, 0) if size else bytes(_OUT))
+            tree = Tree(size, _b3tree.subtree_cv(data, 0) if size else bytes(_OUT), stamp)
             return Result(_b3tree.subtree_cv(data, 0, True).hex(), tree, size)
         todo = [i for i in range(count) if i not in reused]
         if extents is not None:
@@ -160,7 +167,7 @@ def hash_file(path: str, base: str = "", base_sum: str = "", workers: int = 0) -
             for done in pool.map(work, batches):
                 found.update(done)
         found.update(reused)
-        tree = Tree(size, b"".join(found[i] for i in range(count)))
+        tree = Tree(size, b"".join(found[i] for i in range(count)), stamp)
         hashed = sum(min(LEAF, size - i * LEAF) for i in todo if i not in empty)
         return Result(tree.root(), tree, hashed)
     finally:
@@ -177,7 +184,7 @@ def write_tree(path: str, tree: Tree) -> None:
     fd, temporary = tempfile.mkstemp(prefix=".b3tree-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(MAGIC + _HEADER.pack(LEAF, tree.size) + tree.leaves)
+            handle.write(MAGIC + _HEADER.pack(LEAF, tree.size, *tree.stamp) + tree.leaves)
             handle.flush()
             os.fsync(handle.fileno())
         os.rename(temporary, path)
@@ -190,21 +197,38 @@ def write_tree(path: str, tree: Tree) -> None:
 
 
 def read_tree(path: str) -> Tree | None:
-    """The tree kept in *path*; None when it is missing, of another leaf
-    size, or not whole."""
+    """The tree kept in *path*; None when it is missing, not a regular file,
+    of another format or leaf size, or not exactly whole."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = _open_file(path)
     except OSError:
         return None
     with os.fdopen(fd, "rb") as handle:
+        length = os.fstat(fd).st_size
         head = handle.read(len(MAGIC) + _HEADER.size)
         if not head.startswith(MAGIC) or len(head) != len(MAGIC) + _HEADER.size:
             return None
-        leaf, size = _HEADER.unpack(head[len(MAGIC) :])
-        leaves = handle.read(leaf_count(size) * _OUT + 1)
-    if leaf != LEAF or len(leaves) != leaf_count(size) * _OUT:
+        leaf, size, *stamp = _HEADER.unpack(head[len(MAGIC) :])
+        if leaf != LEAF or length != len(head) + leaf_count(size) * _OUT:
+            return None
+        leaves = handle.read(leaf_count(size) * _OUT)
+    if len(leaves) != leaf_count(size) * _OUT:
         return None
-    return Tree(size, leaves)
+    return Tree(size, leaves, (stamp[0], stamp[1], stamp[2]))
+
+
+def _open_file(path: str) -> int:
+    """An open, read-only descriptor of the regular file *path*: no link is
+    followed, and a FIFO or device planted there neither blocks nor is read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path}: not a regular file")
+    return fd
+
+
+def _stamp(status: os.stat_result) -> tuple[int, int, int]:
+    return status.st_ino, status.st_mtime_ns, status.st_ctime_ns
 
 
 def _reusable(
@@ -216,11 +240,13 @@ def _reusable(
     if tree is None or extents is None or tree.count < 2 or tree.root() != base_sum:
         return {}
     try:
-        base_fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        base_fd = _open_file(base)
     except OSError:
         return {}
     try:
-        if os.fstat(base_fd).st_size != tree.size:
+        status = os.fstat(base_fd)
+        # the base as it was hashed: not written, touched or replaced since
+        if status.st_size != tree.size or _stamp(status) != tree.stamp:
             return {}
         base_extents = fiemap(base_fd)
     finally:
@@ -278,7 +304,7 @@ def _by_leaf(
     """For each of the first *count* leaves: its mapping, as runs of
     (offset in the leaf, physical address, length, unwritten), merged where
     contiguous, so that two files that map a leaf alike compare equal; None
-    where a flag makes the mapping uncertain."""
+    where a flag makes the mapping uncertain or a run is not shared."""
     runs: list[list[tuple[int, int, int, bool]] | None] = [[] for _ in range(count)]
     for logical, physical, length, flags in extents:
         first, end = logical // LEAF, min(count, -(-(logical + length) // LEAF))
@@ -286,7 +312,10 @@ def _by_leaf(
             kept = runs[index]
             if kept is None:
                 continue
-            if flags & _EXTENT_UNSURE:
+            # Only blocks the filesystem says are shared (reflinked) prove equal
+            # bytes: some filesystems report no real address (CIFS reports
+            # the file offset), and never the shared flag.
+            if flags & _EXTENT_UNSURE or not flags & _EXTENT_SHARED:
                 runs[index] = None
                 continue
             low = max(logical, index * LEAF)

@@ -288,7 +288,7 @@ def _dry_run_domain(hypervisor, settings: config.Settings, name: str) -> list[st
     try:
         for line in changed.forecast(domain, plan, settings, backup_set):
             log.info("test run: %s", line)
-    except (OSError, TransferError) as error:
+    except (OSError, TransferError, HypervisorError) as error:
         log.info("test run: %s: cannot tell which disks changed blocks would copy: %s", name, error)
     try:
         entries = backup_set.entries()

@@ -496,11 +496,8 @@ class BackupSet(SetLayout):
         Once the set has its final name it is complete: a ``latest`` that
         cannot be moved is a Warning (logged here), never a failure.
         """
-        names = sorted(
-            n
-            for n in os.listdir(self.partial_path)
-            if n != MANIFEST and not n.endswith(b3tree.SUFFIX)
-        )
+        # (the trees are written below, once these names are taken)
+        names = sorted(n for n in os.listdir(self.partial_path) if n != MANIFEST)
         paths = [os.path.join(self.partial_path, name) for name in names]
         trees = [n for n in names if n in self.trees] if b3tree.available() else []
         # Flushing (I/O, in threads) overlaps hashing (every core, one file

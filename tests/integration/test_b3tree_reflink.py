@@ -81,6 +81,19 @@ def test_a_clone_rehashes_only_the_leaves_it_no_longer_shares(xfs):
     # 20 and 30 changed, 64 (the old partial tail) and 70 are new, 65-69 holes.
     assert third.bytes_hashed == 3 * LEAF + len(b"grown")
 
+    # A base changed in place whose times were put back: its change time
+    # still differs from the one its tree recorded, so nothing is reused.
+    b3tree.write_tree(b3tree.tree_path(third_path), third.tree)
+    before = os.stat(third_path)
+    with open(third_path, "r+b") as handle:  # its own block: written in place
+        os.pwrite(handle.fileno(), b"rot", 70 * LEAF)
+    os.utime(third_path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    touched = os.path.join(xfs, "touched.qcow2")
+    clone(third_path, touched)  # shares the changed block: only the stamp tells
+    again = b3tree.hash_file(touched, third_path, third.digest)
+    assert again.digest == b3sum(touched)
+    assert again.bytes_hashed == 35 * LEAF + len(b"grown")  # every data leaf
+
     # A tree that does not match its manifest's sum is not trusted.
     fourth_path = os.path.join(xfs, "fourth.qcow2")
     clone(night, fourth_path)

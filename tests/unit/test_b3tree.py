@@ -103,24 +103,60 @@ def test_a_copy_without_shared_blocks_reuses_nothing(tmp_path):
     assert again.bytes_hashed == 4 * LEAF
 
 
+S = 0x2000  # FIEMAP_EXTENT_SHARED
+
+
 def test_mappings_compare_equal_only_when_every_byte_maps_alike():
     M = LEAF
-    # The same blocks, split differently into extents, map a leaf alike.
-    one = [(0, 10 * M, 2 * M, 0)]
-    split = [(0, 10 * M, M // 2, 0), (M // 2, 10 * M + M // 2, M + M // 2, 0)]
+    # The same shared blocks, split differently into extents, map a leaf alike.
+    one = [(0, 10 * M, 2 * M, S)]
+    split = [(0, 10 * M, M // 2, S), (M // 2, 10 * M + M // 2, M + M // 2, S)]
     assert b3tree._by_leaf(one, 2) == b3tree._by_leaf(split, 2)
     # A block written elsewhere (copy on write) changes its leaf only.
-    moved = [(0, 10 * M, M, 0), (M, 50 * M, 4096, 0), (M + 4096, 11 * M + 4096, M - 4096, 0)]
+    moved = [(0, 10 * M, M, S), (M, 50 * M, 4096, 0), (M + 4096, 11 * M + 4096, M - 4096, S)]
     a, b = b3tree._by_leaf(one, 2), b3tree._by_leaf(moved, 2)
     assert a[0] == b[0] and a[1] != b[1]
     # A hole punched, or an extent made unwritten, is a change.
-    holed = [(0, 10 * M, M, 0), (M + 4096, 11 * M + 4096, M - 4096, 0)]
+    holed = [(0, 10 * M, M, S), (M + 4096, 11 * M + 4096, M - 4096, S)]
     assert b3tree._by_leaf(holed, 2)[1] != a[1]
-    unwritten = [(0, 10 * M, M, 0), (M, 11 * M, M, 0x800)]
+    unwritten = [(0, 10 * M, M, S), (M, 11 * M, M, 0x800 | S)]
     assert b3tree._by_leaf(unwritten, 2)[1] != a[1]
     # Delayed allocation or inline data: the address says nothing.
-    assert b3tree._by_leaf([(0, 0, 2 * M, 0x4)], 2) == [None, None]
-    assert b3tree._by_leaf([(0, 10 * M, M, 0), (M, 0, 100, 0x200)], 2)[1] is None
+    assert b3tree._by_leaf([(0, 0, 2 * M, 0x4 | S)], 2) == [None, None]
+    assert b3tree._by_leaf([(0, 10 * M, M, S), (M, 0, 100, 0x200 | S)], 2)[1] is None
+    # Blocks not flagged shared prove nothing: CIFS reports the file offset
+    # as the address, the same in any two files.
+    assert b3tree._by_leaf([(0, 0, 2 * M, 0)], 2) == [None, None]
+    # A leaf that is a hole in both files maps alike.
+    assert b3tree._by_leaf([(0, 10 * M, M, S)], 2)[1] == ()
+
+
+def test_a_filesystem_that_reports_offsets_as_addresses_reuses_nothing(tmp_path, monkeypatch):
+    base = str(tmp_path / "base")
+    with open(base, "wb") as handle:
+        handle.write(os.urandom(3 * LEAF))
+    first = b3tree.hash_file(base)
+    b3tree.write_tree(b3tree.tree_path(base), first.tree)
+    copy = str(tmp_path / "copy")
+    shutil.copyfile(base, copy)
+    with open(copy, "r+b") as handle:
+        handle.write(b"changed")
+    # what the kernel's smb3_fiemap returns for either file
+    monkeypatch.setattr(b3tree, "fiemap", lambda fd: [(0, 0, 3 * LEAF, 0x1)])
+    again = b3tree.hash_file(copy, base, first.digest)
+    assert again.digest == b3sum(copy)
+    assert again.bytes_hashed == 3 * LEAF
+
+
+def test_a_tree_file_that_is_not_a_plain_whole_file_is_refused_without_harm(tmp_path):
+    kept = str(tmp_path / "image.b3tree")
+    os.mkfifo(kept)  # would block a plain open()
+    assert b3tree.read_tree(kept) is None
+    os.unlink(kept)
+    header = b3tree.MAGIC + b3tree._HEADER.pack(b3tree.LEAF, 1 << 62, 0, 0, 0)
+    with open(kept, "wb") as handle:
+        handle.write(header + bytes(64))  # claims an exabyte of leaves
+    assert b3tree.read_tree(kept) is None
 
 
 def test_without_fiemap_holes_still_come_from_zeros(tmp_path, monkeypatch):
