@@ -38,12 +38,11 @@ import fcntl
 import os
 import stat
 import struct
-import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from backupninja_kvm.transfer import data_extents
+from backupninja_kvm.transfer import data_extents, replace_file
 
 try:
     from backupninja_kvm import _b3tree  # type: ignore[attr-defined]
@@ -180,20 +179,7 @@ _ZEROS = memoryview(bytes(LEAF))
 def write_tree(path: str, tree: Tree) -> None:
     """Write *tree* to *path* through a private temporary file and a rename
     (the set's folder may be writable by others: no link is followed)."""
-    folder = os.path.dirname(path) or "."
-    fd, temporary = tempfile.mkstemp(prefix=".b3tree-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(MAGIC + _HEADER.pack(LEAF, tree.size, *tree.stamp) + tree.leaves)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
+    replace_file(path, MAGIC + _HEADER.pack(LEAF, tree.size, *tree.stamp) + tree.leaves, ".b3tree-")
 
 
 def read_tree(path: str) -> Tree | None:

@@ -215,15 +215,10 @@ def prepare(
         log.info("%s: %s: copied whole every night: %s", plan.name, target, unfit)
     if not night.disks:
         return None
-    previous = _previous_set(backup_set)
-    ours = [c for c in domain.checkpoints() if c.startswith(f"{PREFIX}{night.tag}-")]
-    wanted = _still_needed(previous, night)
-    for name in ours:
-        if name not in wanted:
-            _delete(domain, name, "no set needs it")
-    present = set(ours) & wanted
+    stale = _decide(domain, settings, backup_set, night)
+    for name in stale:
+        _delete(domain, name, "no set needs it")
     for tracked in night.disks.values():
-        tracked.reason = _why_full(domain, settings, previous, tracked, night, present)
         if not tracked.reason:
             _clone(plan.name, backup_set, tracked)
         if tracked.reason:
@@ -282,6 +277,21 @@ def _night(
     return night, never
 
 
+def _decide(
+    domain: Domain, settings: Settings, backup_set: destination.AnySet, night: Night
+) -> list[str]:
+    """Set each tracked disk's reason to be copied whole, or what it is made
+    from (``_why_full``); returns the checkpoints of ours that no set needs
+    (which the caller deletes or reports). Changes nothing itself."""
+    previous = _previous_set(backup_set)
+    ours = [c for c in domain.checkpoints() if c.startswith(f"{PREFIX}{night.tag}-")]
+    wanted = _still_needed(previous, night)
+    present = set(ours) & wanted
+    for tracked in night.disks.values():
+        tracked.reason = _why_full(domain, settings, previous, tracked, night, present)
+    return [name for name in ours if name not in wanted]
+
+
 def forecast(
     domain: Domain, plan: Plan, settings: Settings, backup_set: destination.AnySet
 ) -> list[str]:
@@ -297,18 +307,12 @@ def forecast(
     lines = [f"{plan.name}: {t}: would copy whole every night: {why}" for t, why in never]
     if not night.disks:
         return lines
-    previous = _previous_set(backup_set)
-    ours = [c for c in domain.checkpoints() if c.startswith(f"{PREFIX}{night.tag}-")]
-    wanted = _still_needed(previous, night)
-    for name in ours:
-        if name not in wanted:
-            lines.append(f"{plan.name}: would delete the checkpoint {name}: no set needs it")
-    present = set(ours) & wanted
+    for name in _decide(domain, settings, backup_set, night):
+        lines.append(f"{plan.name}: would delete the checkpoint {name}: no set needs it")
     for tracked in night.disks.values():
-        reason = _why_full(domain, settings, previous, tracked, night, present)
         target = tracked.item.target
-        if reason:
-            lines.append(f"{plan.name}: {target}: would copy whole: {reason}")
+        if tracked.reason:
+            lines.append(f"{plan.name}: {target}: would copy whole: {tracked.reason}")
         else:
             since_set = os.path.basename(os.path.dirname(tracked.previous))
             lines.append(

@@ -40,13 +40,13 @@ import calendar
 import json
 import os
 import subprocess
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from backupninja_kvm import machine
 from backupninja_kvm.errors import BackupNinjaKvmError
+from backupninja_kvm.transfer import replace_file
 
 SET_INFO = "set.json"
 CHECKS = "checks.json"
@@ -446,17 +446,5 @@ def record_check(set_path: str, kind: str, result: dict) -> None:
     (mkstemp in the set's folder, then rename: never through a link)."""
     checks = read_checks(set_path)
     checks[kind] = result
-    handle, temporary = tempfile.mkstemp(prefix=".checks.", dir=set_path)
-    try:
-        with os.fdopen(handle, "w") as output:
-            json.dump(checks, output, indent=2, sort_keys=True)
-            output.write("\n")
-            output.flush()
-            os.fsync(output.fileno())
-        os.rename(temporary, os.path.join(set_path, CHECKS))
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
+    text = json.dumps(checks, indent=2, sort_keys=True) + "\n"
+    replace_file(os.path.join(set_path, CHECKS), text.encode(), ".checks.")

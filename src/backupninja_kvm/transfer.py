@@ -50,6 +50,26 @@ def device_size(path: str) -> int:
         os.close(fd)
 
 
+def replace_file(path: str, data: bytes, prefix: str) -> None:
+    """Make *path* hold *data*, whole or not at all: written to a new private
+    file (mkstemp in the same folder, named *prefix*..., never through a
+    link), synced, then renamed over *path*; the temporary file is removed
+    on any failure. Raises OSError."""
+    fd, temporary = tempfile.mkstemp(prefix=prefix, dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
 def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
     """(offset, length) of every data extent of an open file, holes skipped."""
     offset = 0
